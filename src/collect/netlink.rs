@@ -1,0 +1,1 @@
+//! rtnetlink: interface addresses, neighbours and routes straight from the kernel.

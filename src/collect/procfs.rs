@@ -1,0 +1,1 @@
+//! `/proc` text: `/proc/net/{tcp,tcp6,udp,udp6}` sockets and socket owners from `/proc/<pid>/fd`.
