@@ -27,12 +27,15 @@ impl fmt::Display for SourceError {
     }
 }
 
-/// A socket as the kernel lists it, before its owner is known. The inode links it to the
-/// `socket:[inode]` entries under `/proc/<pid>/fd`.
+/// A socket as a source lists it, before wildcard expansion. `inode` (0 when unknown) links it to
+/// the `socket:[inode]` entries under `/proc/<pid>/fd`; `dual_stack` is true only for an IPv6
+/// socket bound to `::` that is known to accept IPv4 too (not `IPV6_V6ONLY`; `ss` prints its
+/// address as `*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Socket {
     pub connection: Connection,
     pub inode: u64,
+    pub dual_stack: bool,
 }
 
 /// Which sources may serve the tables.
