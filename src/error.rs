@@ -35,9 +35,9 @@ impl Error {
             io::ErrorKind::PermissionDenied => Error::Config(format!(
                 "{message} (run as root or give the agent's user access to it)"
             )),
-            io::ErrorKind::ReadOnlyFilesystem => Error::Config(format!(
-                "{message} (the state directory must be writable)"
-            )),
+            io::ErrorKind::ReadOnlyFilesystem => {
+                Error::Config(format!("{message} (the state directory must be writable)"))
+            }
             _ => Error::Transient(message),
         }
     }
@@ -48,7 +48,9 @@ impl fmt::Display for Error {
         match self {
             Error::Usage(m) => write!(f, "{m} (see --help)"),
             Error::Config(m) | Error::Transient(m) => f.write_str(m),
-            Error::Refused { status, message } => write!(f, "server refused (HTTP {status}): {message}"),
+            Error::Refused { status, message } => {
+                write!(f, "server refused (HTTP {status}): {message}")
+            }
         }
     }
 }

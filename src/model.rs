@@ -299,7 +299,10 @@ mod tests {
             Mac::parse("AE:ed:e2:ee:b9:cb").map(|m| m.to_string()),
             Some("ae:ed:e2:ee:b9:cb".to_string())
         );
-        assert_eq!(Mac::parse("ae-ed-e2-ee-b9-cb"), Mac::parse("ae:ed:e2:ee:b9:cb"));
+        assert_eq!(
+            Mac::parse("ae-ed-e2-ee-b9-cb"),
+            Mac::parse("ae:ed:e2:ee:b9:cb")
+        );
         assert_eq!(Mac::parse("192.0.2.8"), None);
         assert_eq!(Mac::parse("00:00:00:00"), None);
         assert_eq!(Mac::parse("ae:ed:e2:ee:b9:cb:00"), None);
@@ -307,7 +310,10 @@ mod tests {
         assert_eq!(Mac::parse("aeX:d:e2:ee:b9:cb"), None);
         assert_eq!(Mac::from_bytes(&[192, 0, 2, 8]), None);
         assert_eq!(Mac::from_bytes(&[]), None);
-        assert_eq!(Mac::from_bytes(&[1, 2, 3, 4, 5, 6]), Some(Mac([1, 2, 3, 4, 5, 6])));
+        assert_eq!(
+            Mac::from_bytes(&[1, 2, 3, 4, 5, 6]),
+            Some(Mac([1, 2, 3, 4, 5, 6]))
+        );
     }
 
     #[test]
@@ -315,7 +321,10 @@ mod tests {
         assert_eq!(parse_ip("[::1]"), Some("::1".parse().unwrap()));
         assert_eq!(parse_ip("fe80::1%eth0"), Some("fe80::1".parse().unwrap()));
         assert_eq!(parse_ip("[fe80::1%eth0]"), Some("fe80::1".parse().unwrap()));
-        assert_eq!(parse_ip("::ffff:10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            parse_ip("::ffff:10.0.0.1"),
+            Some("10.0.0.1".parse().unwrap())
+        );
         assert_eq!(parse_ip("*"), None);
         assert_eq!(parse_ip(""), None);
     }
