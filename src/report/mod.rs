@@ -1,1 +1,423 @@
+//! The check-in report: the delta against what the server already accepted, split into parts
+//! that fit the server's limits, rendered as compact JSON (gzip in [`gzip`]).
+
+pub mod gzip;
 pub mod records;
+
+use std::ops::Range;
+
+use crate::json::Object;
+use crate::model::Snapshot;
+use crate::timefmt;
+
+/// The server refuses a raw (compressed) body larger than this, whatever the policy says.
+pub const RAW_LIMIT: usize = 262_144;
+
+/// Record counts per table, in report order: addresses, neighbors, connections, routes.
+pub type Counts = [usize; 4];
+
+/// The fields of a check-in that do not depend on its records.
+#[derive(Clone, Debug)]
+pub struct Header {
+    pub agent_uuid: String,
+    pub observed_at: i64,
+    pub hostname: String,
+    pub agent_version: String,
+    pub platform: String,
+    pub platform_release: String,
+    /// Which collector mode produced the records (for the server operator's curiosity).
+    pub collector: &'static str,
+}
+
+/// One check-in's records: a slice of each table of the delta.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub ranges: [Range<usize>; 4],
+}
+
+/// Records of `current` that `base` does not have, and how many of `base` are gone, by table.
+/// Both snapshots must be normalised (sorted, no duplicates).
+pub fn difference(base: &Snapshot, current: &Snapshot) -> (Snapshot, Counts) {
+    fn diff<T: Ord + Clone>(base: &[T], current: &[T]) -> (Vec<T>, usize) {
+        let (mut new, mut common) = (Vec::new(), 0);
+        let mut b = base.iter().peekable();
+        for item in current {
+            while b.next_if(|x| *x < item).is_some() {}
+            if b.next_if(|x| *x == item).is_some() {
+                common += 1;
+            } else {
+                new.push(item.clone());
+            }
+        }
+        (new, base.len() - common)
+    }
+    let (addresses, ra) = diff(&base.addresses, &current.addresses);
+    let (neighbors, rn) = diff(&base.neighbors, &current.neighbors);
+    let (connections, rc) = diff(&base.connections, &current.connections);
+    let (routes, rr) = diff(&base.routes, &current.routes);
+    (
+        Snapshot {
+            addresses,
+            neighbors,
+            connections,
+            routes,
+        },
+        [ra, rn, rc, rr],
+    )
+}
+
+/// The snapshot to remember once the records of `delta` up to `upto` (per-table end indices)
+/// are accepted: the records of the old snapshot still present (`kept`) plus those sent.
+pub fn advance(kept: &Snapshot, delta: &Snapshot, upto: &Counts) -> Snapshot {
+    fn join<T: Ord + Clone>(kept: &[T], sent: &[T]) -> Vec<T> {
+        let mut v = Vec::with_capacity(kept.len() + sent.len());
+        v.extend_from_slice(kept);
+        v.extend_from_slice(sent);
+        v.sort();
+        v.dedup();
+        v
+    }
+    Snapshot {
+        addresses: join(
+            &kept.addresses,
+            &delta.addresses[..upto[0].min(delta.addresses.len())],
+        ),
+        neighbors: join(
+            &kept.neighbors,
+            &delta.neighbors[..upto[1].min(delta.neighbors.len())],
+        ),
+        connections: join(
+            &kept.connections,
+            &delta.connections[..upto[2].min(delta.connections.len())],
+        ),
+        routes: join(
+            &kept.routes,
+            &delta.routes[..upto[3].min(delta.routes.len())],
+        ),
+    }
+}
+
+/// Records of `base` that are still in `current`.
+pub fn intersection(base: &Snapshot, current: &Snapshot) -> Snapshot {
+    fn keep<T: Ord + Clone>(base: &[T], current: &[T]) -> Vec<T> {
+        base.iter()
+            .filter(|x| current.binary_search(x).is_ok())
+            .cloned()
+            .collect()
+    }
+    Snapshot {
+        addresses: keep(&base.addresses, &current.addresses),
+        neighbors: keep(&base.neighbors, &current.neighbors),
+        connections: keep(&base.connections, &current.connections),
+        routes: keep(&base.routes, &current.routes),
+    }
+}
+
+/// The largest decoded body a part may have: the policy's limit and the raw limit (gzip never
+/// grows JSON by more than a few bytes), with a tenth kept as headroom.
+pub fn part_budget(max_report_bytes: u32) -> usize {
+    (max_report_bytes as usize).min(RAW_LIMIT) / 10 * 9
+}
+
+/// Splits `delta` into parts whose rendered body stays within `budget` bytes. Parts follow the
+/// report order (addresses, neighbours, connections, routes), each a contiguous run of records.
+/// There is always at least one part, so an empty delta still checks in (the server then knows
+/// the agent is alive).
+pub fn split(header: &Header, delta: &Snapshot, removed: &Counts, budget: usize) -> Vec<Part> {
+    // The part-independent overhead, with the widest numbers a part can carry.
+    let widest = (u32::MAX as usize, u32::MAX as usize);
+    let overhead = render(
+        header,
+        u64::MAX,
+        true,
+        widest,
+        removed,
+        &Snapshot::default(),
+        &Part::of(delta, 0..0),
+    )
+    .len();
+    let room = budget.saturating_sub(overhead).max(1);
+    let mut cuts = vec![0];
+    let (mut used, mut position) = (0, 0);
+    let mut scratch = String::new();
+    for t in 0..4 {
+        for i in 0..table_len(delta, t) {
+            scratch.clear();
+            push_record(&mut scratch, delta, t, i);
+            let len = scratch.len() + 1; // and its comma
+            if used > 0 && used + len > room {
+                cuts.push(position);
+                used = 0;
+            }
+            used += len;
+            position += 1;
+        }
+    }
+    cuts.push(position);
+    cuts.windows(2)
+        .map(|w| Part::of(delta, w[0]..w[1]))
+        .collect()
+}
+
+impl Part {
+    /// The part covering records `global` of the report order (all tables one after another).
+    fn of(delta: &Snapshot, global: Range<usize>) -> Part {
+        let mut offset = 0;
+        let ranges = [0, 1, 2, 3].map(|t| {
+            let len = table_len(delta, t);
+            let local = |g: usize| g.saturating_sub(offset).min(len);
+            let r = local(global.start)..local(global.end);
+            offset += len;
+            r
+        });
+        Part { ranges }
+    }
+
+    /// Number of records in the part.
+    pub fn len(&self) -> usize {
+        self.ranges.iter().map(Range::len).sum()
+    }
+
+    /// True for the part of an empty delta.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn table_len(s: &Snapshot, t: usize) -> usize {
+    match t {
+        0 => s.addresses.len(),
+        1 => s.neighbors.len(),
+        2 => s.connections.len(),
+        _ => s.routes.len(),
+    }
+}
+
+fn push_record(out: &mut String, s: &Snapshot, t: usize, i: usize) {
+    match t {
+        0 => records::push_address(out, &s.addresses[i]),
+        1 => records::push_neighbor(out, &s.neighbors[i]),
+        2 => records::push_connection(out, &s.connections[i]),
+        _ => records::push_route(out, &s.routes[i]),
+    }
+}
+
+/// Per-table end indices of all records up to and including `part`.
+pub fn ends(part: &Part) -> Counts {
+    [
+        part.ranges[0].end,
+        part.ranges[1].end,
+        part.ranges[2].end,
+        part.ranges[3].end,
+    ]
+}
+
+/// Renders one check-in body. `which` is (this part, number of parts), both from 1.
+pub fn render(
+    header: &Header,
+    sequence_number: u64,
+    full_snapshot: bool,
+    which: (usize, usize),
+    removed: &Counts,
+    delta: &Snapshot,
+    part: &Part,
+) -> String {
+    let size: usize = (0..4).map(|t| part.ranges[t].len()).sum::<usize>() * 170 + 1024;
+    let mut out = String::with_capacity(size);
+    let mut meta = String::new();
+    let mut m = Object::new(&mut meta);
+    let mut gone = String::new();
+    let mut g = Object::new(&mut gone);
+    g.num("addresses", removed[0])
+        .num("neighbors", removed[1])
+        .num("connections", removed[2])
+        .num("routes", removed[3]);
+    g.end();
+    m.str("runtime", "rust-static")
+        .str("delta_mode", "set-diff")
+        .str("collector", header.collector)
+        .num("part", which.0)
+        .num("parts", which.1)
+        .raw("removed_since_last_report", &gone);
+    m.end();
+    let mut o = Object::new(&mut out);
+    o.str("agent_uuid", &header.agent_uuid)
+        .str("observed_at", &timefmt::format_utc(header.observed_at))
+        .num("sequence_number", sequence_number)
+        .num("full_snapshot", full_snapshot)
+        .str("hostname", &header.hostname)
+        .str("agent_version", &header.agent_version)
+        .str("platform", &header.platform)
+        .str("platform_release", &header.platform_release)
+        .raw("metadata", &meta);
+    for (t, key) in ["addresses", "neighbors", "connections", "routes"]
+        .iter()
+        .enumerate()
+    {
+        let mut items = String::new();
+        items.push('[');
+        for (n, i) in part.ranges[t].clone().enumerate() {
+            if n > 0 {
+                items.push(',');
+            }
+            push_record(&mut items, delta, t, i);
+        }
+        items.push(']');
+        o.raw(key, &items);
+    }
+    o.end();
+    out
+}
+
+/// The addresses as a JSON array, for the registration body.
+pub fn addresses_json(addresses: &[crate::model::Address]) -> String {
+    let mut out = String::from("[");
+    for (i, a) in addresses.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        records::push_address(&mut out, a);
+    }
+    out.push(']');
+    out
+}
+
+/// Truncates `text` to at most `max` characters (the server counts characters, not bytes).
+pub fn truncate_chars(text: &mut String, max: usize) {
+    if let Some((at, _)) = text.char_indices().nth(max) {
+        text.truncate(at);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ConnState, Connection, Protocol};
+    use miniserde::json::Value;
+
+    fn conn(port: u16) -> Connection {
+        Connection {
+            protocol: Protocol::Tcp,
+            local_ip: "127.0.0.1".parse().unwrap(),
+            local_port: port,
+            remote_ip: Some("127.0.0.1".parse().unwrap()),
+            remote_port: Some(8000),
+            state: Some(ConnState::Established),
+            pid: None,
+            process_name: None,
+        }
+    }
+
+    fn snap(ports: impl IntoIterator<Item = u16>) -> Snapshot {
+        let mut s = Snapshot {
+            connections: ports.into_iter().map(conn).collect(),
+            ..Snapshot::default()
+        };
+        s.normalize();
+        s
+    }
+
+    fn header() -> Header {
+        Header {
+            agent_uuid: "804c722f-7186-47c7-89fd-03e36f90dee4".into(),
+            observed_at: 1_795_744_647,
+            hostname: "vm".into(),
+            agent_version: "0.1.0".into(),
+            platform: "linux".into(),
+            platform_release: "6.1.0".into(),
+            collector: "native",
+        }
+    }
+
+    #[test]
+    fn delta_is_the_set_difference_and_counts_removals() {
+        let (new, removed) = difference(&snap([1, 2, 3]), &snap([2, 3, 4, 5]));
+        assert_eq!(new, snap([4, 5]));
+        assert_eq!(removed, [0, 0, 1, 0]);
+        assert_eq!(
+            intersection(&snap([1, 2, 3]), &snap([2, 3, 4, 5])),
+            snap([2, 3])
+        );
+    }
+
+    #[test]
+    fn advancing_part_by_part_ends_at_the_current_snapshot() {
+        let base = snap([1, 2, 3]);
+        let current = snap([2, 3, 4, 5, 6]);
+        let (delta, _) = difference(&base, &current);
+        let kept = intersection(&base, &current);
+        assert_eq!(advance(&kept, &delta, &[0, 0, 1, 0]), snap([2, 3, 4]));
+        assert_eq!(advance(&kept, &delta, &[0, 0, 3, 0]), current);
+    }
+
+    #[test]
+    fn parts_stay_within_the_budget_and_cover_every_record_once() {
+        let delta = snap(1..=3000);
+        let budget = part_budget(262_144);
+        let parts = split(&header(), &delta, &[0; 4], budget);
+        assert!(parts.len() > 1, "3000 connections need several parts");
+        let mut seen = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let body = render(
+                &header(),
+                10 + i as u64,
+                true,
+                (i + 1, parts.len()),
+                &[0; 4],
+                &delta,
+                part,
+            );
+            assert!(body.len() <= budget, "part {i}: {} > {budget}", body.len());
+            let v: Value = miniserde::json::from_str(&body).unwrap();
+            for c in crate::json::get_array(&v, "connections").unwrap() {
+                seen.push(crate::json::get_i64(c, "local_port").unwrap() as u16);
+            }
+            assert_eq!(ends(part)[2], seen.len());
+        }
+        assert_eq!(seen, (1..=3000).collect::<Vec<u16>>());
+    }
+
+    #[test]
+    fn an_empty_delta_is_one_empty_part() {
+        let parts = split(&header(), &Snapshot::default(), &[0; 4], 16_000);
+        assert_eq!(parts.len(), 1);
+        assert!(parts[0].is_empty());
+    }
+
+    #[test]
+    fn body_has_the_contract_fields_and_part_metadata() {
+        let delta = snap([50442]);
+        let part = Part::of(&delta, 0..1);
+        let body = render(&header(), 2, false, (1, 1), &[0, 0, 3, 0], &delta, &part);
+        assert_eq!(
+            body,
+            concat!(
+                r#"{"agent_uuid":"804c722f-7186-47c7-89fd-03e36f90dee4","observed_at":"2026-11-27T01:57:27Z","#,
+                r#""sequence_number":2,"full_snapshot":false,"hostname":"vm","agent_version":"0.1.0","#,
+                r#""platform":"linux","platform_release":"6.1.0","metadata":{"runtime":"rust-static","#,
+                r#""delta_mode":"set-diff","collector":"native","part":1,"parts":1,"#,
+                r#""removed_since_last_report":{"addresses":0,"neighbors":0,"connections":3,"routes":0}},"#,
+                r#""addresses":[],"neighbors":[],"connections":[{"local_ip":"127.0.0.1","local_port":50442,"#,
+                r#""pid":null,"process_name":null,"protocol":"tcp","remote_ip":"127.0.0.1","remote_port":8000,"#,
+                r#""state":"established"}],"routes":[]}"#
+            )
+        );
+    }
+
+    #[test]
+    fn budget_keeps_headroom_under_both_limits() {
+        assert_eq!(part_budget(262_144), 235_926);
+        assert_eq!(part_budget(10_485_760), 235_926);
+        assert_eq!(part_budget(16_384), 14_742);
+    }
+
+    #[test]
+    fn truncation_respects_character_boundaries() {
+        let mut s = "é".repeat(300);
+        truncate_chars(&mut s, 255);
+        assert_eq!(s.chars().count(), 255);
+        let mut short = String::from("eth0");
+        truncate_chars(&mut short, 255);
+        assert_eq!(short, "eth0");
+    }
+}
