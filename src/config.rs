@@ -443,7 +443,8 @@ mod tests {
 
     #[test]
     fn bad_values_are_usage_errors_naming_their_source() {
-        let cases: [(Flags, &[(&str, &str)], &str); 6] = [
+        type Case = (Flags, &'static [(&'static str, &'static str)], &'static str);
+        let cases: [Case; 6] = [
             (
                 Flags {
                     request_timeout_seconds: Some("abc".into()),

@@ -1,6 +1,597 @@
-//! The lifecycle of one run.
+//! The lifecycle of one run, top to bottom: configuration, lock, registration, cadence, jitter,
+//! collection, check-in parts, state.
 
-/// Runs the agent and returns the exit code.
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use miniserde::json::Value;
+
+use crate::cli;
+use crate::client::{Answer, Client, Failure, VERSION};
+use crate::collect;
+use crate::config::{self, Action, Config};
+use crate::error::{Error, Result};
+use crate::json::{self, Object};
+use crate::log;
+use crate::model::Snapshot;
+use crate::policy::Policy;
+use crate::report::{self, gzip, Counts, Header};
+use crate::state::{self, State, StateDir};
+use crate::timefmt;
+
+/// How long a run waits for another run (timer and manual) to release the lock.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs the agent with the process arguments and environment; returns the exit code.
 pub fn main() -> i32 {
-    0
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let flags = match cli::parse(args) {
+        Ok(f) => f,
+        Err(e) => {
+            error!("{e}");
+            return e.exit_code();
+        }
+    };
+    if flags.help {
+        print!("{}", cli::HELP);
+        return 0;
+    }
+    if flags.version {
+        println!("{VERSION}");
+        return 0;
+    }
+    // The level flag is applied before the env file is read, so its warnings obey it.
+    if let Some(level) = flags.log_level.as_deref().and_then(log::Level::parse) {
+        log::set_level(level);
+    }
+    let env = |key: &str| std::env::var(key).ok();
+    let result = config::load(&flags, &config::Sources { env: &env }).and_then(|cfg| {
+        log::set_level(cfg.log_level);
+        execute(&cfg)
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            error!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Carries out the configured action.
+pub fn execute(cfg: &Config) -> Result<()> {
+    match cfg.action {
+        Action::DryRun => dry_run(cfg),
+        Action::Status => status(cfg),
+        Action::SetApiKey => set_api_key(cfg),
+        Action::Run | Action::RegisterOnly | Action::CheckInOnly => lifecycle(cfg),
+    }
+}
+
+/// What this host reports about itself.
+struct Host {
+    hostname: String,
+    release: String,
+}
+
+impl Host {
+    fn detect(cfg: &Config) -> Host {
+        // SAFETY: uname fills a zeroed struct we own; the fields are NUL-terminated.
+        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+        let ok = unsafe { libc::uname(&mut u) } == 0;
+        let field = |f: &[libc::c_char]| -> String {
+            let bytes: Vec<u8> = f
+                .iter()
+                .take_while(|c| **c != 0)
+                .map(|c| *c as u8)
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        let (node, release) = if ok {
+            (field(&u.nodename), field(&u.release))
+        } else {
+            (String::new(), String::new())
+        };
+        let mut hostname = cfg.hostname.clone().unwrap_or(node);
+        report::truncate_chars(&mut hostname, 255);
+        Host { hostname, release }
+    }
+}
+
+fn collect_options(cfg: &Config, policy: &Policy) -> collect::Options {
+    collect::Options {
+        mode: cfg.collector,
+        proc_root: cfg.proc_root.clone(),
+        command_timeout: policy.command_timeout(),
+        tables: policy.tables,
+    }
+}
+
+fn lifecycle(cfg: &Config) -> Result<()> {
+    let server = cfg.server_url.as_deref().ok_or_else(|| {
+        Error::Config(format!(
+            "no server URL: set GRAPHEON_AGENT_SERVER_URL in {} or pass --server-url",
+            config::DEFAULT_ENV_FILE
+        ))
+    })?;
+    let dir = StateDir::create(&cfg.state_dir)?;
+    let Some(_lock) = dir.lock(LOCK_WAIT)? else {
+        info!(
+            "another run holds the lock in {}; nothing to do this time",
+            dir.path().display()
+        );
+        return Ok(());
+    };
+    let uuid = dir.ensure_uuid()?;
+    let mut state = dir.load_state(true)?;
+    let client = Client::new(cfg, server)?;
+    let host = Host::detect(cfg);
+    let mut key = dir.read_api_key()?;
+
+    if key.is_none() && cfg.action == Action::CheckInOnly {
+        return Err(Error::Config(format!(
+            "no API key in {}: run without --check-in-only to register, or install a key with --set-api-key",
+            dir.path().display()
+        )));
+    }
+    if key.is_none() || cfg.action == Action::RegisterOnly {
+        match register(cfg, &client, &dir, &mut state, &uuid, &host, key.is_some())? {
+            Some(new_key) => key = Some(new_key),
+            None if key.is_none() => return Ok(()), // pending approval
+            None => {}
+        }
+        if cfg.action == Action::RegisterOnly {
+            return Ok(());
+        }
+    }
+    let Some(key) = key else { return Ok(()) };
+
+    let scheduled = cfg.action == Action::Run && !cfg.force;
+    if scheduled {
+        if let Some(due) = next_due(&state, cfg) {
+            if due > timefmt::now() {
+                info!(
+                    "last check-in is recent; next one due at {} (use --force to check in now)",
+                    timefmt::format_utc(due)
+                );
+                return Ok(());
+            }
+        }
+        state.last_jitter_seconds = Some(sleep_jitter(state.policy().jitter_seconds));
+    }
+    check_in(cfg, &client, &dir, &mut state, &uuid, &host, &key)
+}
+
+/// When the cadence allows the next scheduled check-in; `None` means now. As the earlier agent:
+/// the policy interval only holds back runs when it is longer than the timer's own interval.
+fn next_due(state: &State, cfg: &Config) -> Option<i64> {
+    let interval = u64::from(state.policy().checkin_interval_seconds);
+    if interval <= cfg.timer_interval_seconds {
+        return None;
+    }
+    state
+        .last_successful_checkin_at
+        .map(|last| last + interval as i64)
+}
+
+fn sleep_jitter(max: u32) -> u32 {
+    if max == 0 {
+        return 0;
+    }
+    let mut b = [0u8; 4];
+    let seconds = if getrandom::fill(&mut b).is_ok() {
+        u32::from_le_bytes(b) % (max + 1)
+    } else {
+        0
+    };
+    if seconds > 0 {
+        info!("waiting {seconds} s of jitter before collecting");
+        std::thread::sleep(Duration::from_secs(u64::from(seconds)));
+    }
+    seconds
+}
+
+/// Registers (or polls the approval). Returns the API key when the server issued one now.
+fn register(
+    cfg: &Config,
+    client: &Client,
+    dir: &StateDir,
+    state: &mut State,
+    uuid: &str,
+    host: &Host,
+    have_key: bool,
+) -> Result<Option<String>> {
+    let enrollment_key = cfg.enrollment_key.as_deref().ok_or_else(|| {
+        Error::Config(format!(
+            "this agent has no API key yet and no enrollment key: set GRAPHEON_AGENT_ENROLLMENT_KEY in {}",
+            config::DEFAULT_ENV_FILE
+        ))
+    })?;
+    let addresses = collect::addresses(&collect_options(cfg, &state.policy()));
+    let mut meta = String::new();
+    let mut m = Object::new(&mut meta);
+    m.str("runtime", "rust-static")
+        .str("timer_model", "systemd-oneshot")
+        .str("collector", cfg.collector.as_str());
+    m.end();
+    let mut body = String::new();
+    let mut o = Object::new(&mut body);
+    o.str("enrollment_key", enrollment_key)
+        .str("agent_uuid", uuid)
+        .opt_str("display_name", cfg.display_name.as_deref())
+        .str("hostname", &host.hostname)
+        .opt_str("site_name", cfg.site_name.as_deref())
+        .str("agent_version", VERSION)
+        .str("platform", std::env::consts::OS)
+        .str("platform_release", &host.release)
+        .raw("metadata", &meta)
+        .raw("addresses", &report::addresses_json(&addresses));
+    o.end();
+
+    let answer = client
+        .register(&body)
+        .map_err(|f| f.into_error("registration"))?;
+    let Some(v) = answer.body else {
+        return Err(Error::Transient(
+            "registration answer was not readable JSON; the next run retries".into(),
+        ));
+    };
+    // The key first: the server shows it exactly once.
+    let issued = match json::get(&v, "api_key") {
+        Some(Value::String(k)) => {
+            let k = state::check_api_key(k.trim()).map_err(|why| Error::Refused {
+                status: answer.status,
+                message: format!("the server issued an unusable API key ({why})"),
+            })?;
+            dir.write_api_key(k)?;
+            info!("API key {} received and stored", log::redact(k));
+            Some(k.to_string())
+        }
+        _ => None,
+    };
+    remember_agent(state, &v);
+    dir.save_state(state)?;
+    let status = json::get_str(&v, "status").unwrap_or("");
+    match (status, &issued) {
+        (_, Some(_)) => Ok(issued),
+        ("pending", None) => {
+            info!("registered as {uuid}; awaiting approval by an administrator on the server");
+            Ok(None)
+        }
+        ("active", None) if have_key => {
+            info!("registration refreshed; this agent is approved and already has its API key");
+            Ok(None)
+        }
+        ("active", None) => Err(Error::Refused {
+            status: answer.status,
+            message: format!(
+                "the server says this agent is approved but no longer shows its API key (it is shown once). \
+                 An administrator must rotate the key (POST /api/agents/{}/rotate-api-key); then install it with \
+                 `grapheon-agent --set-api-key` (it reads the key from standard input)",
+                state.agent_id.map_or_else(|| "<id>".to_string(), |id| id.to_string())
+            ),
+        }),
+        (other, None) => Err(Error::Refused {
+            status: answer.status,
+            message: format!("registration ended in state '{other}'"),
+        }),
+    }
+}
+
+/// Keeps what a response says about this agent and its policy.
+fn remember_agent(state: &mut State, v: &Value) {
+    if let Some(agent) = json::get(v, "agent") {
+        if let Some(id) = json::get_i64(agent, "id") {
+            state.agent_id = Some(id);
+        }
+        if let Some(s) = json::get_str(agent, "enrollment_state") {
+            state.enrollment_state = Some(s.to_string());
+        }
+    }
+    if let Some(policy) = json::get(v, "policy").and_then(Policy::from_value) {
+        state.policy = Some(policy);
+    }
+}
+
+/// What the next check-ins send: the records not yet accepted, and against what.
+struct Plan {
+    full: bool,
+    removed: Counts,
+    /// Records of the accepted snapshot that are still present.
+    kept: Snapshot,
+    /// Records to send.
+    pending: Snapshot,
+}
+
+fn plan(state: &State, current: &Snapshot, cfg: &Config, now: i64) -> Plan {
+    let empty = Snapshot::default();
+    let last = state.last_snapshot.as_ref();
+    let stale = match (
+        cfg.full_snapshot_interval_seconds,
+        state.last_full_snapshot_at,
+    ) {
+        (Some(interval), Some(at)) => now - at >= interval as i64,
+        // A snapshot migrated from the earlier agent has no full-snapshot time: its delta base
+        // is kept, and the freshness clock starts with this agent's first check-in.
+        _ => false,
+    };
+    let full = last.is_none() || state.full_snapshot_in_progress || stale;
+    // An interrupted full snapshot continues from what was accepted; a new one starts empty.
+    let base = if full && !state.full_snapshot_in_progress {
+        &empty
+    } else {
+        last.unwrap_or(&empty)
+    };
+    let (pending, _) = report::difference(base, current);
+    let (_, removed) = report::difference(last.unwrap_or(&empty), current);
+    Plan {
+        full,
+        removed,
+        kept: report::intersection(base, current),
+        pending,
+    }
+}
+
+fn header(cfg: &Config, uuid: &str, host: &Host, now: i64) -> Header {
+    Header {
+        agent_uuid: uuid.to_string(),
+        observed_at: now,
+        hostname: host.hostname.clone(),
+        agent_version: VERSION.to_string(),
+        platform: std::env::consts::OS.to_string(),
+        platform_release: host.release.clone(),
+        collector: cfg.collector.as_str(),
+    }
+}
+
+/// The parts' records from `from` (per-table start indices) on.
+fn rest(s: &Snapshot, from: &Counts) -> Snapshot {
+    Snapshot {
+        addresses: s.addresses[from[0].min(s.addresses.len())..].to_vec(),
+        neighbors: s.neighbors[from[1].min(s.neighbors.len())..].to_vec(),
+        connections: s.connections[from[2].min(s.connections.len())..].to_vec(),
+        routes: s.routes[from[3].min(s.routes.len())..].to_vec(),
+    }
+}
+
+fn check_in(
+    cfg: &Config,
+    client: &Client,
+    dir: &StateDir,
+    state: &mut State,
+    uuid: &str,
+    host: &Host,
+    key: &str,
+) -> Result<()> {
+    let policy = state.policy();
+    let current = collect::collect(&collect_options(cfg, &policy));
+    let now = timefmt::now();
+    let Plan {
+        full,
+        removed,
+        mut kept,
+        mut pending,
+    } = plan(state, &current, cfg, now);
+    let header = header(cfg, uuid, host, now);
+    let mut budget = report::part_budget(policy.max_report_bytes);
+    let mut sent = 0;
+    'split: loop {
+        let parts = report::split(&header, &pending, &removed, budget);
+        let total = parts.len();
+        for (i, part) in parts.iter().enumerate() {
+            let seq = state.sequence_number + 1;
+            let body = report::render(&header, seq, full, (i + 1, total), &removed, &pending, part);
+            let gz = gzip::compress(body.as_bytes());
+            let result = if gz.len() > report::RAW_LIMIT {
+                Err(Failure::Status {
+                    status: 413,
+                    detail: "larger than the server's raw limit".into(),
+                    errors: vec![],
+                })
+            } else {
+                client.check_in(&gz, key)
+            };
+            match result {
+                Ok(answer) => {
+                    let snapshot = report::advance(&kept, &pending, &report::ends(part));
+                    accepted(state, &answer, seq, snapshot, full, i + 1 == total, now);
+                    dir.save_state(state)?;
+                    sent += part.len();
+                    debug!(
+                        "part {}/{total} accepted: {} records, {} bytes gzip",
+                        i + 1,
+                        part.len(),
+                        gz.len()
+                    );
+                }
+                Err(Failure::Status {
+                    status: 413,
+                    detail,
+                    ..
+                }) if budget > 4_096 => {
+                    budget /= 2;
+                    warn!("server refused part {} as too large ({detail}); splitting into parts of {budget} bytes", i + 1);
+                    let from = part.ranges.clone().map(|r| r.start);
+                    pending = rest(&pending, &from);
+                    kept = state.last_snapshot.clone().unwrap_or_default();
+                    continue 'split;
+                }
+                Err(f) => return Err(f.into_error("check-in")),
+            }
+        }
+        break;
+    }
+    info!(
+        "check-in accepted: {} records sent ({}), sequence number {}",
+        sent,
+        if full { "full snapshot" } else { "delta" },
+        state.sequence_number
+    );
+    Ok(())
+}
+
+fn accepted(
+    state: &mut State,
+    answer: &Answer,
+    seq: u64,
+    snapshot: Snapshot,
+    full: bool,
+    last_part: bool,
+    now: i64,
+) {
+    state.sequence_number = seq;
+    state.last_snapshot = Some(snapshot);
+    state.last_successful_checkin_at = Some(now);
+    state.full_snapshot_in_progress = full && !last_part;
+    // A completed full snapshot restarts the freshness clock; so does the first check-in of a
+    // snapshot migrated from the earlier agent, which never recorded one.
+    if (full && last_part) || state.last_full_snapshot_at.is_none() {
+        state.last_full_snapshot_at = Some(now);
+    }
+    if let Some(v) = &answer.body {
+        remember_agent(state, v);
+        if let Some(summary) = json::get(v, "summary").filter(|s| !matches!(s, Value::Null)) {
+            state.last_checkin_summary = Some(miniserde::json::to_string(summary));
+        }
+    }
+}
+
+/// Prints the body (or bodies, one per line) a check-in would send now; writes nothing.
+fn dry_run(cfg: &Config) -> Result<()> {
+    let dir = StateDir::existing(&cfg.state_dir);
+    let state = dir.load_state(false).unwrap_or_else(|e| {
+        debug!("state not read ({e}); showing a first, full report");
+        State::default()
+    });
+    let uuid = match dir.read_uuid() {
+        Ok(Some(u)) => u,
+        _ => "00000000-0000-0000-0000-000000000000".to_string(),
+    };
+    let host = Host::detect(cfg);
+    let current = collect::collect(&collect_options(cfg, &state.policy()));
+    let now = timefmt::now();
+    let p = plan(&state, &current, cfg, now);
+    let header = header(cfg, &uuid, &host, now);
+    let parts = report::split(
+        &header,
+        &p.pending,
+        &p.removed,
+        report::part_budget(state.policy().max_report_bytes),
+    );
+    let mut out = std::io::stdout().lock();
+    for (i, part) in parts.iter().enumerate() {
+        let body = report::render(
+            &header,
+            state.sequence_number + 1 + i as u64,
+            p.full,
+            (i + 1, parts.len()),
+            &p.removed,
+            &p.pending,
+            part,
+        );
+        writeln!(out, "{body}")
+            .map_err(|e| Error::Transient(format!("cannot write to standard output: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Prints the local state for an operator.
+fn status(cfg: &Config) -> Result<()> {
+    let dir = StateDir::existing(&cfg.state_dir);
+    let uuid = dir.read_uuid()?;
+    let key = dir.read_api_key()?;
+    let state = dir.load_state(false)?;
+    let policy = state.policy();
+    let when = |t: Option<i64>| t.map_or_else(|| "never".to_string(), timefmt::format_utc);
+    let next = match (&key, next_due(&state, cfg)) {
+        (None, _) => "at the next timer run (registration)".to_string(),
+        (Some(_), None) => "at the next timer run".to_string(),
+        (Some(_), Some(due)) if due <= timefmt::now() => "at the next timer run".to_string(),
+        (Some(_), Some(due)) => format!(
+            "{} or the first timer run after it",
+            timefmt::format_utc(due)
+        ),
+    };
+    let mut out = String::new();
+    let mut line = |k: &str, v: &str| out.push_str(&format!("{k:<28}{v}\n"));
+    line("version", VERSION);
+    line("state directory", &cfg.state_dir.display().to_string());
+    line("agent uuid", uuid.as_deref().unwrap_or("none yet"));
+    line(
+        "agent id",
+        &state
+            .agent_id
+            .map_or_else(|| "unknown".into(), |i| i.to_string()),
+    );
+    line(
+        "enrollment state",
+        state
+            .enrollment_state
+            .as_deref()
+            .unwrap_or("not registered"),
+    );
+    line(
+        "api key",
+        &key.as_deref().map_or_else(
+            || "absent".into(),
+            |k| format!("present ({})", log::redact(k)),
+        ),
+    );
+    line(
+        "last successful check-in",
+        &when(state.last_successful_checkin_at),
+    );
+    line("last full snapshot", &when(state.last_full_snapshot_at));
+    line("sequence number", &state.sequence_number.to_string());
+    line(
+        "records in last snapshot",
+        &state
+            .last_snapshot
+            .as_ref()
+            .map_or_else(|| "none".into(), |s| s.len().to_string()),
+    );
+    line(
+        "policy",
+        &format!(
+            "{}{}",
+            policy.to_json(),
+            if state.policy.is_none() {
+                " (defaults: none received yet)"
+            } else {
+                ""
+            }
+        ),
+    );
+    line("next check-in", &next);
+    print!("{out}");
+    Ok(())
+}
+
+/// Stores an API key read from standard input (never from the command line, which every user
+/// can see).
+fn set_api_key(cfg: &Config) -> Result<()> {
+    let mut input = String::new();
+    std::io::stdin()
+        .take(4096)
+        .read_to_string(&mut input)
+        .map_err(|e| Error::Usage(format!("cannot read the API key from standard input: {e}")))?;
+    let key = state::check_api_key(input.trim())
+        .map_err(|why| Error::Usage(format!("--set-api-key: {why}")))?;
+    if !key.starts_with("gpak_") {
+        warn!("the key does not start with gpak_ as the server's keys do; storing it anyway");
+    }
+    let dir = StateDir::create(&cfg.state_dir)?;
+    let Some(_lock) = dir.lock(LOCK_WAIT)? else {
+        return Err(Error::Transient(
+            "another run holds the lock; try again in a moment".into(),
+        ));
+    };
+    dir.write_api_key(key)?;
+    info!(
+        "API key {} stored in {}",
+        log::redact(key),
+        dir.path().join("api_key").display()
+    );
+    Ok(())
 }

@@ -14,7 +14,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::model::Connection;
+use crate::model::{Address, Connection, Neighbor, Route, Snapshot};
 
 /// Why one source could not serve one table. Never fatal: the caller falls back or leaves the
 /// table empty with a warning.
@@ -76,4 +76,349 @@ pub struct Options {
     pub proc_root: PathBuf,
     pub command_timeout: Duration,
     pub tables: Tables,
+}
+
+impl Mode {
+    /// The name used in flags, logs and report metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Native => "native",
+            Mode::Commands => "commands",
+        }
+    }
+}
+
+type Source<'a, T> = (
+    &'static str,
+    Box<dyn Fn() -> Result<Vec<T>, SourceError> + 'a>,
+);
+
+/// Tries each source in turn; the first that works serves the table. When none works the table
+/// is empty and the operator is told why.
+fn first_working<T>(table: &str, sources: Vec<Source<'_, T>>) -> Vec<T> {
+    let mut reasons = Vec::new();
+    for (name, source) in sources {
+        match source() {
+            Ok(records) => {
+                debug!("{table}: {} records from {name}", records.len());
+                return records;
+            }
+            Err(e) => {
+                debug!("{table}: {name} failed: {e}");
+                reasons.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    warn!("{table} left empty: {}", reasons.join("; "));
+    Vec::new()
+}
+
+fn address_sources(opts: &Options) -> Vec<Source<'_, Address>> {
+    let t = opts.command_timeout;
+    let native: Source<'_, Address> = ("netlink", Box::new(netlink::addresses));
+    let command: Source<'_, Address> = (
+        "ip -json addr show",
+        Box::new(move || commands::addresses(t)),
+    );
+    match opts.mode {
+        Mode::Auto => vec![native, command],
+        Mode::Native => vec![native],
+        Mode::Commands => vec![command],
+    }
+}
+
+/// The interface addresses alone (for the registration).
+pub fn addresses(opts: &Options) -> Vec<Address> {
+    let mut list = first_working("addresses", address_sources(opts));
+    finish_addresses(&mut list);
+    list.sort();
+    list.dedup();
+    list
+}
+
+/// Collects every table the policy enables and applies the shared normalisation.
+pub fn collect(opts: &Options) -> Snapshot {
+    let t = opts.command_timeout;
+    let proc_root = opts.proc_root.as_path();
+    let pick = |on: bool, native: bool, command: bool| -> (bool, bool) {
+        (
+            on && native && opts.mode != Mode::Commands,
+            on && command && opts.mode != Mode::Native,
+        )
+    };
+    // Wildcard listeners are expanded over the addresses, so they are read even when the
+    // policy does not report them.
+    let need_addresses = opts.tables.addresses || opts.tables.connections;
+    let addresses = if need_addresses {
+        addresses(opts)
+    } else {
+        Vec::new()
+    };
+
+    let (nl, cmd) = pick(opts.tables.neighbors, true, true);
+    let mut neighbor_sources: Vec<Source<'_, Neighbor>> = Vec::new();
+    if nl {
+        neighbor_sources.push(("netlink", Box::new(netlink::neighbors)));
+    }
+    if cmd {
+        neighbor_sources.push((
+            "ip -json neigh show",
+            Box::new(move || commands::neighbors(t)),
+        ));
+    }
+    let neighbors = if opts.tables.neighbors {
+        first_working("neighbors", neighbor_sources)
+    } else {
+        Vec::new()
+    };
+
+    let (nl, cmd) = pick(opts.tables.routes, true, true);
+    let mut route_sources: Vec<Source<'_, Route>> = Vec::new();
+    if nl {
+        route_sources.push(("netlink", Box::new(netlink::routes)));
+    }
+    if cmd {
+        route_sources.push(("ip -json route show", Box::new(move || commands::routes(t))));
+    }
+    let routes = if opts.tables.routes {
+        first_working("routes", route_sources)
+    } else {
+        Vec::new()
+    };
+
+    let (native, cmd) = pick(opts.tables.connections, true, true);
+    let mut socket_sources: Vec<Source<'_, Socket>> = Vec::new();
+    if native {
+        socket_sources.push((
+            "sock_diag",
+            Box::new(move || sockdiag::sockets().map(|s| procfs::attach_owners(proc_root, s))),
+        ));
+        socket_sources.push((
+            "/proc/net",
+            Box::new(move || {
+                procfs::sockets(proc_root).map(|s| procfs::attach_owners(proc_root, s))
+            }),
+        ));
+    }
+    if cmd {
+        socket_sources.push((
+            "ss -tunapH / netstat -tunap",
+            Box::new(move || commands::sockets(t)),
+        ));
+    }
+    let sockets = if opts.tables.connections {
+        first_working("connections", socket_sources)
+    } else {
+        Vec::new()
+    };
+
+    let mut snapshot = Snapshot {
+        connections: expand_wildcards(sockets, &addresses),
+        addresses: if opts.tables.addresses {
+            addresses
+        } else {
+            Vec::new()
+        },
+        neighbors,
+        routes,
+    };
+    finish(&mut snapshot);
+    snapshot
+}
+
+/// Reports a socket bound to every address once per local address of its family (IPv4 for
+/// `0.0.0.0`; IPv6, and IPv4 too when dual-stack, for `::`): the server stores every
+/// `local_ip` as a host and refuses the whole check-in for an unspecified one.
+pub fn expand_wildcards(sockets: Vec<Socket>, addresses: &[Address]) -> Vec<Connection> {
+    let mut out = Vec::with_capacity(sockets.len());
+    for socket in sockets {
+        let c = socket.connection;
+        if !c.local_ip.is_unspecified() {
+            out.push(c);
+            continue;
+        }
+        let v6 = c.local_ip.is_ipv6();
+        let mut any = false;
+        for a in addresses {
+            let wanted = if a.ip_address.is_ipv6() {
+                v6
+            } else {
+                !v6 || socket.dual_stack
+            };
+            if wanted {
+                any = true;
+                out.push(Connection {
+                    local_ip: a.ip_address,
+                    ..c.clone()
+                });
+            }
+        }
+        if !any {
+            debug!(
+                "{} socket on {}:{} left out: no local address of its family to report it under",
+                c.protocol.as_str(),
+                c.local_ip,
+                c.local_port
+            );
+        }
+    }
+    out
+}
+
+/// The server's length limits (in characters) for the strings we send.
+const NAME_LIMIT: usize = 255;
+const STATE_LIMIT: usize = 50;
+
+fn finish_addresses(list: &mut Vec<Address>) {
+    list.retain(|a| !a.ip_address.is_unspecified());
+    for a in list.iter_mut() {
+        crate::report::truncate_chars(&mut a.interface, NAME_LIMIT);
+    }
+}
+
+/// The server refuses a whole check-in for one bad record: records whose address cannot be
+/// valid are dropped (and counted in a log line), strings are shortened to the server's limits.
+fn finish(s: &mut Snapshot) {
+    use crate::report::truncate_chars;
+    let before = s.neighbors.len() + s.connections.len();
+    finish_addresses(&mut s.addresses);
+    s.neighbors.retain(|n| !n.ip_address.is_unspecified());
+    s.connections.retain(|c| !c.local_ip.is_unspecified());
+    let dropped = before - s.neighbors.len() - s.connections.len();
+    if dropped > 0 {
+        debug!("{dropped} records without a valid address left out");
+    }
+    for n in &mut s.neighbors {
+        truncate_chars(&mut n.interface, NAME_LIMIT);
+        if let Some(state) = &mut n.state {
+            truncate_chars(state, STATE_LIMIT);
+        }
+    }
+    for c in &mut s.connections {
+        if let Some(name) = &mut c.process_name {
+            truncate_chars(name, NAME_LIMIT);
+        }
+    }
+    for r in &mut s.routes {
+        truncate_chars(&mut r.destination, NAME_LIMIT);
+        if let Some(i) = &mut r.interface {
+            truncate_chars(i, NAME_LIMIT);
+        }
+    }
+    s.normalize();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ConnState, Protocol};
+
+    fn addr(ip: &str) -> Address {
+        Address {
+            interface: "eth0".into(),
+            ip_address: ip.parse().unwrap(),
+            prefix_length: 24,
+            mac_address: None,
+        }
+    }
+
+    fn listener(ip: &str, port: u16, dual_stack: bool) -> Socket {
+        Socket {
+            connection: Connection {
+                protocol: Protocol::Tcp,
+                local_ip: ip.parse().unwrap(),
+                local_port: port,
+                remote_ip: Some(ip.parse().unwrap()),
+                remote_port: None,
+                state: Some(ConnState::Listen),
+                pid: Some(7),
+                process_name: Some("sshd".into()),
+            },
+            inode: 1,
+            dual_stack,
+        }
+    }
+
+    fn local_ips(c: &[Connection]) -> Vec<(String, u16)> {
+        c.iter()
+            .map(|c| (c.local_ip.to_string(), c.local_port))
+            .collect()
+    }
+
+    #[test]
+    fn wildcard_listener_is_expanded_to_local_addresses() {
+        let addresses = [
+            addr("10.0.0.5"),
+            addr("192.168.7.2"),
+            addr("fd00::5"),
+            addr("fe80::1"),
+        ];
+        let sockets = vec![
+            listener("0.0.0.0", 22, false),
+            listener("::", 80, false),
+            listener("::", 443, true),
+            listener("127.0.0.1", 631, false),
+        ];
+        let out = expand_wildcards(sockets, &addresses);
+        assert_eq!(
+            local_ips(&out),
+            [
+                ("10.0.0.5", 22),
+                ("192.168.7.2", 22),
+                ("fd00::5", 80),
+                ("fe80::1", 80),
+                ("10.0.0.5", 443),
+                ("192.168.7.2", 443),
+                ("fd00::5", 443),
+                ("fe80::1", 443),
+                ("127.0.0.1", 631),
+            ]
+            .map(|(a, p)| (a.to_string(), p))
+        );
+        // The remote side stays as the kernel reported it (unspecified is fine there).
+        assert_eq!(out[0].remote_ip, Some("0.0.0.0".parse().unwrap()));
+        assert_eq!(out[0].pid, Some(7));
+    }
+
+    #[test]
+    fn wildcard_without_an_address_of_its_family_is_left_out() {
+        let out = expand_wildcards(
+            vec![listener("::", 22, false), listener("0.0.0.0", 68, false)],
+            &[addr("fd00::5")],
+        );
+        assert_eq!(local_ips(&out), [("fd00::5".to_string(), 22)]);
+    }
+
+    #[test]
+    fn long_strings_are_cut_and_unspecified_records_dropped() {
+        let mut s = Snapshot {
+            addresses: vec![
+                Address {
+                    interface: "x".repeat(300),
+                    ..addr("10.0.0.1")
+                },
+                addr("0.0.0.0"),
+            ],
+            neighbors: vec![Neighbor {
+                interface: "eth0".into(),
+                ip_address: "::".parse().unwrap(),
+                mac_address: None,
+                state: Some("stale".into()),
+            }],
+            connections: vec![Connection {
+                process_name: Some("p".repeat(400)),
+                ..listener("10.0.0.1", 1, false).connection
+            }],
+            routes: vec![],
+        };
+        finish(&mut s);
+        assert_eq!(s.addresses.len(), 1);
+        assert_eq!(s.addresses[0].interface.len(), 255);
+        assert!(s.neighbors.is_empty());
+        assert_eq!(
+            s.connections[0].process_name.as_ref().map(String::len),
+            Some(255)
+        );
+    }
 }
