@@ -17,6 +17,7 @@
 //! Admin operations are Rust methods, not HTTP. Faults can be injected for the next requests.
 #![allow(dead_code)]
 
+pub mod agent;
 mod backend;
 mod contract;
 mod gzip;

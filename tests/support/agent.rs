@@ -1,0 +1,165 @@
+//! Runs the real agent binary in a private state directory, with a clean environment.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use miniserde::json::Value;
+
+/// The enrollment key the tests register with.
+pub const ENROLLMENT_KEY: &str = "gaek_integrationTestEnrollmentKey0001";
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new, empty, unique directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "grapheon-it-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One agent installation: a state directory and the server it talks to.
+pub struct Agent {
+    pub root: TempDir,
+    pub state_dir: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+/// What one run did.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Agent {
+    /// An agent with an empty state directory, configured through the environment only (the
+    /// host's /etc/grapheon-agent.env is never read: GRAPHEON_AGENT_CONFIG points to /dev/null).
+    pub fn new(tag: &str, server_url: &str) -> Agent {
+        let root = TempDir::new(tag);
+        let state_dir = root.0.join("state");
+        let env = vec![
+            ("GRAPHEON_AGENT_CONFIG".to_string(), "/dev/null".to_string()),
+            (
+                "GRAPHEON_AGENT_SERVER_URL".to_string(),
+                server_url.to_string(),
+            ),
+            (
+                "GRAPHEON_AGENT_STATE_DIR".to_string(),
+                state_dir.display().to_string(),
+            ),
+            (
+                "GRAPHEON_AGENT_ENROLLMENT_KEY".to_string(),
+                ENROLLMENT_KEY.to_string(),
+            ),
+            (
+                "GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS".to_string(),
+                "5".to_string(),
+            ),
+            ("GRAPHEON_AGENT_LOG_LEVEL".to_string(), "debug".to_string()),
+        ];
+        Agent {
+            root,
+            state_dir,
+            env,
+        }
+    }
+
+    /// Sets (or replaces) one environment variable of later runs.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// The command for one run, not yet started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_grapheon-agent"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the agent to completion.
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.command(args)
+            .output()
+            .expect("run grapheon-agent")
+            .into()
+    }
+
+    /// Runs the agent with `input` on standard input.
+    pub fn run_with_stdin(&self, args: &[&str], input: &str) -> Run {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn grapheon-agent");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child
+            .wait_with_output()
+            .expect("wait for grapheon-agent")
+            .into()
+    }
+
+    /// A file of the state directory, if it exists.
+    pub fn file(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.state_dir.join(name)).ok()
+    }
+
+    /// The agent's identity (after its first run).
+    pub fn uuid(&self) -> String {
+        self.file("agent_uuid")
+            .expect("agent_uuid")
+            .trim()
+            .to_string()
+    }
+
+    /// `state.json`, parsed.
+    pub fn state(&self) -> Value {
+        miniserde::json::from_str(&self.file("state.json").expect("state.json"))
+            .expect("state.json is JSON")
+    }
+
+    /// Permission bits of a path.
+    pub fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+}
