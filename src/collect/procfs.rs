@@ -1,1 +1,549 @@
 //! `/proc` text: `/proc/net/{tcp,tcp6,udp,udp6}` sockets and socket owners from `/proc/<pid>/fd`.
+//!
+//! Every path hangs off one `proc_root` (as `ss`'s `PROC_ROOT` and node_exporter's
+//! `--path.procfs`), so tests point it at the checked-in tree under `tests/fixtures/proc`.
+//! [`parse_net_line`] and [`parse_net_table`] are pure; the readers stream files line by line.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::ptr::NonNull;
+
+use crate::collect::{Socket, SourceError};
+use crate::model::{ip_from_bytes, ConnState, Connection, Protocol};
+
+/// The socket tables under `<proc_root>/net`, their protocol and whether they are IPv6.
+const TABLES: [(&str, Protocol, bool); 4] = [
+    ("tcp", Protocol::Tcp, false),
+    ("tcp6", Protocol::Tcp, true),
+    ("udp", Protocol::Udp, false),
+    ("udp6", Protocol::Udp, true),
+];
+/// Real lines are under 200 bytes; a longer one is cut and its pieces skipped as garbage.
+const MAX_LINE: u64 = 4096;
+/// `socket:[18446744073709551615]` is 29 bytes; a longer link target is no socket.
+const LINK_BUFFER: usize = 64;
+
+/// TCP and UDP sockets of IPv4 and IPv6 from `<proc_root>/net/{tcp,tcp6,udp,udp6}`, without
+/// owners. A missing table (no IPv6) is skipped; `Err` only when none of the four is readable.
+/// `dual_stack` is always false: `/proc` does not say whether a socket is `IPV6_V6ONLY`.
+pub fn sockets(proc_root: &Path) -> Result<Vec<Socket>, SourceError> {
+    let mut out = Vec::new();
+    let mut line = Vec::with_capacity(256);
+    let mut readable = 0;
+    let mut failures = Vec::new();
+    for (name, protocol, v6) in TABLES {
+        let path = proc_root.join("net").join(name);
+        let start = out.len();
+        match read_table(&path, protocol, v6, &mut line, &mut out) {
+            Ok(()) => readable += 1,
+            Err(err) => {
+                out.truncate(start);
+                debug!("skipping {}: {err}", path.display());
+                failures.push(format!("{name}: {err}"));
+            }
+        }
+    }
+    if readable == 0 {
+        return Err(SourceError(format!(
+            "cannot read {}/net/{{tcp,tcp6,udp,udp6}} ({})",
+            proc_root.display(),
+            failures.join("; ")
+        )));
+    }
+    Ok(out)
+}
+
+/// Streams one table into `out`, reusing `line` so that 100,000 sockets cost no text copy.
+fn read_table(
+    path: &Path,
+    protocol: Protocol,
+    v6: bool,
+    line: &mut Vec<u8>,
+    out: &mut Vec<Socket>,
+) -> io::Result<()> {
+    let mut reader = BufReader::with_capacity(64 * 1024, File::open(path)?);
+    loop {
+        line.clear();
+        if (&mut reader).take(MAX_LINE).read_until(b'\n', line)? == 0 {
+            return Ok(());
+        }
+        let Ok(text) = std::str::from_utf8(line) else {
+            debug!("{}: skipped a line that is not text", path.display());
+            continue;
+        };
+        match parse_net_line(text, protocol, v6) {
+            Some(socket) => out.push(socket),
+            None if is_header(text) => {}
+            None => debug!(
+                "{}: skipped malformed line {:?}",
+                path.display(),
+                text.trim()
+            ),
+        }
+    }
+}
+
+fn is_header(line: &str) -> bool {
+    line.trim_start().starts_with("sl ")
+}
+
+/// Parses the text of one `/proc/net/{tcp,tcp6,udp,udp6}` file; the header and malformed lines
+/// are skipped.
+pub fn parse_net_table(text: &str, protocol: Protocol, v6: bool) -> Vec<Socket> {
+    text.lines()
+        .filter_map(|line| parse_net_line(line, protocol, v6))
+        .collect()
+}
+
+/// Parses one socket line: `sl: local rem st tx:rx tr:when retrnsmt uid timeout inode ...`.
+/// Addresses are hex words in host byte order (the kernel prints each `__be32` as a host
+/// `u32`), ports hex in host order, the state a hex TCP state number.
+pub fn parse_net_line(line: &str, protocol: Protocol, v6: bool) -> Option<Socket> {
+    let mut fields = line.split_ascii_whitespace();
+    if !fields.next()?.ends_with(':') {
+        return None;
+    }
+    let (local_ip, local_port) = parse_endpoint(fields.next()?, v6)?;
+    let (remote_ip, remote_port) = parse_endpoint(fields.next()?, v6)?;
+    let state = u8::from_str_radix(hex(fields.next()?)?, 16).ok()?;
+    // tx_queue:rx_queue, tr:tm->when, retrnsmt, uid, timeout, then the inode.
+    let inode = fields.nth(5)?;
+    if !inode.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let inode = inode.parse::<u64>().ok()?;
+    let state = match protocol {
+        Protocol::Tcp => ConnState::from_tcp_code(state),
+        Protocol::Udp => ConnState::for_udp(state),
+    };
+    Some(Socket {
+        connection: Connection {
+            protocol,
+            local_ip,
+            local_port,
+            remote_ip: Some(remote_ip),
+            remote_port: (remote_port != 0).then_some(remote_port),
+            state: Some(state),
+            pid: None,
+            process_name: None,
+        },
+        inode,
+        dual_stack: false,
+    })
+}
+
+/// Non-empty ASCII hex digits only (`from_str_radix` alone would accept a sign).
+fn hex(text: &str) -> Option<&str> {
+    (!text.is_empty() && text.bytes().all(|b| b.is_ascii_hexdigit())).then_some(text)
+}
+
+/// `0100007F:0016` or `<32 hex digits>:0016`, canonicalised (IPv4-mapped becomes IPv4).
+fn parse_endpoint(text: &str, v6: bool) -> Option<(IpAddr, u16)> {
+    let (addr, port) = text.split_once(':')?;
+    if port.len() > 4 {
+        return None;
+    }
+    let port = u16::from_str_radix(hex(port)?, 16).ok()?;
+    let addr = hex(addr)?;
+    let ip = if v6 {
+        if addr.len() != 32 {
+            return None;
+        }
+        let mut octets = [0u8; 16];
+        for (i, chunk) in octets.chunks_exact_mut(4).enumerate() {
+            let word = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        ip_from_bytes(&octets)?
+    } else {
+        if addr.len() != 8 {
+            return None;
+        }
+        let word = u32::from_str_radix(addr, 16).ok()?;
+        IpAddr::V4(Ipv4Addr::from(word.to_ne_bytes()))
+    };
+    Some((ip, port))
+}
+
+/// Fills `pid` and `process_name` of the sockets whose inode some process holds: scans
+/// `<proc_root>/<pid>/fd/*` for `socket:[inode]` links and reads `<proc_root>/<pid>/comm`.
+/// When several processes hold a socket the lowest pid wins. Processes that vanish or deny
+/// access are skipped; this never fails.
+pub fn attach_owners(proc_root: &Path, mut sockets: Vec<Socket>) -> Vec<Socket> {
+    // Only the inodes we report; 0 (time-wait, request sockets) has no owner.
+    let mut owners: HashMap<u64, u32> = sockets
+        .iter()
+        .filter(|s| s.inode != 0)
+        .map(|s| (s.inode, u32::MAX))
+        .collect();
+    if owners.is_empty() {
+        return sockets;
+    }
+    let mut root = match Dir::open(proc_root) {
+        Ok(dir) => dir,
+        Err(err) => {
+            debug!(
+                "cannot list {}: {err}; sockets keep no owner",
+                proc_root.display()
+            );
+            return sockets;
+        }
+    };
+    let root_fd = root.fd();
+    let mut names: HashMap<u32, Option<String>> = HashMap::new();
+    let mut path = Vec::with_capacity(32);
+    let mut link = [0u8; LINK_BUFFER];
+    loop {
+        let pid = {
+            let Some(entry) = root.next_name() else { break };
+            let Some(pid) = parse_pid(entry.to_bytes()) else {
+                continue;
+            };
+            path.clear();
+            path.extend_from_slice(entry.to_bytes());
+            path.extend_from_slice(b"/fd\0");
+            pid
+        };
+        let Ok(fd_path) = CStr::from_bytes_with_nul(&path) else {
+            continue;
+        };
+        // A process that exited since the listing, or one we may not look into.
+        let mut fds = match Dir::open_at(root_fd, fd_path) {
+            Ok(dir) => dir,
+            Err(err) => {
+                debug!("skipping {}/{pid}/fd: {err}", proc_root.display());
+                continue;
+            }
+        };
+        let fds_fd = fds.fd();
+        let mut holds = false;
+        while let Some(entry) = fds.next_name() {
+            // SAFETY: `entry` is a NUL-terminated name inside `fds`, `link` a live buffer of
+            // the given length; readlinkat writes at most that many bytes.
+            let len = unsafe {
+                libc::readlinkat(fds_fd, entry.as_ptr(), link.as_mut_ptr().cast(), link.len())
+            };
+            let Ok(len) = usize::try_from(len) else {
+                continue;
+            };
+            let Some(inode) = link.get(..len).and_then(socket_inode) else {
+                continue;
+            };
+            if let Some(owner) = owners.get_mut(&inode) {
+                if pid < *owner {
+                    *owner = pid;
+                    holds = true;
+                }
+            }
+        }
+        if holds && !names.contains_key(&pid) {
+            // Read now, while the process most likely still exists.
+            names.insert(pid, read_comm(proc_root, pid));
+        }
+    }
+    for socket in &mut sockets {
+        match owners.get(&socket.inode) {
+            Some(&pid) if pid != u32::MAX => {
+                socket.connection.pid = Some(pid);
+                socket.connection.process_name = names.get(&pid).cloned().flatten();
+            }
+            _ => {}
+        }
+    }
+    sockets
+}
+
+/// A `/proc` entry name that is a process id.
+fn parse_pid(name: &[u8]) -> Option<u32> {
+    if name.is_empty() || !name.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(name).ok()?.parse().ok()
+}
+
+/// The inode of a `socket:[N]` link target.
+fn socket_inode(target: &[u8]) -> Option<u64> {
+    let digits = target.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        let digit = d.is_ascii_digit().then(|| u64::from(d - b'0'))?;
+        n.checked_mul(10)?.checked_add(digit)
+    })
+}
+
+/// `<proc_root>/<pid>/comm`, trimmed; `None` when unreadable or empty.
+fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
+    let path = proc_root.join(pid.to_string()).join("comm");
+    let mut bytes = Vec::with_capacity(32);
+    // comm is at most 16 bytes; the bound keeps a strange file from costing memory.
+    File::open(&path)
+        .and_then(|f| f.take(256).read_to_end(&mut bytes))
+        .map_err(|err| debug!("cannot read {}: {err}", path.display()))
+        .ok()?;
+    let name = String::from_utf8_lossy(&bytes).trim().to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+/// A directory stream read with `readdir`, so listing `/proc/<pid>/fd` allocates nothing per
+/// entry (`std::fs::read_dir` allocates each name).
+struct Dir(NonNull<libc::DIR>);
+
+impl Dir {
+    fn open(path: &Path) -> io::Result<Dir> {
+        let path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        Dir::open_at(libc::AT_FDCWD, &path)
+    }
+
+    /// Opens `path` relative to the directory `dir_fd`.
+    fn open_at(dir_fd: libc::c_int, path: &CStr) -> io::Result<Dir> {
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        // SAFETY: `path` is NUL-terminated; the result is checked.
+        let fd = unsafe { libc::openat(dir_fd, path.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is an open directory descriptor that fdopendir takes over on success.
+        match NonNull::new(unsafe { libc::fdopendir(fd) }) {
+            Some(dir) => Ok(Dir(dir)),
+            None => {
+                let err = io::Error::last_os_error();
+                // SAFETY: fdopendir failed, so `fd` is still ours to close.
+                unsafe { libc::close(fd) };
+                Err(err)
+            }
+        }
+    }
+
+    /// The descriptor of the stream, for `*at` calls relative to it.
+    fn fd(&self) -> libc::c_int {
+        // SAFETY: `self.0` is an open stream until drop.
+        unsafe { libc::dirfd(self.0.as_ptr()) }
+    }
+
+    /// The next entry name other than `.` and `..`; `None` at the end or on an error (a
+    /// process that exited mid-listing), which both end the listing.
+    fn next_name(&mut self) -> Option<&CStr> {
+        loop {
+            // SAFETY: `self.0` is an open stream; the entry stays valid until the next call
+            // on this stream, which the `&mut self` borrow of the result prevents.
+            let entry = unsafe { libc::readdir(self.0.as_ptr()) };
+            if entry.is_null() {
+                return None;
+            }
+            // SAFETY: `d_name` is a NUL-terminated name inside the entry.
+            let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) };
+            if name.to_bytes() != b"." && name.to_bytes() != b".." {
+                return Some(name);
+            }
+        }
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` is open and closed exactly once, here.
+        unsafe { libc::closedir(self.0.as_ptr()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::netlink::fuzz::{mutate, XorShift};
+    use std::path::PathBuf;
+
+    fn socket(
+        protocol: Protocol,
+        local: (&str, u16),
+        remote: (&str, Option<u16>),
+        state: ConnState,
+        inode: u64,
+    ) -> Socket {
+        Socket {
+            connection: Connection {
+                protocol,
+                local_ip: local.0.parse().unwrap(),
+                local_port: local.1,
+                remote_ip: Some(remote.0.parse().unwrap()),
+                remote_port: remote.1,
+                state: Some(state),
+                pid: None,
+                process_name: None,
+            },
+            inode,
+            dual_stack: false,
+        }
+    }
+
+    fn owned(mut s: Socket, pid: u32, name: &str) -> Socket {
+        s.connection.pid = Some(pid);
+        s.connection.process_name = Some(name.to_string());
+        s
+    }
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proc")
+    }
+
+    /// What the fixture tables hold, in file order (the hex is little-endian, as on x86 and
+    /// ARM hosts).
+    fn fixture_sockets() -> Vec<Socket> {
+        use ConnState::*;
+        use Protocol::{Tcp, Udp};
+        vec![
+            socket(Tcp, ("127.0.0.1", 8080), ("0.0.0.0", None), Listen, 1001),
+            socket(
+                Tcp,
+                ("192.0.2.2", 33048),
+                ("203.0.113.80", Some(80)),
+                Established,
+                1002,
+            ),
+            socket(
+                Tcp,
+                ("192.0.2.2", 33050),
+                ("203.0.113.80", Some(80)),
+                TimeWait,
+                0,
+            ),
+            socket(Tcp, ("::", 22), ("::", None), Listen, 1003),
+            socket(
+                Tcp,
+                ("10.0.0.1", 443),
+                ("10.0.0.2", Some(51000)),
+                Established,
+                1004,
+            ),
+            socket(Tcp, ("fe80::1", 9000), ("::", None), Listen, 1008),
+            socket(Udp, ("0.0.0.0", 68), ("0.0.0.0", None), Unknown, 1005),
+            socket(
+                Udp,
+                ("192.0.2.2", 5353),
+                ("192.0.2.1", Some(53)),
+                Established,
+                1006,
+            ),
+            socket(Udp, ("::1", 323), ("::", None), Unknown, 1007),
+        ]
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn real_format_lines_parse_in_host_byte_order() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0000000000000000 100 0 0 10 0\n\
+   1: 020200C0:8118 507100CB:0050 01 00000000:00000000 02:000A7B2C 00000000  1000        0 1002 2 0000000000000000 20 4 30 10 -1\n\
+   2: 020200C0:811A 507100CB:0050 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0000000000000000\n\
+   3: 0100007F:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 notanumber 1\n\
+   4: 0100007F:0016 00000000:0000 0A\n";
+        let udp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  511: 00000000000000000000000001000000:0143 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000   998        0 1007 2 0000000000000000 0\n";
+        let tcp6 = "   0: 0000000000000000FFFF00000100000A:01BB 0000000000000000FFFF00000200000A:C738 01 00000000:00000000 00:00000000 00000000     0        0 1004 1 0000000000000000 20 4 1 10 -1\n\
+   1: 000080FE000000000000000001000000:2328 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1008 1 0000000000000000 100 0 0 10 0\n\
+   2: 000080FE0000000000000000010000:2328 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1009 1\n";
+        let all = fixture_sockets();
+        assert_eq!(
+            parse_net_table(tcp, Protocol::Tcp, false),
+            all[0..3].to_vec()
+        );
+        assert_eq!(
+            parse_net_table(tcp6, Protocol::Tcp, true),
+            vec![all[4].clone(), all[5].clone()]
+        );
+        assert_eq!(
+            parse_net_table(udp6, Protocol::Udp, true),
+            vec![all[8].clone()]
+        );
+        // The same line read as the wrong family is not a socket.
+        assert_eq!(parse_net_table(tcp, Protocol::Tcp, true), vec![]);
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn fixture_tree_gives_sockets_and_lowest_pid_owners() {
+        let root = fixture();
+        let sockets = sockets(&root).unwrap();
+        assert_eq!(sockets, fixture_sockets());
+        let all = fixture_sockets();
+        assert_eq!(
+            attach_owners(&root, sockets),
+            vec![
+                // 1001 is shared by pids 100 and 200: the lower wins.
+                owned(all[0].clone(), 100, "sshd"),
+                all[1].clone(),
+                all[2].clone(),
+                owned(all[3].clone(), 100, "sshd"),
+                owned(all[4].clone(), 200, "nginx"),
+                all[5].clone(),
+                owned(all[6].clone(), 99, "dhclient"),
+                // Held by 1000 and 99: numerically lower, though "1000" sorts first as text.
+                owned(all[7].clone(), 99, "dhclient"),
+                owned(all[8].clone(), 1000, "chronyd"),
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_tables_are_skipped_and_none_is_an_error() {
+        let empty = std::env::temp_dir().join(format!("grapheon-procfs-{}", std::process::id()));
+        std::fs::create_dir_all(empty.join("net")).unwrap();
+        std::fs::write(empty.join("net/udp"), "  sl  local_address\n").unwrap();
+        assert_eq!(sockets(&empty), Ok(vec![]));
+        std::fs::remove_file(empty.join("net/udp")).unwrap();
+        let err = sockets(&empty).unwrap_err();
+        assert!(err.0.contains("cannot read"), "{err}");
+        // No inodes wanted, no process tree: nothing changes and nothing fails.
+        let one = parse_net_table(
+            "0: 0100007F:0016 00000000:0000 0A 0:0 0:0 0 0 0 77",
+            Protocol::Tcp,
+            false,
+        );
+        assert_eq!(attach_owners(&empty.join("nowhere"), one.clone()), one);
+        std::fs::remove_dir_all(&empty).unwrap();
+    }
+
+    #[test]
+    fn socket_links_are_recognised_exactly() {
+        assert_eq!(socket_inode(b"socket:[12345]"), Some(12345));
+        assert_eq!(socket_inode(b"socket:[]"), None);
+        assert_eq!(socket_inode(b"socket:[12a]"), None);
+        assert_eq!(socket_inode(b"socket:[99999999999999999999]"), None);
+        assert_eq!(socket_inode(b"pipe:[12345]"), None);
+        assert_eq!(socket_inode(b"/dev/null"), None);
+        assert_eq!(parse_pid(b"123"), Some(123));
+        assert_eq!(parse_pid(b"self"), None);
+        assert_eq!(parse_pid(b""), None);
+    }
+
+    #[test]
+    fn random_and_mutated_lines_never_panic() {
+        let valid = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0000000000000000 100 0 0 10 0\n\
+   1: 0000000000000000FFFF00000100000A:01BB 0000000000000000FFFF00000200000A:C738 01 00000000:00000000 00:00000000 00000000     0        0 1004 1\n";
+        let mut rng = XorShift(0x0123_4567_89ab_cdef);
+        for round in 0..20_000 {
+            let bytes = if round % 2 == 0 {
+                mutate(&mut rng, valid.as_bytes())
+            } else {
+                // Random text drawn from the characters of real lines.
+                let alphabet = b"0123456789ABCDEFabcdef: \n-+x";
+                (0..rng.below(300))
+                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .collect()
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            for v6 in [false, true] {
+                let _ = parse_net_table(&text, Protocol::Tcp, v6);
+                let _ = parse_net_table(&text, Protocol::Udp, v6);
+            }
+            let _ = socket_inode(&bytes);
+        }
+    }
+}
