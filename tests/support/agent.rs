@@ -82,15 +82,20 @@ impl Agent {
             ),
             (
                 "GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS".to_string(),
-                "5".to_string(),
+                "20".to_string(),
             ),
             ("GRAPHEON_AGENT_LOG_LEVEL".to_string(), "debug".to_string()),
         ];
-        Agent {
+        let mut agent = Agent {
             root,
             state_dir,
             env,
+        };
+        // The whole suite can be run against one collector: GRAPHEON_TEST_COLLECTOR=commands.
+        if let Ok(mode) = std::env::var("GRAPHEON_TEST_COLLECTOR") {
+            agent.set_env("GRAPHEON_AGENT_COLLECTOR", &mode);
         }
+        agent
     }
 
     /// Sets (or replaces) one environment variable of later runs.
