@@ -115,6 +115,26 @@ impl Agent {
         cmd
     }
 
+    /// The command for one run inside a network namespace (`ip netns exec`).
+    pub fn command_in(&self, netns: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_grapheon-agent")])
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the agent to completion inside a network namespace.
+    pub fn run_in(&self, netns: &str, args: &[&str]) -> Run {
+        self.command_in(netns, args)
+            .output()
+            .expect("run grapheon-agent in a namespace")
+            .into()
+    }
+
     /// Runs the agent to completion.
     pub fn run(&self, args: &[&str]) -> Run {
         self.command(args)

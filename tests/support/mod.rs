@@ -23,6 +23,7 @@ mod contract;
 mod gzip;
 mod http;
 pub mod json;
+pub mod netns;
 mod time;
 
 use std::collections::HashMap;
