@@ -219,11 +219,13 @@ obtain_release() {
 			[ -n "$tar_name" ] || die "SHA256SUMS at $base_url lists no tarball for $target"
 		fi
 		check_name "tarball name" "$tar_name"
-		tarball="$work/$tar_name"
-		fetch "$base_url/$tar_name" "$tarball"
 	fi
 	expected=$(expected_sha256 "$sums" "$tar_name")
 	[ -n "$expected" ] || die "$tar_name is not listed in $sums: refusing to install it"
+	if [ -z "$tarball" ]; then
+		tarball="$work/$tar_name"
+		fetch "$base_url/$tar_name" "$tarball"
+	fi
 	actual=$(sha256_of "$tarball")
 	[ "$expected" = "$actual" ] ||
 		die "checksum mismatch for $tar_name (expected $expected, got $actual): refusing to install it"
@@ -300,8 +302,6 @@ write_env_file() {
 		fi
 		return 0
 	fi
-	check_env_value "the server URL" "$server_url"
-	check_env_value "the enrollment key" "$enrollment_key"
 	mkdir -p "$(dirname "$root$env_file")"
 	(
 		umask 077
@@ -593,6 +593,9 @@ main() {
 		target=$(detect_target)
 	fi
 	check_name target "$target"
+	# Refuse bad input before anything is written.
+	check_env_value "the server URL" "$server_url"
+	check_env_value "the enrollment key" "$enrollment_key"
 
 	work=$(mktemp -d "${TMPDIR:-/tmp}/grapheon-agent-install.XXXXXX") || die "cannot create a temporary directory"
 	trap 'rm -rf "$work"' EXIT
