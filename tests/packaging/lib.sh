@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by the packaging tests (sourced by bash; not executable on its own).
 #
 # A test is a function; `run_test NAME FUNCTION [ARGS...]` runs it in a subshell with `set -e`,
