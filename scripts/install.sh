@@ -300,6 +300,10 @@ write_env_file() {
 		if [ -n "$server_url$enrollment_key" ] && [ "$mode" = install ]; then
 			say "$env_file exists and is left as it is: edit it to change the server URL or key"
 		fi
+		case $(ls -lL "$root$env_file") in
+		-rw-------* | -r--------*) ;;
+		*) warn "$env_file can be read by other users and may hold the enrollment key: chmod 600 it" ;;
+		esac
 		return 0
 	fi
 	mkdir -p "$(dirname "$root$env_file")"

@@ -128,6 +128,19 @@ start grapheon-agent.timer" "$(systemctl_calls)"
 	assert_contains_line output "grapheon-agent $VERSION is installed" "$out"
 }
 
+test_existing_open_env_file_is_kept_with_a_warning() {
+	new_root
+	mkdir -p "$R/etc"
+	echo GRAPHEON_AGENT_SERVER_URL=https://earlier.test >"$R/etc/grapheon-agent.env"
+	chmod 644 "$R/etc/grapheon-agent.env"
+	out=$(installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --server-url https://grapheon.test 2>&1)
+	echo "$out"
+	assert_eq "env file" GRAPHEON_AGENT_SERVER_URL=https://earlier.test "$(cat "$R/etc/grapheon-agent.env")"
+	assert_mode "$R/etc/grapheon-agent.env" 644
+	assert_contains_line output "grapheon-agent install: warning: /etc/grapheon-agent.env can be read by other users and may hold the enrollment key: chmod 600 it" "$out"
+	assert_contains_line output "/etc/grapheon-agent.env exists and is left as it is: edit it to change the server URL or key" "$out"
+}
+
 test_reinstall_changes_nothing() {
 	installed_fresh
 	before=$(tree_snapshot "$R")
