@@ -319,6 +319,21 @@ test_download_from_base_url_over_loopback_http() {
 	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
 }
 
+# release.yml publishes an install.sh that knows its release's download URL: run that very
+# command (taken from the workflow) with the loopback server's URL, then the installer alone.
+test_published_installer_downloads_from_its_release() {
+	new_root
+	stamp=$(grep -F "sed \"s|^" "$REPO/.github/workflows/release.yml" | sed 's/^ *//')
+	[ -n "$stamp" ] || fail "no installer stamping command in release.yml"
+	work=$(mktemp -d "$scratch/stamp.XXXXXX")
+	mkdir -p "$work/scripts" "$work/dist"
+	cp "$REPO/scripts/install.sh" "$work/scripts/"
+	(cd "$work" && eval "$stamp")
+	grep -qF "default_base_url='$BASE_URL'" "$work/dist/install.sh" || fail "the URL was not stamped in"
+	installer "$work/dist/install.sh" --server-url https://grapheon.test >/dev/null 2>&1
+	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+}
+
 test_foreign_tarball_needs_target_flag() {
 	new_root
 	tarball="$DIST/grapheon-agent-$VERSION-$ARM64.tar.gz"
