@@ -577,16 +577,15 @@ main() {
 	*) usage_error "unknown mode $mode" ;;
 	esac
 	root=${root%/}
-	for p in "$prefix" "$env_file" "$state_dir" "$unit_dir"; do
+	# The paths are written into the units with sed: keep them plain.
+	for p in "$prefix" "$env_file" "$state_dir" "$unit_dir" "$bin_link" "${root:-/}"; do
 		case $p in
-		/?*) ;;
+		none) [ "$p" = "$bin_link" ] || usage_error "paths must be absolute: $p" ;;
+		*[!A-Za-z0-9._/+-]*) usage_error "unusual characters in path: $p" ;;
+		/*) ;;
 		*) usage_error "paths must be absolute: $p" ;;
 		esac
 	done
-	case $bin_link in
-	none | /?*) ;;
-	*) usage_error "paths must be absolute: $bin_link" ;;
-	esac
 	prefix=${prefix%/}
 	opt="$root$prefix"
 	if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
