@@ -1,0 +1,253 @@
+#!/usr/bin/env bash
+# Build the static release binaries and pack them.
+#
+#   scripts/build-release.sh [--targets "T1 T2"] [--out DIR] [--strict] [--no-smoke] [--no-pack]
+#                            [--no-install]
+#
+# For each target: add it with rustup, build `cargo build --release --locked`, check the binary is
+# static (no ELF interpreter, no NEEDED entry), run it (natively or under qemu user-mode
+# emulation) with --version, --help and --dry-run, and pack
+# DIR/grapheon-agent-<version>-<target>.tar.gz (binary, VERSION, deploy/, lifecycle scripts,
+# README.md, CHANGELOG.md) plus DIR/SHA256SUMS over this version's tarballs.
+#
+# Missing build tools (musl-tools, Debian's cross gcc, qemu-user, file, binutils) are installed
+# with apt-get. A target rustup cannot install here (armv7 on some machines) is skipped with a
+# plain message, unless --strict (the release workflow) makes that an error.
+#
+# Options:
+#   --targets LIST   default: x86_64-unknown-linux-musl aarch64-unknown-linux-musl
+#                    armv7-unknown-linux-musleabihf
+#   --out DIR        default: dist
+#   --strict         every target, README.md and CHANGELOG.md are required
+#   --no-smoke       do not run the binaries (image builds: no qemu there)
+#   --no-pack        only build; leaves DIR/<target>/grapheon-agent
+#   --no-install     never run apt-get; fail if a tool is missing
+set -euo pipefail
+
+ALL_TARGETS="x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf"
+targets=$ALL_TARGETS
+out=dist
+strict=no
+smoke=yes
+pack=yes
+install_tools=yes
+
+say() { printf 'build-release: %s\n' "$*"; }
+die() {
+	printf 'build-release: error: %s\n' "$*" >&2
+	exit 1
+}
+
+while [ $# -gt 0 ]; do
+	case $1 in
+	--targets) targets=${2:?--targets needs a value}; shift ;;
+	--out) out=${2:?--out needs a value}; shift ;;
+	--strict) strict=yes ;;
+	--no-smoke) smoke=no ;;
+	--no-pack) pack=no ;;
+	--no-install) install_tools=no ;;
+	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+	*) die "unknown option $1" ;;
+	esac
+	shift
+done
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+version=$(cat VERSION)
+[[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.+-]+)?$ ]] || die "VERSION '$version' is not a version"
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+sudo_cmd=()
+if [ "$(id -u)" != 0 ]; then
+	sudo_cmd=(sudo)
+fi
+apt_updated=no
+
+# Installs the Debian packages among "$@" that are not installed yet.
+need_packages() {
+	local missing=() p
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	[ "$install_tools" = yes ] || die "missing packages: ${missing[*]} (run without --no-install)"
+	command -v apt-get >/dev/null || die "missing packages: ${missing[*]} and no apt-get to install them"
+	say "installing ${missing[*]}"
+	if [ "$apt_updated" = no ]; then
+		"${sudo_cmd[@]}" apt-get update -qq
+		apt_updated=yes
+	fi
+	"${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+host_arch=$(uname -m)
+
+# The Debian packages, C compiler, linker and emulator for a target, as "packages|cc|linker|qemu".
+toolchain_for() {
+	case $1 in
+	x86_64-unknown-linux-musl)
+		if [ "$host_arch" = x86_64 ]; then
+			echo "musl-tools|musl-gcc||"
+		else
+			echo "gcc-x86-64-linux-gnu libc6-dev-amd64-cross qemu-user|x86_64-linux-gnu-gcc|x86_64-linux-gnu-gcc|qemu-x86_64"
+		fi
+		;;
+	aarch64-unknown-linux-musl)
+		if [ "$host_arch" = aarch64 ]; then
+			echo "musl-tools|musl-gcc||"
+		else
+			echo "gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user|aarch64-linux-gnu-gcc|aarch64-linux-gnu-gcc|qemu-aarch64"
+		fi
+		;;
+	armv7-unknown-linux-musleabihf)
+		echo "gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user|arm-linux-gnueabihf-gcc|arm-linux-gnueabihf-gcc|qemu-arm"
+		;;
+	*) die "unknown target $1 (known: $ALL_TARGETS)" ;;
+	esac
+}
+
+# Fails unless the ELF file has no interpreter and needs no shared library.
+check_static() {
+	local bin=$1 headers dynamic
+	headers=$(readelf -lW "$bin")
+	dynamic=$(readelf -dW "$bin")
+	if grep -q 'INTERP' <<<"$headers"; then
+		die "$bin has an ELF interpreter: it is not static"
+	fi
+	if grep -q '(NEEDED)' <<<"$dynamic"; then
+		die "$bin needs shared libraries: $(grep '(NEEDED)' <<<"$dynamic" | tr -s ' ')"
+	fi
+	say "static: $(file -b "$bin" | cut -d, -f1-2,4-5)"
+}
+
+# Runs the binary with --version, --help and --dry-run (under qemu for a foreign target).
+# --dry-run collects from this machine and prints the report; it needs no server and no network.
+smoke_test() {
+	local bin=$1 runner=$2 scratch output status args
+	local -a run=()
+	[ -n "$runner" ] && run=("$runner")
+	scratch=$(mktemp -d)
+	: >"$scratch/empty.env"
+	for args in --version --help "--config $scratch/empty.env --dry-run"; do
+		status=0
+		# shellcheck disable=SC2086 # args is a list of words
+		output=$(env GRAPHEON_AGENT_STATE_DIR="$scratch/state" timeout 300 \
+			"${run[@]}" "$bin" $args 2>"$scratch/stderr") || status=$?
+		if [ $status -ne 0 ]; then
+			cat "$scratch/stderr" >&2
+			rm -rf "$scratch"
+			die "${run[*]:+${run[*]} }$bin $args exited with $status"
+		fi
+		case $args in
+		--version)
+			if [ -z "$output" ]; then
+				say "warning: --version printed nothing (a development stub?); check-version.sh is the strict check"
+			elif [ "$output" != "$version" ]; then
+				rm -rf "$scratch"
+				die "$bin --version printed '$output', VERSION is '$version'"
+			fi
+			;;
+		*--dry-run)
+			if [ -n "$output" ] && [ "${output:0:1}" != "{" ]; then
+				rm -rf "$scratch"
+				die "$bin --dry-run did not print a JSON object: ${output:0:200}"
+			fi
+			;;
+		esac
+		say "ran ${run[*]:+${run[*]} }grapheon-agent ${args/$scratch\//}: exit 0, ${#output} bytes of output"
+	done
+	rm -rf "$scratch"
+}
+
+# Packs one target's release directory into a reproducible tarball.
+pack_target() {
+	local target=$1 bin=$2 name stage f
+	name="grapheon-agent-$version-$target"
+	stage=$(mktemp -d)
+	mkdir -p "$stage/$name/deploy" "$stage/$name/scripts"
+	install -m 0755 "$bin" "$stage/$name/grapheon-agent"
+	install -m 0644 VERSION "$stage/$name/VERSION"
+	install -m 0644 deploy/grapheon-agent.service deploy/grapheon-agent.timer \
+		deploy/grapheon-agent.env.example "$stage/$name/deploy/"
+	install -m 0755 scripts/install.sh scripts/upgrade.sh scripts/rollback.sh scripts/uninstall.sh \
+		"$stage/$name/scripts/"
+	for f in README.md CHANGELOG.md LICENSE; do
+		if [ -f "$f" ]; then
+			install -m 0644 "$f" "$stage/$name/$f"
+		elif [ "$strict" = yes ] && [ "$f" != LICENSE ]; then
+			die "$f is missing: a release tarball must carry it"
+		elif [ "$f" != LICENSE ]; then
+			say "warning: $f is missing, not packed"
+		fi
+	done
+	tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$source_date_epoch" \
+		--format=ustar -C "$stage" -cf - "$name" | gzip -n -9 >"$out/$name.tar.gz.tmp"
+	mv "$out/$name.tar.gz.tmp" "$out/$name.tar.gz"
+	rm -rf "$stage"
+	say "packed $out/$name.tar.gz ($(stat -c %s "$out/$name.tar.gz") bytes)"
+}
+
+source_date_epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
+command -v rustup >/dev/null || die "rustup is not installed: it provides the musl targets"
+need_packages file binutils
+
+built=()
+skipped=()
+for target in $targets; do
+	IFS='|' read -r packages cc linker qemu <<<"$(toolchain_for "$target")"
+	if ! rustup target list --installed | grep -qx "$target"; then
+		say "adding the Rust target $target"
+		if ! rustup_out=$(rustup target add "$target" 2>&1); then
+			reason=$(grep -m1 -E 'error' <<<"$rustup_out" || tail -n1 <<<"$rustup_out")
+			if [ "$strict" = yes ] || [ "$target" != armv7-unknown-linux-musleabihf ]; then
+				die "rustup cannot install $target: $reason"
+			fi
+			say "SKIPPED $target: rustup cannot install this target on this machine ($reason);"
+			say "        the release workflow builds it"
+			skipped+=("$target")
+			continue
+		fi
+	fi
+	# shellcheck disable=SC2086 # a list of package names
+	need_packages $packages
+	[ "$smoke" = no ] || [ -z "$qemu" ] || need_packages qemu-user
+
+	env_name=${target//-/_}
+	cargo_env=("CC_$env_name=$cc")
+	if [ -n "$linker" ]; then
+		cargo_env+=("CARGO_TARGET_${env_name^^}_LINKER=$linker")
+	fi
+	say "building $target (${cargo_env[*]})"
+	env "${cargo_env[@]}" cargo build --release --locked --target "$target"
+	bin="target/$target/release/grapheon-agent"
+	check_static "$bin"
+	if [ "$smoke" = yes ]; then
+		smoke_test "$bin" "$qemu"
+	fi
+	if [ "$pack" = yes ]; then
+		pack_target "$target" "$bin"
+	else
+		mkdir -p "$out/$target"
+		install -m 0755 "$bin" "$out/$target/grapheon-agent"
+	fi
+	built+=("$target")
+done
+
+[ ${#built[@]} -gt 0 ] || die "no target was built"
+if [ "$pack" = yes ]; then
+	(cd "$out" && sha256sum grapheon-agent-"$version"-*.tar.gz >SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
+	say "wrote $out/SHA256SUMS:"
+	sed 's/^/    /' "$out/SHA256SUMS"
+fi
+say "binary sizes:"
+for target in "${built[@]}"; do
+	size=$(stat -c %s "target/$target/release/grapheon-agent")
+	printf '    %-34s %9d bytes (%d KiB)\n' "$target" "$size" $(((size + 1023) / 1024))
+done
+for target in "${skipped[@]}"; do
+	printf '    %-34s not built here (rustup cannot install the target)\n' "$target"
+done

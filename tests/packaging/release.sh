@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Tests of what scripts/build-release.sh produced in $DIST: the SHA256SUMS file matches the
+# tarballs, each tarball has the release layout and the binary cargo built, the x86_64 and
+# aarch64 binaries are static, and the aarch64 one runs under qemu user-mode emulation.
+#
+#   DIST=dist bash tests/packaging/release.sh
+set -euo pipefail
+# shellcheck source=tests/packaging/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+DIST=$(cd "${DIST:-$REPO/dist}" && pwd)
+VERSION=$(cat "$REPO/VERSION")
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+expected_listing() {
+	local name="grapheon-agent-$VERSION-$1" f
+	{
+		echo "$name/"
+		for f in deploy/ deploy/grapheon-agent.env.example deploy/grapheon-agent.service \
+			deploy/grapheon-agent.timer grapheon-agent scripts/ scripts/install.sh scripts/rollback.sh \
+			scripts/uninstall.sh scripts/upgrade.sh VERSION; do
+			echo "$name/$f"
+		done
+		for f in README.md CHANGELOG.md LICENSE; do
+			[ ! -f "$REPO/$f" ] || echo "$name/$f"
+		done
+	} | sort
+}
+
+test_sha256sums_match_the_tarballs() {
+	(cd "$DIST" && sha256sum -c SHA256SUMS)
+	for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+		grep -qE "^[0-9a-f]{64}  grapheon-agent-$VERSION-$target\.tar\.gz$" "$DIST/SHA256SUMS" ||
+			fail "SHA256SUMS lacks the $target tarball"
+	done
+}
+
+test_tarballs_hold_the_release_layout_and_the_built_binary() {
+	for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+		tarball="$DIST/grapheon-agent-$VERSION-$target.tar.gz"
+		assert_eq "contents of $(basename "$tarball")" "$(expected_listing "$target")" "$(tar -tzf "$tarball" | sort)"
+		mkdir -p "$scratch/$target"
+		tar -xzf "$tarball" -C "$scratch/$target"
+		dir="$scratch/$target/grapheon-agent-$VERSION-$target"
+		assert_same_file "$REPO/target/$target/release/grapheon-agent" "$dir/grapheon-agent"
+		assert_mode "$dir/grapheon-agent" 755
+		assert_mode "$dir/scripts/install.sh" 755
+		assert_eq "VERSION in the tarball" "$VERSION" "$(cat "$dir/VERSION")"
+		assert_same_file "$REPO/deploy/grapheon-agent.service" "$dir/deploy/grapheon-agent.service"
+		assert_eq "owners" "0/0" "$(tar --numeric-owner -tvzf "$tarball" | awk '{ print $2 }' | sort -u)"
+	done
+}
+
+test_binaries_are_static() {
+	for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+		bin="$REPO/target/$target/release/grapheon-agent"
+		file -b "$bin"
+		! readelf -lW "$bin" | grep -q INTERP || fail "$target binary has an ELF interpreter"
+		! readelf -dW "$bin" | grep -q '(NEEDED)' || fail "$target binary needs shared libraries"
+	done
+	file -b "$REPO/target/aarch64-unknown-linux-musl/release/grapheon-agent" | grep -q 'ARM aarch64' ||
+		fail "the aarch64 binary is not an aarch64 ELF"
+}
+
+test_aarch64_binary_runs_under_qemu() {
+	bin="$REPO/target/aarch64-unknown-linux-musl/release/grapheon-agent"
+	version_out=$(qemu-aarch64 "$bin" --version)
+	if [ -n "$version_out" ]; then
+		assert_eq "qemu-aarch64 grapheon-agent --version" "$VERSION" "$version_out"
+	fi
+	qemu-aarch64 "$bin" --help >/dev/null
+	state=$(mktemp -d "$scratch/state.XXXXXX")
+	: >"$scratch/empty.env"
+	GRAPHEON_AGENT_STATE_DIR=$state timeout 300 qemu-aarch64 "$bin" --config "$scratch/empty.env" --dry-run >"$scratch/dry-run.json"
+	echo "qemu-aarch64 grapheon-agent --dry-run: exit 0, $(stat -c %s "$scratch/dry-run.json") bytes"
+}
+
+test_tarballs_are_reproducible() {
+	for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+		tarball="$DIST/grapheon-agent-$VERSION-$target.tar.gz"
+		# Same bytes again: fixed order, owners, mtimes and no gzip timestamp.
+		assert_eq "gzip header mtime" "00000000" "$(od -An -tx1 -j4 -N4 "$tarball" | tr -d ' \n')"
+		[ "$(tar --full-time -tvzf "$tarball" | awk '{ print $4 $5 }' | sort -u | wc -l)" -eq 1 ] ||
+			fail "entries carry different mtimes"
+	done
+}
+
+for t in $(declare -F | awk '$3 ~ /^test_/ { print $3 }'); do
+	run_test "release/${t#test_}" "$t"
+done
