@@ -417,7 +417,19 @@ fn check_in(
                     kept = state.last_snapshot.clone().unwrap_or_default();
                     continue 'split;
                 }
-                Err(f) => return Err(f.into_error("check-in")),
+                Err(f) => {
+                    if let Failure::Status {
+                        status: 422,
+                        errors,
+                        ..
+                    } = &f
+                    {
+                        for line in offending_records(errors, &pending, part) {
+                            debug!("refused record: {line}");
+                        }
+                    }
+                    return Err(f.into_error("check-in"));
+                }
             }
         }
         break;
@@ -429,6 +441,41 @@ fn check_in(
         state.sequence_number
     );
     Ok(())
+}
+
+/// The records a 422's field errors point at (`connections.3.local_ip` is the fourth connection
+/// of the part), as JSON, so an operator can see at debug level what the server refused.
+fn offending_records(errors: &[String], pending: &Snapshot, part: &report::Part) -> Vec<String> {
+    let mut out = Vec::new();
+    for error in errors {
+        let mut path = error.split(':').next().unwrap_or("").split('.');
+        let (Some(table), Some(index)) = (
+            path.next(),
+            path.next().and_then(|i| i.parse::<usize>().ok()),
+        ) else {
+            continue;
+        };
+        let t = match table {
+            "addresses" => 0,
+            "neighbors" => 1,
+            "connections" => 2,
+            "routes" => 3,
+            _ => continue,
+        };
+        let at = part.ranges[t].start + index;
+        if at >= part.ranges[t].end {
+            continue;
+        }
+        let mut json = String::new();
+        match t {
+            0 => report::records::push_address(&mut json, &pending.addresses[at]),
+            1 => report::records::push_neighbor(&mut json, &pending.neighbors[at]),
+            2 => report::records::push_connection(&mut json, &pending.connections[at]),
+            _ => report::records::push_route(&mut json, &pending.routes[at]),
+        }
+        out.push(format!("{error} <- {json}"));
+    }
+    out
 }
 
 fn accepted(
@@ -594,4 +641,46 @@ fn set_api_key(cfg: &Config) -> Result<()> {
         dir.path().join("api_key").display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Address, Route};
+
+    #[test]
+    fn field_errors_point_at_the_records_of_the_refused_part() {
+        let pending = Snapshot {
+            addresses: vec![Address {
+                interface: "sit1".into(),
+                ip_address: "10.9.9.1".parse().unwrap(),
+                prefix_length: 30,
+                mac_address: None,
+            }],
+            routes: (0..3)
+                .map(|i| Route {
+                    destination: format!("10.{i}.0.0/16"),
+                    gateway: None,
+                    interface: None,
+                    source_ip: None,
+                })
+                .collect(),
+            ..Snapshot::default()
+        };
+        // The part holds routes 1 and 2 only: the server's index 1 is the snapshot's route 2.
+        let part = report::Part {
+            ranges: [1..1, 0..0, 0..0, 1..3],
+        };
+        let errors = vec![
+            "routes.1.gateway: bad".to_string(),
+            "routes.5.gateway: out of the part".to_string(),
+            "unknown: Invalid JSON".to_string(),
+        ];
+        assert_eq!(
+            offending_records(&errors, &pending, &part),
+            [
+                r#"routes.1.gateway: bad <- {"destination":"10.2.0.0/16","gateway":null,"interface":null,"source_ip":null}"#
+            ]
+        );
+    }
 }
