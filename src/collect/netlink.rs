@@ -86,7 +86,7 @@ const RT_TABLE_MAIN: u32 = 254;
 const RTM_F_CLONED: u32 = 0x200;
 
 /// A silent kernel must not hang the run (`SO_RCVTIMEO`).
-const RECV_TIMEOUT_SECS: libc::time_t = 5;
+const RECV_TIMEOUT_SECS: u8 = 5;
 /// The kernel sizes dump datagrams after the reader's buffer, up to 32 KiB; one larger message
 /// (a link with many VFs) makes us grow the buffer and start over.
 const RECV_BUFFER: usize = 64 * 1024;
@@ -761,7 +761,7 @@ fn open_bound(protocol: libc::c_int) -> io::Result<(OwnedFd, u32)> {
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let timeout = libc::timeval {
-        tv_sec: RECV_TIMEOUT_SECS,
+        tv_sec: RECV_TIMEOUT_SECS.into(),
         tv_usec: 0,
     };
     // SAFETY: the option value points at a live timeval of the given size.
