@@ -559,3 +559,80 @@ fn unusable_ca_file_is_a_configuration_error() {
     assert_code(&run, 2);
     assert!(run.stderr.contains("no PEM certificate"), "{}", run.stderr);
 }
+
+fn policy_with(jitter: u32, enabled: &str) -> String {
+    format!(
+        r#"{{"checkin_interval_seconds":60,"jitter_seconds":{jitter},"command_timeout_seconds":15,
+        "enabled_commands":{enabled},"max_report_bytes":262144,"is_active":true}}"#
+    )
+}
+
+#[test]
+fn jitter_sleeps_only_on_scheduled_runs() {
+    let srv = server(true);
+    srv.set_policy(Some(&policy_with(
+        3600,
+        r#"{"ip_addr":true,"ip_neigh":true,"ip_route":true,"ss_tunap":true}"#,
+    )));
+    let agent = Agent::new("jitter", &srv.url());
+    let started = Instant::now();
+    assert_code(&agent.run(&["--register-only"]), 0);
+    assert_code(&agent.run(&["--force"]), 0);
+    assert_code(&agent.run(&["--check-in-only"]), 0);
+    assert_code(&agent.run(&["--dry-run"]), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "none of these slept"
+    );
+    assert_eq!(srv.checkins().len(), 2);
+
+    // A scheduled run sleeps a random part of the policy's jitter before collecting.
+    let mut child = agent
+        .command(&[])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let still_running = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = reader.join().unwrap();
+    let waited: u64 = text
+        .split("waiting ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no jitter line: {text}"));
+    assert!(waited <= 3600);
+    // (A draw under 3 s of 3,600 may legitimately have finished sleeping already.)
+    assert!(
+        still_running || waited < 3,
+        "the scheduled run was sleeping"
+    );
+    assert_eq!(srv.checkins().len(), 2, "nothing sent while sleeping");
+}
+
+#[test]
+fn tables_switched_off_by_the_policy_are_not_collected() {
+    let srv = server(true);
+    srv.set_policy(Some(&policy_with(
+        0,
+        r#"{"ip_addr":true,"ip_neigh":false,"ip_route":false,"ss_tunap":false}"#,
+    )));
+    let agent = Agent::new("tables", &srv.url());
+    assert_code(&agent.run(&["--force"]), 0);
+    let body = &srv.checkins()[0].json;
+    assert!(
+        len_at(body, "addresses").unwrap() > 0,
+        "this host has at least one non-loopback address"
+    );
+    for off in ["neighbors", "routes", "connections"] {
+        assert_eq!(len_at(body, off), Some(0), "{off}");
+    }
+}
