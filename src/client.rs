@@ -1,7 +1,7 @@
 //! HTTP to the server: TLS over rustls, bounded in time and in what is read back, with retries
 //! for failures that may pass (connection errors, timeouts, 5xx).
 
-use std::io::Read;
+use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 use miniserde::json::Value;
@@ -25,6 +25,9 @@ const ATTEMPTS: u32 = 4;
 pub enum Failure {
     /// No HTTP answer: DNS, connection, TLS, timeout, a truncated or oversized response.
     Transport(String),
+    /// The server's TLS certificate was not accepted. Retrying cannot help: the operator must
+    /// trust its CA (`--ca-file`) or fix the certificate or `--server-url`.
+    Tls(String),
     /// The server answered with a non-2xx status.
     Status {
         status: u16,
@@ -37,6 +40,7 @@ impl Failure {
     fn retryable(&self) -> bool {
         match self {
             Failure::Transport(_) => true,
+            Failure::Tls(_) => false,
             Failure::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
         }
     }
@@ -47,6 +51,7 @@ impl Failure {
             Failure::Transport(m) => {
                 Error::Transient(format!("{what} failed: {m}; the next run retries"))
             }
+            Failure::Tls(m) => Error::Config(format!("{what} failed: {m}")),
             Failure::Status {
                 status,
                 detail,
@@ -246,18 +251,41 @@ impl Client {
 
 fn describe(f: &Failure) -> String {
     match f {
-        Failure::Transport(m) => m.clone(),
+        Failure::Transport(m) | Failure::Tls(m) => m.clone(),
         Failure::Status { status, detail, .. } => format!("HTTP {status}: {detail}"),
     }
 }
 
 fn transport(e: ureq::Error) -> Failure {
+    if let Some(why) = rejected_certificate(&e) {
+        return Failure::Tls(format!(
+            "TLS: the server's certificate is not trusted ({why}): pass --ca-file with the PEM of \
+             the CA that signed it, and check that --server-url names a host the certificate is \
+             for (--insecure-skip-verify turns verification off, for testing only)"
+        ));
+    }
     Failure::Transport(match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
         ureq::Error::HostNotFound => "server host not found (DNS)".into(),
         ureq::Error::ConnectionFailed => "cannot connect to the server".into(),
         other => other.to_string(),
     })
+}
+
+/// rustls' reason when it refused the server's certificate, `None` for any other failure.
+///
+/// ureq surfaces a failed handshake as `Error::Io` of kind `InvalidData` wrapping the
+/// `rustls::Error` (rustls' `complete_io`), and other rustls failures as `Error::Rustls`. The
+/// agent does not depend on rustls itself, so a certificate error is recognised by rustls'
+/// wording of `Error::InvalidCertificate`, which a unit test pins to the locked rustls.
+fn rejected_certificate(e: &ureq::Error) -> Option<String> {
+    let text = match e {
+        ureq::Error::Io(io) if io.kind() == io::ErrorKind::InvalidData => io.get_ref()?.to_string(),
+        ureq::Error::Rustls(r) => r.to_string(),
+        _ => return None,
+    };
+    text.starts_with("invalid peer certificate: ")
+        .then_some(text)
 }
 
 /// The server's `detail` and a 422's field errors, shortened for a log line.
@@ -335,6 +363,52 @@ mod tests {
             .to_string()
             .contains("--set-api-key"));
         assert!(f(500).retryable() && !f(422).retryable() && !f(413).retryable());
+    }
+
+    #[test]
+    fn an_untrusted_certificate_is_a_configuration_error_naming_ca_file() {
+        // As ureq 3 reports a handshake that rustls failed on the certificate.
+        let handshake = |e: rustls::Error| {
+            transport(ureq::Error::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                e,
+            )))
+        };
+        let untrusted = handshake(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert_eq!(
+            untrusted,
+            Failure::Tls(
+                "TLS: the server's certificate is not trusted (invalid peer certificate: \
+                 UnknownIssuer): pass --ca-file with the PEM of the CA that signed it, and check \
+                 that --server-url names a host the certificate is for (--insecure-skip-verify \
+                 turns verification off, for testing only)"
+                    .into()
+            )
+        );
+        assert!(!untrusted.retryable());
+        let error = untrusted.into_error("registration");
+        assert_eq!(error.exit_code(), 2);
+        assert!(error
+            .to_string()
+            .starts_with("registration failed: TLS: the server's certificate is not trusted"));
+        assert!(matches!(
+            transport(ureq::Error::Rustls(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired
+            ))),
+            Failure::Tls(_)
+        ));
+
+        // Other TLS failures may pass (a proxy, a server restarting): still transient.
+        let alert = handshake(rustls::Error::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure,
+        ));
+        assert_eq!(
+            alert,
+            Failure::Transport("io: received fatal alert: HandshakeFailure".into())
+        );
+        assert!(alert.retryable());
     }
 
     #[test]
