@@ -53,7 +53,8 @@ EXIT CODES:
     0  done: checked in, awaiting approval, skipped because the interval has not passed, or another
        run holds the lock
     1  a failure the next run may fix (network, timeout, server error 5xx, full disk)
-    2  usage or configuration error (fix the flags, the env file or the state directory)
+    2  usage or configuration error (fix the flags, the env file, the state directory, or trust the
+       server's certificate with --ca-file)
     3  refused by the server; an operator must act (401 key rejected, 403 not approved or rejected,
        409 identity conflict, 422 report refused)
 
