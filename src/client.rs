@@ -1,6 +1,7 @@
 //! HTTP to the server: TLS over rustls, bounded in time and in what is read back, with retries
 //! for failures that may pass (connection errors, timeouts, 5xx).
 
+use std::cell::Cell;
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
@@ -62,11 +63,15 @@ impl Failure {
                     message.push_str(": ");
                     message.push_str(&errors.join("; "));
                 }
+                let registering = what == "registration";
                 let hint = match status {
+                    401 if registering => " (the enrollment key was rejected: check GRAPHEON_AGENT_ENROLLMENT_KEY)",
                     401 => " (the API key was rejected: if an admin rotated it, install the new key with `grapheon-agent --set-api-key`)",
+                    403 if registering => " (the enrollment key expired or reached its limit, or this agent was rejected or revoked: ask the server's administrator)",
                     403 => " (this agent is not approved, or was rejected or revoked, on the server)",
-                    409 => " (this agent's identity is bound to another enrollment key or API key on the server)",
-                    404 | 405 => " (check --server-url: it must be the server's base URL)",
+                    409 if registering => " (this agent's identity is bound to another enrollment key on the server: use that key, or remove agent_uuid to enroll anew)",
+                    409 => " (this agent's identity does not match its API key on the server)",
+                    300..=399 | 404 | 405 => " (check --server-url: it must be the server's base URL, with the scheme it answers on)",
                     _ => "",
                 };
                 if status >= 500 || status == 408 || status == 429 {
@@ -96,6 +101,8 @@ pub struct Client {
     base: String,
     key_header: String,
     timeout: Duration,
+    /// No retry starts after this (the run's overall deadline), when set.
+    deadline: Cell<Option<Instant>>,
 }
 
 impl Client {
@@ -137,7 +144,13 @@ impl Client {
             base: base.to_string(),
             key_header: cfg.api_key_header.clone(),
             timeout: cfg.request_timeout,
+            deadline: Cell::new(None),
         })
+    }
+
+    /// Bounds every later request's retries by the run's overall deadline.
+    pub fn set_deadline(&self, at: Instant) {
+        self.deadline.set(Some(at));
     }
 
     /// `POST /api/agents/register` with a plain JSON body.
@@ -160,7 +173,10 @@ impl Client {
         what: &str,
         mut attempt: impl FnMut() -> std::result::Result<Answer, Failure>,
     ) -> std::result::Result<Answer, Failure> {
-        let deadline = Instant::now() + self.timeout * 3 + Duration::from_secs(15);
+        let mut deadline = Instant::now() + self.timeout * 3 + Duration::from_secs(15);
+        if let Some(run) = self.deadline.get() {
+            deadline = deadline.min(run);
+        }
         let mut backoff = Duration::from_secs(1);
         for n in 1.. {
             let failure = match attempt() {
@@ -204,6 +220,16 @@ impl Client {
         }
         let mut resp = req.send(body).map_err(transport)?;
         let status = resp.status().as_u16();
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .map(|l| {
+                l.chars()
+                    .filter(|c| !c.is_control())
+                    .take(200)
+                    .collect::<String>()
+            });
         let mut bytes = Vec::new();
         let read = resp
             .body_mut()
@@ -233,6 +259,13 @@ impl Client {
             });
         }
         let (detail, errors) = match &parsed {
+            _ if (300..400).contains(&status) => (
+                format!(
+                    "HTTP {status} redirect to {}",
+                    location.as_deref().unwrap_or("nowhere")
+                ),
+                Vec::new(),
+            ),
             Some(v) => details(v),
             None if read.is_err() => {
                 return Err(Failure::Transport(format!(
@@ -337,6 +370,32 @@ mod tests {
                 vec!["addresses.0.mac_address: Invalid MAC address '192.0.2.8'".to_string()]
             )
         );
+    }
+
+    #[test]
+    fn hints_depend_on_the_call_that_failed() {
+        let f = |status| Failure::Status {
+            status,
+            detail: "x".into(),
+            errors: vec![],
+        };
+        assert!(f(401)
+            .into_error("registration")
+            .to_string()
+            .contains("GRAPHEON_AGENT_ENROLLMENT_KEY"));
+        assert!(f(401)
+            .into_error("check-in")
+            .to_string()
+            .contains("--set-api-key"));
+        assert!(f(403)
+            .into_error("registration")
+            .to_string()
+            .contains("enrollment key expired"));
+        assert!(f(301)
+            .into_error("check-in")
+            .to_string()
+            .contains("--server-url"));
+        assert_eq!(f(301).into_error("check-in").exit_code(), 3);
     }
 
     #[test]

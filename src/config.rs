@@ -177,7 +177,9 @@ fn server_url(value: Option<(String, String)>) -> Result<Option<String>> {
 /// always may hold settings, so it is read whenever it exists; an unreadable default file only
 /// stops actions that need the server (a dry run as an ordinary user must still work).
 pub fn load(flags: &Flags, sources: &Sources<'_>) -> Result<Config> {
-    let action = action(flags)?;
+    // The action decides how strictly the env file is read; the file and the environment can
+    // still turn a plain run into register-only or check-in-only below.
+    let mut action = action(flags)?;
     let explicit = flags
         .config
         .clone()
@@ -224,6 +226,16 @@ pub fn load(flags: &Flags, sources: &Sources<'_>) -> Result<Config> {
         env: sources.env,
         file,
     };
+    if action == Action::Run {
+        // The earlier agent read these switches from the environment too; flags win.
+        let register_only = l.switch(false, "GRAPHEON_AGENT_REGISTER_ONLY")?;
+        let check_in_only = l.switch(false, "GRAPHEON_AGENT_CHECK_IN_ONLY")?;
+        action = self::action(&Flags {
+            register_only,
+            check_in_only,
+            ..Flags::default()
+        })?;
+    }
     let text =
         |flag: &Option<String>, name: &str, var: &str| l.get(flag, name, var).map(|(v, _)| v);
 
@@ -509,6 +521,41 @@ mod tests {
         let c = load_with(Flags::default(), &env, None).unwrap();
         assert!(c.insecure_skip_verify && c.force);
         assert_eq!(c.full_snapshot_interval_seconds, None);
+    }
+
+    #[test]
+    fn register_and_check_in_only_switches_come_from_the_environment_too() {
+        let c = load_with(
+            Flags::default(),
+            &[("GRAPHEON_AGENT_CHECK_IN_ONLY", "true")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.action, Action::CheckInOnly);
+        let c = load_with(
+            Flags::default(),
+            &[],
+            Some("GRAPHEON_AGENT_REGISTER_ONLY=yes\n"),
+        )
+        .unwrap();
+        assert_eq!(c.action, Action::RegisterOnly);
+        // An explicit action flag wins over the switches of the environment.
+        let flags = Flags {
+            dry_run: true,
+            ..Flags::default()
+        };
+        let c = load_with(flags, &[("GRAPHEON_AGENT_REGISTER_ONLY", "true")], None).unwrap();
+        assert_eq!(c.action, Action::DryRun);
+        let both = [
+            ("GRAPHEON_AGENT_REGISTER_ONLY", "1"),
+            ("GRAPHEON_AGENT_CHECK_IN_ONLY", "1"),
+        ];
+        assert_eq!(
+            load_with(Flags::default(), &both, None)
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use miniserde::json::Value;
 
@@ -22,6 +22,12 @@ use crate::timefmt;
 
 /// How long a run waits for another run (timer and manual) to release the lock.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// How long the check-in phase of one run may take, all parts and retries included. With the
+/// capped jitter it keeps a run inside the systemd unit's 15-minute start timeout.
+const RUN_TIME: Duration = Duration::from_secs(300);
+/// The longest jitter sleep, whatever the policy allows (up to an hour): a run must finish
+/// inside the unit's start timeout, and a sleeping run holds the lock.
+const MAX_JITTER_SECONDS: u32 = 420;
 
 /// Runs the agent with the process arguments and environment; returns the exit code.
 pub fn main() -> i32 {
@@ -158,7 +164,9 @@ fn lifecycle(cfg: &Config) -> Result<()> {
                 return Ok(());
             }
         }
-        state.last_jitter_seconds = Some(sleep_jitter(state.policy().jitter_seconds));
+        let cap = MAX_JITTER_SECONDS
+            .min(u32::try_from(cfg.timer_interval_seconds / 2).unwrap_or(u32::MAX));
+        state.last_jitter_seconds = Some(sleep_jitter(state.policy().jitter_seconds.min(cap)));
     }
     check_in(cfg, &client, &dir, &mut state, &uuid, &host, &key)
 }
@@ -167,7 +175,8 @@ fn lifecycle(cfg: &Config) -> Result<()> {
 /// the policy interval only holds back runs when it is longer than the timer's own interval.
 fn next_due(state: &State, cfg: &Config) -> Option<i64> {
     let interval = u64::from(state.policy().checkin_interval_seconds);
-    if interval <= cfg.timer_interval_seconds {
+    // A report cut short between parts is finished at the next run, not an interval later.
+    if interval <= cfg.timer_interval_seconds || state.report_incomplete {
         return None;
     }
     state
@@ -219,9 +228,12 @@ fn register(
     let mut o = Object::new(&mut body);
     o.str("enrollment_key", enrollment_key)
         .str("agent_uuid", uuid)
-        .opt_str("display_name", cfg.display_name.as_deref())
+        .opt_str(
+            "display_name",
+            cfg.display_name.as_deref().map(limit).as_deref(),
+        )
         .str("hostname", &host.hostname)
-        .opt_str("site_name", cfg.site_name.as_deref())
+        .opt_str("site_name", cfg.site_name.as_deref().map(limit).as_deref())
         .str("agent_version", VERSION)
         .str("platform", std::env::consts::OS)
         .str("platform_release", &host.release)
@@ -239,12 +251,19 @@ fn register(
     };
     // The key first: the server shows it exactly once.
     let issued = match json::get(&v, "api_key") {
-        Some(Value::String(k)) => {
-            let k = state::check_api_key(k.trim()).map_err(|why| Error::Refused {
-                status: answer.status,
-                message: format!("the server issued an unusable API key ({why})"),
-            })?;
+        Some(Value::String(k)) if !k.trim().is_empty() => {
+            let k = k.trim();
+            // Stored before it is judged: a key we cannot use is still the only copy.
             dir.write_api_key(k)?;
+            if let Err(why) = state::check_api_key(k) {
+                return Err(Error::Refused {
+                    status: answer.status,
+                    message: format!(
+                        "the server issued an API key this agent cannot use ({why}); it is kept in {}",
+                        dir.path().join("api_key").display()
+                    ),
+                });
+            }
             info!("API key {} received and stored", log::redact(k));
             Some(k.to_string())
         }
@@ -277,6 +296,13 @@ fn register(
             message: format!("registration ended in state '{other}'"),
         }),
     }
+}
+
+/// The server refuses names longer than 255 characters.
+fn limit(text: &str) -> String {
+    let mut text = text.to_string();
+    report::truncate_chars(&mut text, 255);
+    text
 }
 
 /// Keeps what a response says about this agent and its policy.
@@ -333,7 +359,7 @@ fn plan(state: &State, current: &Snapshot, cfg: &Config, now: i64) -> Plan {
     }
 }
 
-fn header(cfg: &Config, uuid: &str, host: &Host, now: i64) -> Header {
+fn header(cfg: &Config, uuid: &str, host: &Host, now: i64, left_out: usize) -> Header {
     Header {
         agent_uuid: uuid.to_string(),
         observed_at: now,
@@ -342,6 +368,7 @@ fn header(cfg: &Config, uuid: &str, host: &Host, now: i64) -> Header {
         platform: std::env::consts::OS.to_string(),
         platform_release: host.release.clone(),
         collector: cfg.collector.as_str(),
+        records_left_out: left_out,
     }
 }
 
@@ -365,7 +392,12 @@ fn check_in(
     key: &str,
 ) -> Result<()> {
     let policy = state.policy();
-    let current = collect::collect(&collect_options(cfg, &policy));
+    let deadline = Instant::now() + RUN_TIME;
+    client.set_deadline(deadline);
+    let collect::Collected {
+        snapshot: current,
+        left_out,
+    } = collect::collect(&collect_options(cfg, &policy));
     let now = timefmt::now();
     let Plan {
         full,
@@ -373,15 +405,28 @@ fn check_in(
         mut kept,
         mut pending,
     } = plan(state, &current, cfg, now);
-    let header = header(cfg, uuid, host, now);
+    let header = header(cfg, uuid, host, now, left_out);
     let mut budget = report::part_budget(policy.max_report_bytes);
-    let mut sent = 0;
+    let (mut sent, mut done) = (0, 0);
     'split: loop {
         let parts = report::split(&header, &pending, &removed, budget);
-        let total = parts.len();
-        for (i, part) in parts.iter().enumerate() {
+        let total = done + parts.len();
+        for part in &parts {
+            if Instant::now() >= deadline {
+                return Err(Error::Transient(format!(
+                    "the run's time is up after {done} of {total} parts; the next run sends the rest"
+                )));
+            }
             let seq = state.sequence_number + 1;
-            let body = report::render(&header, seq, full, (i + 1, total), &removed, &pending, part);
+            let body = report::render(
+                &header,
+                seq,
+                full,
+                (done + 1, total),
+                &removed,
+                &pending,
+                part,
+            );
             let gz = gzip::compress(body.as_bytes());
             let result = if gz.len() > report::RAW_LIMIT {
                 Err(Failure::Status {
@@ -394,13 +439,13 @@ fn check_in(
             };
             match result {
                 Ok(answer) => {
+                    done += 1;
                     let snapshot = report::advance(&kept, &pending, &report::ends(part));
-                    accepted(state, &answer, seq, snapshot, full, i + 1 == total, now);
+                    accepted(state, &answer, seq, snapshot, full, done == total, now);
                     dir.save_state(state)?;
                     sent += part.len();
                     debug!(
-                        "part {}/{total} accepted: {} records, {} bytes gzip",
-                        i + 1,
+                        "part {done}/{total} accepted: {} records, {} bytes gzip",
                         part.len(),
                         gz.len()
                     );
@@ -411,10 +456,14 @@ fn check_in(
                     ..
                 }) if budget > 4_096 => {
                     budget /= 2;
-                    warn!("server refused part {} as too large ({detail}); splitting into parts of {budget} bytes", i + 1);
+                    warn!(
+                        "server refused part {} as too large ({detail}); splitting the rest into parts of {budget} bytes",
+                        done + 1
+                    );
+                    // What this run had accepted joins the base; the rest is split again.
                     let from = part.ranges.clone().map(|r| r.start);
+                    kept = report::advance(&kept, &pending, &from);
                     pending = rest(&pending, &from);
-                    kept = state.last_snapshot.clone().unwrap_or_default();
                     continue 'split;
                 }
                 Err(f) => {
@@ -462,10 +511,13 @@ fn offending_records(errors: &[String], pending: &Snapshot, part: &report::Part)
             "routes" => 3,
             _ => continue,
         };
-        let at = part.ranges[t].start + index;
-        if at >= part.ranges[t].end {
+        let Some(at) = part.ranges[t]
+            .start
+            .checked_add(index)
+            .filter(|at| *at < part.ranges[t].end)
+        else {
             continue;
-        }
+        };
         let mut json = String::new();
         match t {
             0 => report::records::push_address(&mut json, &pending.addresses[at]),
@@ -490,6 +542,7 @@ fn accepted(
     state.sequence_number = seq;
     state.last_snapshot = Some(snapshot);
     state.last_successful_checkin_at = Some(now);
+    state.report_incomplete = !last_part;
     state.full_snapshot_in_progress = full && !last_part;
     // A completed full snapshot restarts the freshness clock; so does the first check-in of a
     // snapshot migrated from the earlier agent, which never recorded one.
@@ -516,10 +569,13 @@ fn dry_run(cfg: &Config) -> Result<()> {
         _ => "00000000-0000-0000-0000-000000000000".to_string(),
     };
     let host = Host::detect(cfg);
-    let current = collect::collect(&collect_options(cfg, &state.policy()));
+    let collect::Collected {
+        snapshot: current,
+        left_out,
+    } = collect::collect(&collect_options(cfg, &state.policy()));
     let now = timefmt::now();
     let p = plan(&state, &current, cfg, now);
-    let header = header(cfg, &uuid, &host, now);
+    let header = header(cfg, &uuid, &host, now, left_out);
     let parts = report::split(
         &header,
         &p.pending,
@@ -537,8 +593,16 @@ fn dry_run(cfg: &Config) -> Result<()> {
             &p.pending,
             part,
         );
-        writeln!(out, "{body}")
-            .map_err(|e| Error::Transient(format!("cannot write to standard output: {e}")))?;
+        match writeln!(out, "{body}") {
+            Ok(()) => {}
+            // `--dry-run | head` closing the pipe early is not a failure.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => {
+                return Err(Error::Transient(format!(
+                    "cannot write to standard output: {e}"
+                )))
+            }
+        }
     }
     Ok(())
 }
@@ -618,10 +682,11 @@ fn status(cfg: &Config) -> Result<()> {
 /// Stores an API key read from standard input (never from the command line, which every user
 /// can see).
 fn set_api_key(cfg: &Config) -> Result<()> {
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprint!("API key (input is echoed; end with Enter): ");
+    }
     let mut input = String::new();
-    std::io::stdin()
-        .take(4096)
-        .read_to_string(&mut input)
+    std::io::BufRead::read_line(&mut std::io::stdin().lock().take(4096), &mut input)
         .map_err(|e| Error::Usage(format!("cannot read the API key from standard input: {e}")))?;
     let key = state::check_api_key(input.trim())
         .map_err(|why| Error::Usage(format!("--set-api-key: {why}")))?;

@@ -47,6 +47,9 @@ pub struct State {
     pub last_full_snapshot_at: Option<i64>,
     /// A full snapshot sent in parts was interrupted: the remaining parts still say full.
     pub full_snapshot_in_progress: bool,
+    /// A report sent in parts was interrupted: the next run sends the rest without waiting for
+    /// the cadence.
+    pub report_incomplete: bool,
 }
 
 impl State {
@@ -82,7 +85,8 @@ impl State {
                     .map(timefmt::format_utc)
                     .as_deref(),
             )
-            .num("full_snapshot_in_progress", self.full_snapshot_in_progress);
+            .num("full_snapshot_in_progress", self.full_snapshot_in_progress)
+            .num("report_incomplete", self.report_incomplete);
         o.end();
         out
     }
@@ -124,6 +128,7 @@ impl State {
                 .and_then(timefmt::parse),
             full_snapshot_in_progress: json::get_bool(&v, "full_snapshot_in_progress")
                 .unwrap_or(false),
+            report_incomplete: json::get_bool(&v, "report_incomplete").unwrap_or(false),
         })
     }
 }
@@ -218,6 +223,8 @@ impl StateDir {
         match read_capped(&path, 64 << 10) {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            // Binary junk or a huge file never fixes itself: the callers judge it as corrupt.
+            Err(e) if e.kind() == ErrorKind::InvalidData => Ok(Some(String::new())),
             Err(e) => Err(Error::io("cannot read", &path, e)),
         }
     }
@@ -486,6 +493,7 @@ mod tests {
         let mut s = dir_fixture.load_state(false).unwrap();
         s.last_full_snapshot_at = Some(1_795_744_647);
         s.full_snapshot_in_progress = true;
+        s.report_incomplete = true;
         s.last_jitter_seconds = Some(12);
         dir.save_state(&s).unwrap();
         assert_eq!(dir.load_state(false).unwrap(), s);
@@ -528,6 +536,23 @@ mod tests {
         let dir = StateDir::create(&t.0).unwrap();
         fs::write(dir.path().join(UUID_FILE), "\n").unwrap();
         assert!(matches!(dir.ensure_uuid(), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn binary_key_and_uuid_files_are_judged_not_retried() {
+        let t = TempDir::new("binary");
+        let dir = StateDir::create(&t.0).unwrap();
+        fs::write(dir.path().join(KEY_FILE), [0xff, 0xfe, 0x00, 0x80]).unwrap();
+        assert_eq!(
+            dir.read_api_key().unwrap(),
+            None,
+            "an unusable key is ignored with a warning"
+        );
+        fs::write(dir.path().join(UUID_FILE), [0xff, 0xfe]).unwrap();
+        assert!(
+            matches!(dir.read_uuid(), Err(Error::Config(_))),
+            "exit 2, not a transient failure"
+        );
     }
 
     #[test]

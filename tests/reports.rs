@@ -285,7 +285,9 @@ fn a_run_interrupted_between_parts_resumes_without_duplicates() {
         Some(true)
     );
 
-    let run = host.run(&agent, &["--force", "--collector", "native"]);
+    // The policy now asks for an hour between check-ins, but an unfinished report does not wait.
+    host.srv.set_policy(Some(&policy_interval(65_536, 3_600)));
+    let run = host.run(&agent, &["--collector", "native"]);
     assert_code(&run, 0);
     let all = host.srv.checkins();
     assert!(all.len() > 4, "the rest went out in several parts");
@@ -314,8 +316,12 @@ fn a_run_interrupted_between_parts_resumes_without_duplicates() {
 }
 
 fn policy(max_report_bytes: u64) -> String {
+    policy_interval(max_report_bytes, 60)
+}
+
+fn policy_interval(max_report_bytes: u64, interval: u64) -> String {
     format!(
-        r#"{{"checkin_interval_seconds":60,"jitter_seconds":0,"command_timeout_seconds":15,
+        r#"{{"checkin_interval_seconds":{interval},"jitter_seconds":0,"command_timeout_seconds":15,
         "enabled_commands":{{"ip_addr":true,"ip_neigh":true,"ip_route":true,"ss_tunap":true}},
         "max_report_bytes":{max_report_bytes},"is_active":true}}"#
     )
@@ -504,4 +510,52 @@ fn the_last_good_policy_is_kept_when_an_answer_carries_none() {
         Some(100_000)
     );
     assert_eq!(u64_at(&agent.state(), "sequence_number"), Some(2));
+}
+
+#[test]
+fn a_413_on_a_delta_keeps_gone_records_out_of_the_base() {
+    let host = Host::new("413delta");
+    let udp = host.ns.enter(|| {
+        (0..5)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect::<Vec<_>>()
+    });
+    let ports: Vec<u16> = udp.iter().map(|s| s.local_addr().unwrap().port()).collect();
+    let agent = host.agent("413delta");
+    assert_code(&host.run(&agent, &["--force", "--collector", "native"]), 0);
+
+    // The sockets go away; the next delta is refused once as too large, then re-split.
+    drop(udp);
+    host.srv.inject(
+        Endpoint::CheckIn,
+        Fault::status(413, "Decoded report exceeds policy size limit"),
+        1,
+    );
+    assert_code(&host.run(&agent, &["--force", "--collector", "native"]), 0);
+    let kept = support::json::to_string(get(&agent.state(), "last_snapshot.connections").unwrap());
+    for port in &ports {
+        assert!(
+            !kept.contains(&format!("\"local_port\":{port},")),
+            "gone socket {port} still in the base"
+        );
+    }
+
+    // They come back: the next delta reports them again.
+    let again = host.ns.enter(|| {
+        ports
+            .iter()
+            .map(|p| UdpSocket::bind(("127.0.0.1", *p)).unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_code(&host.run(&agent, &["--force", "--collector", "native"]), 0);
+    let last = host.srv.checkins().pop().unwrap().json;
+    assert_eq!(bool_at(&last, "full_snapshot"), Some(false));
+    let sent = connection_keys(&last).join("\n");
+    for port in &ports {
+        assert!(
+            sent.contains(&format!("\"local_port\":{port},")),
+            "socket {port} is back but was not reported"
+        );
+    }
+    drop(again);
 }

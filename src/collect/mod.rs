@@ -14,7 +14,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::model::{Address, Connection, Neighbor, Route, Snapshot};
+use crate::model::{Address, Connection, Snapshot};
 
 /// Why one source could not serve one table. Never fatal: the caller falls back or leaves the
 /// table empty with a warning.
@@ -114,124 +114,126 @@ fn first_working<T>(table: &str, sources: Vec<Source<'_, T>>) -> Vec<T> {
     Vec::new()
 }
 
-fn address_sources(opts: &Options) -> Vec<Source<'_, Address>> {
-    let t = opts.command_timeout;
-    let native: Source<'_, Address> = ("netlink", Box::new(netlink::addresses));
-    let command: Source<'_, Address> = (
-        "ip -json addr show",
-        Box::new(move || commands::addresses(t)),
-    );
+/// The sources the mode allows, in the order they are tried: kernel first, commands last.
+fn chain<'a, T>(
+    opts: &Options,
+    native: Vec<Source<'a, T>>,
+    command: Source<'a, T>,
+) -> Vec<Source<'a, T>> {
     match opts.mode {
-        Mode::Auto => vec![native, command],
-        Mode::Native => vec![native],
+        Mode::Auto => native.into_iter().chain([command]).collect(),
+        Mode::Native => native,
         Mode::Commands => vec![command],
     }
 }
 
 /// The interface addresses alone (for the registration).
 pub fn addresses(opts: &Options) -> Vec<Address> {
-    let mut list = first_working("addresses", address_sources(opts));
+    let t = opts.command_timeout;
+    let sources = chain(
+        opts,
+        vec![("netlink", Box::new(netlink::addresses))],
+        (
+            "ip -json addr show",
+            Box::new(move || commands::addresses(t)),
+        ),
+    );
+    let mut list = first_working("addresses", sources);
     finish_addresses(&mut list);
     list.sort();
     list.dedup();
     list
 }
 
+/// What one collection produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub snapshot: Snapshot,
+    /// Records left out because the server would refuse them (no valid address to report).
+    pub left_out: usize,
+}
+
 /// Collects every table the policy enables and applies the shared normalisation.
-pub fn collect(opts: &Options) -> Snapshot {
+pub fn collect(opts: &Options) -> Collected {
     let t = opts.command_timeout;
     let proc_root = opts.proc_root.as_path();
-    let pick = |on: bool, native: bool, command: bool| -> (bool, bool) {
-        (
-            on && native && opts.mode != Mode::Commands,
-            on && command && opts.mode != Mode::Native,
-        )
-    };
+    let on = opts.tables;
     // Wildcard listeners are expanded over the addresses, so they are read even when the
     // policy does not report them.
-    let need_addresses = opts.tables.addresses || opts.tables.connections;
-    let addresses = if need_addresses {
+    let addresses = if on.addresses || on.connections {
         addresses(opts)
     } else {
         Vec::new()
     };
-
-    let (nl, cmd) = pick(opts.tables.neighbors, true, true);
-    let mut neighbor_sources: Vec<Source<'_, Neighbor>> = Vec::new();
-    if nl {
-        neighbor_sources.push(("netlink", Box::new(netlink::neighbors)));
-    }
-    if cmd {
-        neighbor_sources.push((
-            "ip -json neigh show",
-            Box::new(move || commands::neighbors(t)),
-        ));
-    }
-    let neighbors = if opts.tables.neighbors {
-        first_working("neighbors", neighbor_sources)
+    let neighbors = if on.neighbors {
+        let sources = chain(
+            opts,
+            vec![("netlink", Box::new(netlink::neighbors))],
+            (
+                "ip -json neigh show",
+                Box::new(move || commands::neighbors(t)),
+            ),
+        );
+        first_working("neighbors", sources)
     } else {
         Vec::new()
     };
-
-    let (nl, cmd) = pick(opts.tables.routes, true, true);
-    let mut route_sources: Vec<Source<'_, Route>> = Vec::new();
-    if nl {
-        route_sources.push(("netlink", Box::new(netlink::routes)));
-    }
-    if cmd {
-        route_sources.push(("ip -json route show", Box::new(move || commands::routes(t))));
-    }
-    let routes = if opts.tables.routes {
-        first_working("routes", route_sources)
+    let routes = if on.routes {
+        let sources = chain(
+            opts,
+            vec![("netlink", Box::new(netlink::routes))],
+            ("ip -json route show", Box::new(move || commands::routes(t))),
+        );
+        first_working("routes", sources)
     } else {
         Vec::new()
     };
-
-    let (native, cmd) = pick(opts.tables.connections, true, true);
-    let mut socket_sources: Vec<Source<'_, Socket>> = Vec::new();
-    if native {
-        socket_sources.push((
-            "sock_diag",
-            Box::new(move || sockdiag::sockets().map(|s| procfs::attach_owners(proc_root, s))),
-        ));
-        socket_sources.push((
-            "/proc/net",
-            Box::new(move || {
-                procfs::sockets(proc_root).map(|s| procfs::attach_owners(proc_root, s))
-            }),
-        ));
-    }
-    if cmd {
-        socket_sources.push((
-            "ss -tunapH / netstat -tunap",
-            Box::new(move || commands::sockets(t)),
-        ));
-    }
-    let sockets = if opts.tables.connections {
-        first_working("connections", socket_sources)
+    let sockets = if on.connections {
+        let sources = chain(
+            opts,
+            vec![
+                (
+                    "sock_diag",
+                    Box::new(move || {
+                        sockdiag::sockets().map(|s| procfs::attach_owners(proc_root, s))
+                    }),
+                ),
+                (
+                    "/proc/net",
+                    Box::new(move || {
+                        procfs::sockets(proc_root).map(|s| procfs::attach_owners(proc_root, s))
+                    }),
+                ),
+            ],
+            (
+                "ss -tunapH / netstat -tunap",
+                Box::new(move || commands::sockets(t)),
+            ),
+        );
+        first_working("connections", sources)
     } else {
         Vec::new()
     };
-
+    let (connections, unexpanded) = expand_wildcards(sockets, &addresses);
     let mut snapshot = Snapshot {
-        connections: expand_wildcards(sockets, &addresses),
-        addresses: if opts.tables.addresses {
-            addresses
-        } else {
-            Vec::new()
-        },
+        connections,
+        addresses: if on.addresses { addresses } else { Vec::new() },
         neighbors,
         routes,
     };
-    finish(&mut snapshot);
-    snapshot
+    let left_out = unexpanded + finish(&mut snapshot);
+    if left_out > 0 {
+        debug!("{left_out} records left out: no address the server would accept");
+    }
+    Collected { snapshot, left_out }
 }
 
 /// Reports a socket bound to every address once per local address of its family (IPv4 for
 /// `0.0.0.0`; IPv6, and IPv4 too when dual-stack, for `::`): the server stores every
 /// `local_ip` as a host and refuses the whole check-in for an unspecified one.
-pub fn expand_wildcards(sockets: Vec<Socket>, addresses: &[Address]) -> Vec<Connection> {
+pub fn expand_wildcards(sockets: Vec<Socket>, addresses: &[Address]) -> (Vec<Connection>, usize) {
     let mut out = Vec::with_capacity(sockets.len());
+    let mut left_out = 0;
     for socket in sockets {
         let c = socket.connection;
         if !c.local_ip.is_unspecified() {
@@ -255,6 +257,7 @@ pub fn expand_wildcards(sockets: Vec<Socket>, addresses: &[Address]) -> Vec<Conn
             }
         }
         if !any {
+            left_out += 1;
             debug!(
                 "{} socket on {}:{} left out: no local address of its family to report it under",
                 c.protocol.as_str(),
@@ -263,7 +266,7 @@ pub fn expand_wildcards(sockets: Vec<Socket>, addresses: &[Address]) -> Vec<Conn
             );
         }
     }
-    out
+    (out, left_out)
 }
 
 /// The server's length limits (in characters) for the strings we send.
@@ -279,16 +282,14 @@ fn finish_addresses(list: &mut Vec<Address>) {
 
 /// The server refuses a whole check-in for one bad record: records whose address cannot be
 /// valid are dropped (and counted in a log line), strings are shortened to the server's limits.
-fn finish(s: &mut Snapshot) {
+/// Returns how many records were left out.
+fn finish(s: &mut Snapshot) -> usize {
     use crate::report::truncate_chars;
-    let before = s.neighbors.len() + s.connections.len();
+    let before = s.addresses.len() + s.neighbors.len() + s.connections.len();
     finish_addresses(&mut s.addresses);
     s.neighbors.retain(|n| !n.ip_address.is_unspecified());
     s.connections.retain(|c| !c.local_ip.is_unspecified());
-    let dropped = before - s.neighbors.len() - s.connections.len();
-    if dropped > 0 {
-        debug!("{dropped} records without a valid address left out");
-    }
+    let dropped = before - s.addresses.len() - s.neighbors.len() - s.connections.len();
     for n in &mut s.neighbors {
         truncate_chars(&mut n.interface, NAME_LIMIT);
         if let Some(state) = &mut n.state {
@@ -307,12 +308,13 @@ fn finish(s: &mut Snapshot) {
         }
     }
     s.normalize();
+    dropped
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ConnState, Protocol};
+    use crate::model::{ConnState, Neighbor, Protocol};
 
     fn addr(ip: &str) -> Address {
         Address {
@@ -360,7 +362,8 @@ mod tests {
             listener("::", 443, true),
             listener("127.0.0.1", 631, false),
         ];
-        let out = expand_wildcards(sockets, &addresses);
+        let (out, left_out) = expand_wildcards(sockets, &addresses);
+        assert_eq!(left_out, 0);
         assert_eq!(
             local_ips(&out),
             [
@@ -383,11 +386,12 @@ mod tests {
 
     #[test]
     fn wildcard_without_an_address_of_its_family_is_left_out() {
-        let out = expand_wildcards(
+        let (out, left_out) = expand_wildcards(
             vec![listener("::", 22, false), listener("0.0.0.0", 68, false)],
             &[addr("fd00::5")],
         );
         assert_eq!(local_ips(&out), [("fd00::5".to_string(), 22)]);
+        assert_eq!(left_out, 1, "the IPv4 listener is counted");
     }
 
     #[test]
@@ -412,7 +416,11 @@ mod tests {
             }],
             routes: vec![],
         };
-        finish(&mut s);
+        assert_eq!(
+            finish(&mut s),
+            2,
+            "the 0.0.0.0 address and the :: neighbour"
+        );
         assert_eq!(s.addresses.len(), 1);
         assert_eq!(s.addresses[0].interface.len(), 255);
         assert!(s.neighbors.is_empty());

@@ -27,6 +27,8 @@ pub struct Header {
     pub platform_release: String,
     /// Which collector mode produced the records (for the server operator's curiosity).
     pub collector: &'static str,
+    /// Records the server would have refused (no valid address), left out of the report.
+    pub records_left_out: usize,
 }
 
 /// One check-in's records: a slice of each table of the delta.
@@ -238,7 +240,8 @@ pub fn render(
         .str("collector", header.collector)
         .num("part", which.0)
         .num("parts", which.1)
-        .raw("removed_since_last_report", &gone);
+        .raw("removed_since_last_report", &gone)
+        .num("records_left_out", header.records_left_out);
     m.end();
     let mut o = Object::new(&mut out);
     o.str("agent_uuid", &header.agent_uuid)
@@ -326,6 +329,7 @@ mod tests {
             platform: "linux".into(),
             platform_release: "6.1.0".into(),
             collector: "native",
+            records_left_out: 0,
         }
     }
 
@@ -396,7 +400,7 @@ mod tests {
                 r#""sequence_number":2,"full_snapshot":false,"hostname":"vm","agent_version":"0.1.0","#,
                 r#""platform":"linux","platform_release":"6.1.0","metadata":{"runtime":"rust-static","#,
                 r#""delta_mode":"set-diff","collector":"native","part":1,"parts":1,"#,
-                r#""removed_since_last_report":{"addresses":0,"neighbors":0,"connections":3,"routes":0}},"#,
+                r#""removed_since_last_report":{"addresses":0,"neighbors":0,"connections":3,"routes":0},"records_left_out":0},"#,
                 r#""addresses":[],"neighbors":[],"connections":[{"local_ip":"127.0.0.1","local_port":50442,"#,
                 r#""pid":null,"process_name":null,"protocol":"tcp","remote_ip":"127.0.0.1","remote_port":8000,"#,
                 r#""state":"established"}],"routes":[]}"#
