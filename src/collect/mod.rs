@@ -14,7 +14,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::model::{Address, Connection, Snapshot};
+use std::net::IpAddr;
+
+use crate::model::{Address, ConnState, Connection, Protocol, Snapshot};
 
 /// Why one source could not serve one table. Never fatal: the caller falls back or leaves the
 /// table empty with a warning.
@@ -36,6 +38,38 @@ pub struct Socket {
     pub connection: Connection,
     pub inode: u64,
     pub dual_stack: bool,
+}
+
+impl Socket {
+    /// A socket as the kernel describes it (inet_diag or `/proc/net`): addresses, ports and the
+    /// kernel's state number. A remote port of 0 (listener, unconnected UDP) becomes `None`.
+    pub fn from_kernel(
+        protocol: Protocol,
+        local: (IpAddr, u16),
+        remote: (IpAddr, u16),
+        state: u8,
+        inode: u64,
+        dual_stack: bool,
+    ) -> Socket {
+        let state = match protocol {
+            Protocol::Tcp => ConnState::from_tcp_code(state),
+            Protocol::Udp => ConnState::for_udp(state),
+        };
+        Socket {
+            connection: Connection {
+                protocol,
+                local_ip: local.0,
+                local_port: local.1,
+                remote_ip: Some(remote.0),
+                remote_port: (remote.1 != 0).then_some(remote.1),
+                state: Some(state),
+                pid: None,
+                process_name: None,
+            },
+            inode,
+            dual_stack,
+        }
+    }
 }
 
 /// Which sources may serve the tables.
@@ -314,7 +348,7 @@ fn finish(s: &mut Snapshot) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ConnState, Neighbor, Protocol};
+    use crate::model::Neighbor;
 
     fn addr(ip: &str) -> Address {
         Address {

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 
 use crate::collect::{Socket, SourceError};
-use crate::model::{ip_from_bytes, ConnState, Connection, Protocol};
+use crate::model::{ip_from_bytes, Protocol};
 
 /// The socket tables under `<proc_root>/net`, their protocol and whether they are IPv6.
 const TABLES: [(&str, Protocol, bool); 4] = [
@@ -117,24 +117,14 @@ pub fn parse_net_line(line: &str, protocol: Protocol, v6: bool) -> Option<Socket
         return None;
     }
     let inode = inode.parse::<u64>().ok()?;
-    let state = match protocol {
-        Protocol::Tcp => ConnState::from_tcp_code(state),
-        Protocol::Udp => ConnState::for_udp(state),
-    };
-    Some(Socket {
-        connection: Connection {
-            protocol,
-            local_ip,
-            local_port,
-            remote_ip: Some(remote_ip),
-            remote_port: (remote_port != 0).then_some(remote_port),
-            state: Some(state),
-            pid: None,
-            process_name: None,
-        },
+    Some(Socket::from_kernel(
+        protocol,
+        (local_ip, local_port),
+        (remote_ip, remote_port),
+        state,
         inode,
-        dual_stack: false,
-    })
+        false,
+    ))
 }
 
 /// Non-empty ASCII hex digits only (`from_str_radix` alone would accept a sign).
@@ -358,6 +348,7 @@ impl Drop for Dir {
 mod tests {
     use super::*;
     use crate::collect::netlink::fuzz::{mutate, XorShift};
+    use crate::model::{ConnState, Connection};
     use std::path::PathBuf;
 
     fn socket(

@@ -8,7 +8,7 @@
 
 use crate::collect::netlink::{attrs, keep, u32_at, NetlinkSocket, Parsed};
 use crate::collect::{Socket, SourceError};
-use crate::model::{ip_from_bytes, ConnState, Connection, Protocol};
+use crate::model::{ip_from_bytes, Protocol};
 
 /// `SOCK_DIAG_BY_FAMILY` (linux/sock_diag.h): request and reply type.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -149,24 +149,15 @@ pub fn parse_inet_diag(payload: &[u8], protocol: Protocol) -> Parsed<Socket> {
             break;
         }
     }
-    let state = match protocol {
-        Protocol::Tcp => ConnState::from_tcp_code(state),
-        Protocol::Udp => ConnState::for_udp(state),
-    };
-    Ok(Some(Socket {
-        connection: Connection {
-            protocol,
-            local_ip,
-            local_port,
-            remote_ip: Some(remote_ip),
-            remote_port: (remote_port != 0).then_some(remote_port),
-            state: Some(state),
-            pid: None,
-            process_name: None,
-        },
-        inode: u64::from(inode),
-        dual_stack: family == AF_INET6 && src.iter().all(|b| *b == 0) && !v6only,
-    }))
+    let dual_stack = family == AF_INET6 && src.iter().all(|b| *b == 0) && !v6only;
+    Ok(Some(Socket::from_kernel(
+        protocol,
+        (local_ip, local_port),
+        (remote_ip, remote_port),
+        state,
+        u64::from(inode),
+        dual_stack,
+    )))
 }
 
 #[cfg(test)]
@@ -174,6 +165,7 @@ mod tests {
     use super::*;
     use crate::collect::netlink::fuzz::{mutate, XorShift};
     use crate::collect::procfs;
+    use crate::model::{ConnState, Connection};
     use std::net::IpAddr;
     use std::path::Path;
 
