@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use miniserde::json::{Number, Object, Value};
@@ -38,25 +38,34 @@ impl DryRun {
 /// Runs `grapheon-agent --dry-run --collector <collector> --log-level debug` inside `ns`
 /// with only `PATH` (as given) and the variables that keep the host's configuration out.
 pub fn dry_run(ns: &Namespace, collector: &str, path: &str) -> DryRun {
-    let mut child = ns
-        .exec(env!("CARGO_BIN_EXE_grapheon-agent"))
-        .args([
-            "--dry-run",
-            "--collector",
-            collector,
-            "--log-level",
-            "debug",
-            "--state-dir",
-            "/nonexistent/grapheon-agent-equivalence",
-        ])
-        .env_clear()
-        .env("PATH", path)
-        .env("GRAPHEON_AGENT_CONFIG", "/dev/null")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start grapheon-agent");
+    dry_run_with(ns, collector, path, |_| {})
+}
+
+/// [`dry_run`], with the command adjusted by `prepare` before it starts.
+pub fn dry_run_with(
+    ns: &Namespace,
+    collector: &str,
+    path: &str,
+    prepare: impl FnOnce(&mut Command),
+) -> DryRun {
+    let mut cmd = ns.exec(env!("CARGO_BIN_EXE_grapheon-agent"));
+    cmd.args([
+        "--dry-run",
+        "--collector",
+        collector,
+        "--log-level",
+        "debug",
+        "--state-dir",
+        "/nonexistent/grapheon-agent-equivalence",
+    ])
+    .env_clear()
+    .env("PATH", path)
+    .env("GRAPHEON_AGENT_CONFIG", "/dev/null")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    prepare(&mut cmd);
+    let mut child = cmd.spawn().expect("start grapheon-agent");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let out = std::thread::spawn(move || {

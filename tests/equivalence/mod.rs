@@ -4,4 +4,5 @@
 pub mod dry_run;
 pub mod holder;
 pub mod namespace;
+pub mod seccomp;
 pub mod world;
