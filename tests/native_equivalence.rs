@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use equivalence::dry_run::{
-    assert_same_tables, dry_run, n, opt, record, s, DryRun, Records, TABLES,
+    assert_same_tables, dry_run, dry_run_with, n, opt, record, s, DryRun, Records, TABLES,
 };
 use equivalence::holder::{self, Holder, Spec};
 use equivalence::namespace::{require_root, Namespace};
@@ -320,6 +320,54 @@ fn empty_path_still_reports_all_four_tables_from_the_kernel() {
         ])
     );
     assert_no_warnings(&run);
+}
+
+/// With sock_diag refused (as some sandboxes do), sockets come from `/proc/net/*` with the same
+/// records, but for one thing `/proc` cannot say: whether a socket bound to `::` also takes
+/// IPv4 (not `IPV6_V6ONLY`). Such a socket is then reported under the IPv6 addresses only; the
+/// test removes exactly those IPv4 expansions of the two dual-stack sockets from the scene and
+/// nothing else, so every other difference still fails.
+#[cfg(all(
+    target_endian = "little",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+#[test]
+fn proc_net_fallback_reports_the_scene_but_cannot_see_dual_stack() {
+    use equivalence::seccomp::refuse_netlink;
+    /// The netlink protocol of inet_diag, which `ss` and the agent's sock_diag use.
+    const NETLINK_SOCK_DIAG: u32 = 4;
+    require_root();
+    let world = World::build();
+    let run = dry_run_with(&world.host, "native", &path(), |cmd| {
+        refuse_netlink(cmd, Some(NETLINK_SOCK_DIAG))
+    });
+    let mut expected = expected(&world);
+    let server = owner(&world.server, "ga-eq-server");
+    let connections = expected.get_mut("connections").unwrap();
+    for ip in HOST_V4 {
+        for dual_stack in [
+            connection("tcp", ip, 7002, "::", None, "listen", server),
+            connection("udp", ip, 5353, "::", None, "unknown", server),
+        ] {
+            assert!(connections.remove(&dual_stack), "{dual_stack} expected");
+        }
+    }
+    assert_same_tables("expected", &expected, "/proc/net", &run.tables);
+    assert_eq!(
+        sources(&run),
+        source_set(&[
+            ("addresses", "netlink"),
+            ("neighbors", "netlink"),
+            ("routes", "netlink"),
+            ("connections", "/proc/net"),
+        ])
+    );
+    assert!(
+        run.stderr
+            .contains("connections: sock_diag failed: cannot open netlink socket"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// Enough records that every netlink dump spans several datagrams and the report several
