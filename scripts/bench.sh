@@ -130,6 +130,10 @@ EOF
   native_records=$(count native)
   command_records=$(count commands)
   echo "   $established established sockets; connection records: native $native_records, commands $command_records" >&2
+  if [ "$native_records" != "$command_records" ]; then
+    echo "bench.sh: the collectors disagree; the comparison would be meaningless" >&2
+    exit 1
+  fi
 
   : >"$work/native" && : >"$work/commands" && : >"$work/agentcmd"
   for c in "${cmds[@]}"; do : >"$work/cmd-${c// /_}"; done
