@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Benchmark: the agent's native collection against the external commands of the command path,
+# side by side, inside a network namespace holding N open TCP connections over loopback.
+#
+# Usage (as root): scripts/bench.sh [N ...]        default N: 0 1000 10000 100000
+#   BENCH_RUNS=7          runs of each tool per size; the median is reported
+#   BENCH_TIMEOUT=3600    the whole script is stopped after this many seconds
+#
+# For each N, in a fresh namespace (so no TIME_WAIT socket of a bigger run is left behind):
+#   native    grapheon-agent --dry-run --collector native
+#   commands  ip -json addr show; ip -json neigh show; ip -json route show; ss -tunapH
+#             (what --collector commands runs): CPU and wall summed over the four, peak RSS
+#             the largest of the four
+#   agent-cmd grapheon-agent --dry-run --collector commands (for context: the agent, its
+#             children and its own parsing)
+# CPU is user+sys seconds and peak RSS is ru_maxrss, both from wait4 (children included),
+# measured by scripts/bench/helper.rs; wall is from before the start to after the exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+runs=${BENCH_RUNS:-7}
+limit=${BENCH_TIMEOUT:-3600}
+sizes=("$@")
+[ ${#sizes[@]} -gt 0 ] || sizes=(0 1000 10000 100000)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bench.sh: must run as root (it builds network namespaces)" >&2
+  exit 2
+fi
+for tool in ip ss rustc cargo timeout; do
+  command -v "$tool" >/dev/null || { echo "bench.sh: $tool is missing" >&2; exit 2; }
+done
+
+# Bounded: `timeout` stops the whole script after $limit seconds (the EXIT trap then cleans up;
+# every measured command has its own limit, so the trap runs soon after).
+if [ -z "${BENCH_BOUNDED:-}" ]; then
+  BENCH_BOUNDED=1 exec timeout -k 200 "$limit" "$0" "$@"
+fi
+
+work=$(mktemp -d /tmp/grapheon-bench.XXXXXX)
+ns=""
+holder=""
+cleanup() {
+  set +e
+  if [ -n "$holder" ]; then
+    kill -KILL "$holder" 2>/dev/null
+    wait "$holder" 2>/dev/null
+  fi
+  if [ -n "$ns" ]; then
+    ip netns del "$ns" 2>/dev/null
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'echo "bench.sh: stopped" >&2; exit 130' INT TERM
+
+echo "== building" >&2
+if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+  cargo build --release --locked --target x86_64-unknown-linux-musl >&2
+  agent=$PWD/target/x86_64-unknown-linux-musl/release/grapheon-agent
+  target=x86_64-unknown-linux-musl
+else
+  cargo build --release --locked >&2
+  agent=$PWD/target/release/grapheon-agent
+  target=$(rustc -vV | sed -n 's/^host: //p')
+fi
+helper=$work/helper
+rustc -O --edition 2021 -o "$helper" scripts/bench/helper.rs
+
+# One measurement: prints "<wall> <cpu> <rss_kib>"; fails the script if the command failed.
+measure() {
+  local out code
+  out=$(ip netns exec "$ns" "$helper" measure 120 "$@")
+  code=${out%% *}
+  if [ "$code" != 0 ]; then
+    echo "bench.sh: '$*' failed (exit $code) in $ns" >&2
+    ip netns exec "$ns" "$@" >/dev/null || true
+    exit 1
+  fi
+  echo "${out#* }"
+}
+
+# Median of column $2 of the result file $1.
+col() { awk -v i="$2" '{ print $i }' "$work/$1" | median; }
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+ms() { awk -v x="$1" 'BEGIN { printf "%.1f", x * 1000 }'; }
+mib() { awk -v x="$1" 'BEGIN { printf "%.1f", x / 1024 }'; }
+# Connection records in the agent's --dry-run with collector $1.
+count() {
+  ip netns exec "$ns" "$agent" "${agent_args[@]}" --collector "$1" |
+    awk -F '"local_port"' '{ n += NF - 1 } END { print n + 0 }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+
+agent_args=(--dry-run --state-dir "$work/no-state" --config /dev/null)
+cmds=("ip -json addr show" "ip -json neigh show" "ip -json route show" "ss -tunapH")
+
+rows=()
+detail=()
+for n in "${sizes[@]}"; do
+  echo "== $n connections" >&2
+  ns=ga-bench-$$-$n
+  ip netns add "$ns"
+  ip -n "$ns" link set lo up
+  # A small realistic scene besides the connections: one interface, its neighbour, routes.
+  ip -n "$ns" link add eq0 address 02:00:00:00:00:01 type veth peer name eq1 address 02:00:00:00:00:02
+  ip -n "$ns" -batch - <<'EOF'
+addr add 192.0.2.1/24 dev eq0
+addr add fd00:6761::1/64 dev eq0 nodad
+link set eq0 up
+link set eq1 up
+neigh add 192.0.2.2 lladdr 02:00:00:00:00:02 dev eq0 nud permanent
+route add default via 192.0.2.2
+route add blackhole 203.0.113.0/24
+EOF
+  ip netns exec "$ns" sh -c 'echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range'
+  if [ "$n" -gt 0 ]; then
+    rm -f "$work/ready"
+    ip netns exec "$ns" "$helper" hold "$n" "$work/ready" &
+    holder=$!
+    deadline=$((SECONDS + 120 + n / 500))
+    until [ -s "$work/ready" ]; do
+      kill -0 "$holder" 2>/dev/null || { echo "bench.sh: the connection holder died" >&2; exit 1; }
+      [ $SECONDS -lt $deadline ] || { echo "bench.sh: $n connections not ready in time" >&2; exit 1; }
+      sleep 0.2
+    done
+  fi
+  established=$(ip netns exec "$ns" ss -tanH state established | wc -l)
+  # What both collectors report (not timed): the same number of connection records.
+  native_records=$(count native)
+  command_records=$(count commands)
+  echo "   $established established sockets; connection records: native $native_records, commands $command_records" >&2
+  if [ "$native_records" != "$command_records" ]; then
+    echo "bench.sh: the collectors disagree; the comparison would be meaningless" >&2
+    exit 1
+  fi
+
+  : >"$work/native" && : >"$work/commands" && : >"$work/agentcmd"
+  for c in "${cmds[@]}"; do : >"$work/cmd-${c// /_}"; done
+  for r in $(seq 0 "$runs"); do
+    # Run 0 warms the page cache and is not counted.
+    a=$(measure "$agent" "${agent_args[@]}" --collector native)
+    wall=0 cpu=0 rss=0
+    for c in "${cmds[@]}"; do
+      # shellcheck disable=SC2086 # the command line is split on purpose
+      m=$(measure $c)
+      if [ "$r" -gt 0 ]; then
+        echo "$m" >>"$work/cmd-${c// /_}"
+      fi
+      read -r w u k <<<"$m"
+      wall=$(awk -v a="$wall" -v b="$w" 'BEGIN { print a + b }')
+      cpu=$(awk -v a="$cpu" -v b="$u" 'BEGIN { print a + b }')
+      if [ "$k" -gt "$rss" ]; then
+        rss=$k
+      fi
+    done
+    b=$(measure "$agent" "${agent_args[@]}" --collector commands)
+    if [ "$r" -gt 0 ]; then
+      echo "$a" >>"$work/native"
+      echo "$wall $cpu $rss" >>"$work/commands"
+      echo "$b" >>"$work/agentcmd"
+    fi
+  done
+
+  nw=$(col native 1) nc=$(col native 2) nr=$(col native 3)
+  cw=$(col commands 1) cc=$(col commands 2) cr=$(col commands 3)
+  aw=$(col agentcmd 1) ac=$(col agentcmd 2) ar=$(col agentcmd 3)
+  rows+=("| $n | $(ms "$nc") | $(ms "$nw") | $(mib "$nr") | $(ms "$cc") | $(ms "$cw") | $(mib "$cr") | $(ratio "$nc" "$cc") | $(ratio "$nw" "$cw") | $(ratio "$nr" "$cr") | $(ms "$ac") | $(ms "$aw") | $(mib "$ar") |")
+  line="| $n"
+  for c in "${cmds[@]}"; do
+    f="cmd-${c// /_}"
+    line+=" | $(ms "$(col "$f" 2)") / $(mib "$(col "$f" 3)")"
+  done
+  detail+=("$line |")
+
+  if [ -n "$holder" ]; then
+    kill -KILL "$holder" 2>/dev/null || true
+    wait "$holder" 2>/dev/null || true
+    holder=""
+  fi
+  ip netns del "$ns"
+  ns=""
+done
+
+cat <<EOF
+
+grapheon-agent $("$agent" --version 2>/dev/null | head -1) ($target, $(stat -c %s "$agent") bytes)
+$(nproc) CPUs ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), Linux $(uname -r), $(ip -V), $(ss -V)
+Median of $runs runs. CPU = user+sys. Ratios are native / commands (below 1: native is cheaper).
+
+| connections | native CPU ms | native wall ms | native peak RSS MiB | commands CPU ms | commands wall ms | commands peak RSS MiB | CPU ratio | wall ratio | RSS ratio | agent --collector commands CPU ms | wall ms | peak RSS MiB |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+EOF
+printf '%s\n' "${rows[@]}"
+cat <<EOF
+
+Each external command alone (median CPU ms / peak RSS MiB):
+
+| connections | ip -json addr show | ip -json neigh show | ip -json route show | ss -tunapH |
+|---:|---:|---:|---:|---:|
+EOF
+printf '%s\n' "${detail[@]}"
