@@ -61,7 +61,8 @@ fn fixture_tree_becomes_exactly_these_records() {
         },
     ];
     // /proc cannot tell a dual-stack `::` listener, so :::22 is reported under IPv6 only.
-    let (connections, left_out) = expand_wildcards(procfs::attach_owners(&root, sockets), &addresses);
+    let (connections, left_out) =
+        expand_wildcards(procfs::attach_owners(&root, sockets), &addresses);
     assert_eq!(left_out, 0);
     let mut snapshot = Snapshot {
         addresses,

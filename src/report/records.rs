@@ -8,16 +8,12 @@ use crate::model::{
     parse_ip, Address, ConnState, Connection, Mac, Neighbor, Protocol, Route, Snapshot,
 };
 
-fn mac_text(mac: Option<Mac>) -> Option<String> {
-    mac.map(|m| m.to_string())
-}
-
 /// Appends one address record.
 pub fn push_address(out: &mut String, a: &Address) {
     let mut o = Object::new(out);
     o.str("interface", &a.interface)
-        .str("ip_address", &a.ip_address.to_string())
-        .opt_str("mac_address", mac_text(a.mac_address).as_deref())
+        .plain("ip_address", a.ip_address)
+        .opt_plain("mac_address", a.mac_address)
         .num("prefix_length", a.prefix_length);
     o.end();
 }
@@ -26,8 +22,8 @@ pub fn push_address(out: &mut String, a: &Address) {
 pub fn push_neighbor(out: &mut String, n: &Neighbor) {
     let mut o = Object::new(out);
     o.str("interface", &n.interface)
-        .str("ip_address", &n.ip_address.to_string())
-        .opt_str("mac_address", mac_text(n.mac_address).as_deref())
+        .plain("ip_address", n.ip_address)
+        .opt_plain("mac_address", n.mac_address)
         .opt_str("state", n.state.as_deref());
     o.end();
 }
@@ -35,12 +31,12 @@ pub fn push_neighbor(out: &mut String, n: &Neighbor) {
 /// Appends one connection record.
 pub fn push_connection(out: &mut String, c: &Connection) {
     let mut o = Object::new(out);
-    o.str("local_ip", &c.local_ip.to_string())
+    o.plain("local_ip", c.local_ip)
         .num("local_port", c.local_port)
         .opt_num("pid", c.pid)
         .opt_str("process_name", c.process_name.as_deref())
         .str("protocol", c.protocol.as_str())
-        .opt_str("remote_ip", c.remote_ip.map(|ip| ip.to_string()).as_deref())
+        .opt_plain("remote_ip", c.remote_ip)
         .opt_num("remote_port", c.remote_port)
         .opt_str("state", c.state.map(ConnState::as_str));
     o.end();
@@ -50,9 +46,9 @@ pub fn push_connection(out: &mut String, c: &Connection) {
 pub fn push_route(out: &mut String, r: &Route) {
     let mut o = Object::new(out);
     o.str("destination", &r.destination)
-        .opt_str("gateway", r.gateway.map(|ip| ip.to_string()).as_deref())
+        .opt_plain("gateway", r.gateway)
         .opt_str("interface", r.interface.as_deref())
-        .opt_str("source_ip", r.source_ip.map(|ip| ip.to_string()).as_deref());
+        .opt_plain("source_ip", r.source_ip);
     o.end();
 }
 
