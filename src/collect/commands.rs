@@ -106,7 +106,8 @@ fn run_limited(
     };
     let path = locate(program).ok_or_else(not_installed)?;
     let started = Instant::now();
-    let mut child = Command::new(&path)
+    let mut command = Command::new(&path);
+    command
         .arg0(program)
         .args(args)
         .env("LC_ALL", "C")
@@ -114,16 +115,27 @@ fn run_limited(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => not_installed(),
-            io::ErrorKind::PermissionDenied => Failure::new(
-                FailureKind::Missing,
-                format!("{program} cannot be executed: {e}"),
-            ),
-            _ => Failure::new(FailureKind::Failed, format!("cannot start {shown}: {e}")),
-        })?;
+        .process_group(0);
+    // ETXTBSY: the program file is still open for writing somewhere (a package upgrade
+    // replacing it, or a just-written script inherited by a concurrent fork). It passes.
+    let mut spawned = command.spawn();
+    for _ in 0..20 {
+        match &spawned {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(10));
+                spawned = command.spawn();
+            }
+            _ => break,
+        }
+    }
+    let mut child = spawned.map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => not_installed(),
+        io::ErrorKind::PermissionDenied => Failure::new(
+            FailureKind::Missing,
+            format!("{program} cannot be executed: {e}"),
+        ),
+        _ => Failure::new(FailureKind::Failed, format!("cannot start {shown}: {e}")),
+    })?;
 
     let mut stdout = Vec::new();
     let mut stderr = Stderr::default();
