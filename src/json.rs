@@ -2,13 +2,25 @@
 //!
 //! Output is written by hand: field order is fixed, nothing is allocated per field, and the
 //! same record always produces the same bytes, which the delta and the size budget rely on.
+use std::net::IpAddr;
 
 use miniserde::json::{Number, Value};
 
+use crate::model::Mac;
+
 /// Appends `text` as a JSON string literal. Runs of characters that need no escape are copied
 /// whole: this is the hot path of rendering 100,000 records.
-pub fn push_str(out: &mut String, text: &str) {
-    out.push('"');
+pub fn push_str<S: Sink + ?Sized>(out: &mut S, text: &str) {
+    out.put_char('"');
+    // Nearly every string (names, states, keys) needs no escape at all. 0xE2 leads U+2028/9.
+    if !text
+        .bytes()
+        .any(|b| b < 0x20 || b == b'"' || b == b'\\' || b == 0xE2)
+    {
+        out.put(text);
+        out.put_char('"');
+        return;
+    }
     let mut start = 0;
     for (at, c) in text.char_indices() {
         let escaped = match c {
@@ -20,38 +32,94 @@ pub fn push_str(out: &mut String, text: &str) {
             c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => "",
             _ => continue,
         };
-        out.push_str(&text[start..at]);
+        out.put(&text[start..at]);
         if escaped.is_empty() {
-            out.push_str(&format!("\\u{:04x}", c as u32));
+            let _ = write!(out, "\\u{:04x}", c as u32);
         } else {
-            out.push_str(escaped);
+            out.put(escaped);
         }
         start = at + c.len_utf8();
     }
-    out.push_str(&text[start..]);
-    out.push('"');
+    out.put(&text[start..]);
+    out.put_char('"');
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Where JSON text goes: a `String`, or a [`Length`] that only counts, so report parts can be
+/// sized without rendering every record twice.
+pub trait Sink: std::fmt::Write {
+    /// Appends text.
+    fn put(&mut self, text: &str);
+    /// Appends one character.
+    fn put_char(&mut self, c: char);
+}
+
+impl Sink for String {
+    fn put(&mut self, text: &str) {
+        self.push_str(text);
+    }
+    fn put_char(&mut self, c: char) {
+        self.push(c);
+    }
+}
+
+/// Counts the bytes that would be written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Length(pub usize);
+
+impl std::fmt::Write for Length {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.0 += text.len();
+        Ok(())
+    }
+}
+
+impl Sink for Length {
+    fn put(&mut self, text: &str) {
+        self.0 += text.len();
+    }
+    fn put_char(&mut self, c: char) {
+        self.0 += c.len_utf8();
+    }
+}
+
+/// Appends the decimal digits of `n`.
+pub fn push_u64<S: Sink + ?Sized>(out: &mut S, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.put(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
 }
 
 /// Builds one JSON object, managing the commas.
-pub struct Object<'a> {
-    out: &'a mut String,
+pub struct Object<'a, S: Sink + ?Sized = String> {
+    out: &'a mut S,
     first: bool,
 }
 
-impl<'a> Object<'a> {
+impl<'a, S: Sink + ?Sized> Object<'a, S> {
     /// Opens an object at the end of `out`.
-    pub fn new(out: &'a mut String) -> Object<'a> {
-        out.push('{');
+    pub fn new(out: &'a mut S) -> Object<'a, S> {
+        out.put_char('{');
         Object { out, first: true }
     }
 
     fn key(&mut self, key: &str) {
         if !self.first {
-            self.out.push(',');
+            self.out.put_char(',');
         }
         self.first = false;
         push_str(self.out, key);
-        self.out.push(':');
+        self.out.put_char(':');
     }
 
     /// A string member.
@@ -61,19 +129,65 @@ impl<'a> Object<'a> {
         self
     }
 
-    /// A string member written from its `Display` form, without an intermediate `String`. Only
-    /// for values whose text needs no escaping (addresses, MACs).
-    pub fn plain(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
+    /// An address member, written without `fmt` (the hot path of large reports).
+    pub fn ip(&mut self, key: &str, ip: IpAddr) -> &mut Self {
         self.key(key);
-        use std::fmt::Write;
-        let _ = write!(self.out, "\"{value}\"");
+        self.out.put_char('"');
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.out.put_char('.');
+                    }
+                    push_u64(self.out, u64::from(octet));
+                }
+            }
+            // IPv6 text has compression rules worth leaving to the standard library.
+            IpAddr::V6(v6) => {
+                let _ = write!(self.out, "{v6}");
+            }
+        }
+        self.out.put_char('"');
         self
     }
 
-    /// A `plain` member, `null` when absent.
-    pub fn opt_plain(&mut self, key: &str, value: Option<impl std::fmt::Display>) -> &mut Self {
-        match value {
-            Some(v) => self.plain(key, v),
+    /// An address member, `null` when absent.
+    pub fn opt_ip(&mut self, key: &str, ip: Option<IpAddr>) -> &mut Self {
+        match ip {
+            Some(ip) => self.ip(key, ip),
+            None => self.raw(key, "null"),
+        }
+    }
+
+    /// A MAC member (`aa:bb:cc:dd:ee:ff`), `null` when absent.
+    pub fn opt_mac(&mut self, key: &str, mac: Option<Mac>) -> &mut Self {
+        let Some(Mac(octets)) = mac else {
+            return self.raw(key, "null");
+        };
+        self.key(key);
+        self.out.put_char('"');
+        for (i, octet) in octets.into_iter().enumerate() {
+            if i > 0 {
+                self.out.put_char(':');
+            }
+            self.out.put_char(char::from(HEX[usize::from(octet >> 4)]));
+            self.out.put_char(char::from(HEX[usize::from(octet & 0xf)]));
+        }
+        self.out.put_char('"');
+        self
+    }
+
+    /// An unsigned integer member, written without `fmt`.
+    pub fn int(&mut self, key: &str, n: u64) -> &mut Self {
+        self.key(key);
+        push_u64(self.out, n);
+        self
+    }
+
+    /// An integer member, `null` when absent.
+    pub fn opt_int(&mut self, key: &str, n: Option<u64>) -> &mut Self {
+        match n {
+            Some(n) => self.int(key, n),
             None => self.raw(key, "null"),
         }
     }
@@ -89,7 +203,6 @@ impl<'a> Object<'a> {
     /// A member whose value is anything `Display` prints as valid JSON (numbers, booleans).
     pub fn num(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
         self.key(key);
-        use std::fmt::Write;
         let _ = write!(self.out, "{value}");
         self
     }
@@ -105,13 +218,13 @@ impl<'a> Object<'a> {
     /// A member whose value is already valid JSON text.
     pub fn raw(&mut self, key: &str, json: &str) -> &mut Self {
         self.key(key);
-        self.out.push_str(json);
+        self.out.put(json);
         self
     }
 
     /// Closes the object.
     pub fn end(self) {
-        self.out.push('}');
+        self.out.put_char('}');
     }
 }
 
@@ -171,6 +284,47 @@ mod tests {
         let mut out = String::new();
         push_str(&mut out, "a\"b\\c\nd\u{1}e\u{2028}é");
         assert_eq!(out, r#""a\"b\\c\nd\u0001e\u2028é""#);
+    }
+
+    #[test]
+    fn fast_writers_match_the_standard_formatting() {
+        let mut out = String::new();
+        let mut o = Object::new(&mut out);
+        o.ip("a", "192.0.2.255".parse().unwrap())
+            .ip("b", "0.0.0.0".parse().unwrap())
+            .opt_ip("c", Some("fe80::1".parse().unwrap()))
+            .opt_ip("d", None)
+            .opt_mac("e", Mac::parse("AE:ED:E2:0E:B9:0C"))
+            .opt_mac("f", None)
+            .int("g", 0)
+            .int("h", u64::MAX)
+            .opt_int("i", Some(65_535))
+            .opt_int("j", None);
+        o.end();
+        assert_eq!(
+            out,
+            r#"{"a":"192.0.2.255","b":"0.0.0.0","c":"fe80::1","d":null,"e":"ae:ed:e2:0e:b9:0c","f":null,"g":0,"h":18446744073709551615,"i":65535,"j":null}"#
+        );
+    }
+
+    #[test]
+    fn length_counts_exactly_what_a_string_receives() {
+        for text in ["plain", "quo\"te", "tab\tand\u{1}", "é\u{2028}x", ""] {
+            let (mut out, mut len) = (String::new(), Length::default());
+            push_str(&mut out, text);
+            push_str(&mut len, text);
+            assert_eq!(len.0, out.len(), "{text:?}");
+        }
+        let (mut out, mut len) = (String::new(), Length::default());
+        Object::new(&mut out)
+            .ip("a", "fe80::1".parse().unwrap())
+            .int("b", 12345)
+            .num("c", true);
+        Object::new(&mut len)
+            .ip("a", "fe80::1".parse().unwrap())
+            .int("b", 12345)
+            .num("c", true);
+        assert_eq!(len.0, out.len());
     }
 
     #[test]

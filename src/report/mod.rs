@@ -6,7 +6,7 @@ pub mod records;
 
 use std::ops::Range;
 
-use crate::json::Object;
+use crate::json::{Length, Object, Sink};
 use crate::model::Snapshot;
 use crate::timefmt;
 
@@ -141,12 +141,11 @@ pub fn split(header: &Header, delta: &Snapshot, removed: &Counts, budget: usize)
     let room = budget.saturating_sub(overhead).max(1);
     let mut cuts = vec![0];
     let (mut used, mut position) = (0, 0);
-    let mut scratch = String::new();
     for t in 0..4 {
         for i in 0..table_len(delta, t) {
-            scratch.clear();
-            push_record(&mut scratch, delta, t, i);
-            let len = scratch.len() + 1; // and its comma
+            let mut length = Length::default();
+            push_record(&mut length, delta, t, i);
+            let len = length.0 + 1; // and its comma
             if used > 0 && used + len > room {
                 cuts.push(position);
                 used = 0;
@@ -195,7 +194,7 @@ fn table_len(s: &Snapshot, t: usize) -> usize {
     }
 }
 
-fn push_record(out: &mut String, s: &Snapshot, t: usize, i: usize) {
+fn push_record<S: Sink + ?Sized>(out: &mut S, s: &Snapshot, t: usize, i: usize) {
     match t {
         0 => records::push_address(out, &s.addresses[i]),
         1 => records::push_neighbor(out, &s.neighbors[i]),

@@ -3,52 +3,52 @@
 
 use miniserde::json::Value;
 
-use crate::json::{self, Object};
+use crate::json::{self, Object, Sink};
 use crate::model::{
     parse_ip, Address, ConnState, Connection, Mac, Neighbor, Protocol, Route, Snapshot,
 };
 
 /// Appends one address record.
-pub fn push_address(out: &mut String, a: &Address) {
+pub fn push_address<S: Sink + ?Sized>(out: &mut S, a: &Address) {
     let mut o = Object::new(out);
     o.str("interface", &a.interface)
-        .plain("ip_address", a.ip_address)
-        .opt_plain("mac_address", a.mac_address)
-        .num("prefix_length", a.prefix_length);
+        .ip("ip_address", a.ip_address)
+        .opt_mac("mac_address", a.mac_address)
+        .int("prefix_length", u64::from(a.prefix_length));
     o.end();
 }
 
 /// Appends one neighbour record.
-pub fn push_neighbor(out: &mut String, n: &Neighbor) {
+pub fn push_neighbor<S: Sink + ?Sized>(out: &mut S, n: &Neighbor) {
     let mut o = Object::new(out);
     o.str("interface", &n.interface)
-        .plain("ip_address", n.ip_address)
-        .opt_plain("mac_address", n.mac_address)
+        .ip("ip_address", n.ip_address)
+        .opt_mac("mac_address", n.mac_address)
         .opt_str("state", n.state.as_deref());
     o.end();
 }
 
 /// Appends one connection record.
-pub fn push_connection(out: &mut String, c: &Connection) {
+pub fn push_connection<S: Sink + ?Sized>(out: &mut S, c: &Connection) {
     let mut o = Object::new(out);
-    o.plain("local_ip", c.local_ip)
-        .num("local_port", c.local_port)
-        .opt_num("pid", c.pid)
+    o.ip("local_ip", c.local_ip)
+        .int("local_port", u64::from(c.local_port))
+        .opt_int("pid", c.pid.map(u64::from))
         .opt_str("process_name", c.process_name.as_deref())
         .str("protocol", c.protocol.as_str())
-        .opt_plain("remote_ip", c.remote_ip)
-        .opt_num("remote_port", c.remote_port)
+        .opt_ip("remote_ip", c.remote_ip)
+        .opt_int("remote_port", c.remote_port.map(u64::from))
         .opt_str("state", c.state.map(ConnState::as_str));
     o.end();
 }
 
 /// Appends one route record.
-pub fn push_route(out: &mut String, r: &Route) {
+pub fn push_route<S: Sink + ?Sized>(out: &mut S, r: &Route) {
     let mut o = Object::new(out);
     o.str("destination", &r.destination)
-        .opt_plain("gateway", r.gateway)
+        .opt_ip("gateway", r.gateway)
         .opt_str("interface", r.interface.as_deref())
-        .opt_plain("source_ip", r.source_ip);
+        .opt_ip("source_ip", r.source_ip);
     o.end();
 }
 
