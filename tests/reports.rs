@@ -101,6 +101,10 @@ fn wildcard_listeners_are_reported_under_each_local_address_and_accepted() {
         agent.set_env("GRAPHEON_AGENT_COLLECTOR", collector);
         let run = host.run(&agent, &["--force"]);
         assert_code(&run, 0);
+        assert!(
+            host.srv.requests().iter().all(|r| r.status == Some(200)),
+            "accepted the first time"
+        );
         let checkin = host.srv.checkins().pop().unwrap();
         let body = &checkin.json;
         let ours: Vec<(String, String, u64, Option<u64>)> = records(body, "connections")
@@ -229,6 +233,11 @@ fn a_large_snapshot_goes_out_in_accepted_parts_whose_union_is_complete() {
     assert_code(&run, 0);
     let checkins = host.srv.checkins();
     assert!(checkins.len() >= 3, "{} parts", checkins.len());
+    let statuses: Vec<Option<u16>> = host.srv.requests().iter().map(|r| r.status).collect();
+    assert!(
+        statuses.iter().all(|s| *s == Some(200)),
+        "every request accepted the first time: {statuses:?}"
+    );
     let mut union = Vec::new();
     for (i, c) in checkins.iter().enumerate() {
         assert!(
