@@ -280,14 +280,8 @@ pub fn render(
 
 /// The addresses as a JSON array, for the registration body.
 pub fn addresses_json(addresses: &[crate::model::Address]) -> String {
-    let mut out = String::from("[");
-    for (i, a) in addresses.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        records::push_address(&mut out, a);
-    }
-    out.push(']');
+    let mut out = String::new();
+    records::push_array(&mut out, addresses, records::push_address);
     out
 }
 

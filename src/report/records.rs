@@ -52,7 +52,8 @@ pub fn push_route<S: Sink + ?Sized>(out: &mut S, r: &Route) {
     o.end();
 }
 
-fn push_array<T>(out: &mut String, items: &[T], push: fn(&mut String, &T)) {
+/// Appends `[item,item,…]`.
+pub fn push_array<T>(out: &mut String, items: &[T], push: fn(&mut String, &T)) {
     out.push('[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
