@@ -105,6 +105,15 @@ impl Host {
     }
 }
 
+/// What registration and check-in work with during one run.
+struct Session<'a> {
+    cfg: &'a Config,
+    client: Client,
+    dir: StateDir,
+    uuid: String,
+    host: Host,
+}
+
 fn collect_options(cfg: &Config, policy: &Policy) -> collect::Options {
     collect::Options {
         mode: cfg.collector,
@@ -133,16 +142,23 @@ fn lifecycle(cfg: &Config) -> Result<()> {
     let mut state = dir.load_state(true)?;
     let client = Client::new(cfg, server)?;
     let host = Host::detect(cfg);
-    let mut key = dir.read_api_key()?;
+    let run = Session {
+        cfg,
+        client,
+        dir,
+        uuid,
+        host,
+    };
+    let mut key = run.dir.read_api_key()?;
 
     if key.is_none() && cfg.action == Action::CheckInOnly {
         return Err(Error::Config(format!(
             "no API key in {}: run without --check-in-only to register, or install a key with --set-api-key",
-            dir.path().display()
+            run.dir.path().display()
         )));
     }
     if key.is_none() || cfg.action == Action::RegisterOnly {
-        match register(cfg, &client, &dir, &mut state, &uuid, &host, key.is_some())? {
+        match register(&run, &mut state, key.is_some())? {
             Some(new_key) => key = Some(new_key),
             None if key.is_none() => return Ok(()), // pending approval
             None => {}
@@ -168,7 +184,7 @@ fn lifecycle(cfg: &Config) -> Result<()> {
             .min(u32::try_from(cfg.timer_interval_seconds / 2).unwrap_or(u32::MAX));
         state.last_jitter_seconds = Some(sleep_jitter(state.policy().jitter_seconds.min(cap)));
     }
-    check_in(cfg, &client, &dir, &mut state, &uuid, &host, &key)
+    check_in(&run, &mut state, &key)
 }
 
 /// When the cadence allows the next scheduled check-in; `None` means now. As the earlier agent:
@@ -202,15 +218,14 @@ fn sleep_jitter(max: u32) -> u32 {
 }
 
 /// Registers (or polls the approval). Returns the API key when the server issued one now.
-fn register(
-    cfg: &Config,
-    client: &Client,
-    dir: &StateDir,
-    state: &mut State,
-    uuid: &str,
-    host: &Host,
-    have_key: bool,
-) -> Result<Option<String>> {
+fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Option<String>> {
+    let Session {
+        cfg,
+        client,
+        dir,
+        uuid,
+        host,
+    } = run;
     let enrollment_key = cfg.enrollment_key.as_deref().ok_or_else(|| {
         Error::Config(format!(
             "this agent has no API key yet and no enrollment key: set GRAPHEON_AGENT_ENROLLMENT_KEY in {}",
@@ -391,15 +406,14 @@ fn rest(s: &Snapshot, from: &Counts) -> Snapshot {
     }
 }
 
-fn check_in(
-    cfg: &Config,
-    client: &Client,
-    dir: &StateDir,
-    state: &mut State,
-    uuid: &str,
-    host: &Host,
-    key: &str,
-) -> Result<()> {
+fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
+    let Session {
+        cfg,
+        client,
+        dir,
+        uuid,
+        host,
+    } = run;
     let policy = state.policy();
     let deadline = Instant::now() + RUN_TIME;
     client.set_deadline(deadline);
