@@ -14,9 +14,10 @@ FROM --platform=$BUILDPLATFORM rust:1.95-bookworm AS build
 ARG TARGETARCH=amd64
 ARG TARGETVARIANT=
 WORKDIR /src
-COPY Cargo.toml Cargo.lock VERSION ./
+COPY Cargo.toml Cargo.lock VERSION build.rs ./
 COPY src ./src
 COPY scripts/build-release.sh ./scripts/
+COPY scripts/lib ./scripts/lib
 RUN case "$TARGETARCH$TARGETVARIANT" in \
         amd64) target=x86_64-unknown-linux-musl ;; \
         arm64) target=aarch64-unknown-linux-musl ;; \

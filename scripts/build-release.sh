@@ -59,29 +59,8 @@ version=$(cat VERSION)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
-sudo_cmd=()
-if [ "$(id -u)" != 0 ]; then
-	sudo_cmd=(sudo)
-fi
-apt_updated=no
-
-# Installs the Debian packages among "$@" that are not installed yet.
-need_packages() {
-	local missing=() p
-	for p in "$@"; do
-		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-	done
-	[ ${#missing[@]} -eq 0 ] && return 0
-	[ "$install_tools" = yes ] || die "missing packages: ${missing[*]} (run without --no-install)"
-	command -v apt-get >/dev/null || die "missing packages: ${missing[*]} and no apt-get to install them"
-	say "installing ${missing[*]}"
-	if [ "$apt_updated" = no ]; then
-		"${sudo_cmd[@]}" apt-get update -qq
-		apt_updated=yes
-	fi
-	"${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
+# shellcheck source=scripts/lib/packages.sh
+. "$repo/scripts/lib/packages.sh"
 
 host_arch=$(uname -m)
 

