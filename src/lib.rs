@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod json;
 pub mod model;
+pub mod pacing;
 pub mod policy;
 pub mod report;
 pub mod run;

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::json::{self, Object};
 use crate::log;
 use crate::model::Snapshot;
+use crate::pacing::{self, Pacing};
 use crate::policy::Policy;
 use crate::report::{self, gzip, Counts, Header};
 use crate::state::{self, State, StateDir};
@@ -28,6 +29,9 @@ const RUN_TIME: Duration = Duration::from_secs(300);
 /// The longest jitter sleep, whatever the policy allows (up to an hour): a run must finish
 /// inside the unit's start timeout, and a sleeping run holds the lock.
 const MAX_JITTER_SECONDS: u32 = 420;
+/// The longest a run waits for the server to finish with a part that got no answer; a longer
+/// hold ends the run (the next one sends).
+const MAX_HOLD_WAIT_SECONDS: i64 = 420;
 
 /// Runs the agent with the process arguments and environment; returns the exit code.
 pub fn main() -> i32 {
@@ -114,6 +118,23 @@ struct Session<'a> {
     host: Host,
 }
 
+/// What bounds a check-in part: the server's limits and the request timeout.
+fn limits(cfg: &Config, policy: &Policy) -> pacing::Limits {
+    pacing::Limits {
+        max_decoded: u64::from(policy.max_report_bytes),
+        max_raw: report::RAW_LIMIT as u64,
+        timeout: cfg.request_timeout,
+    }
+}
+
+/// Scheduled runs back off from half the timer interval, doubling up to the policy interval.
+fn backoff(cfg: &Config, policy: &Policy) -> pacing::Backoff {
+    pacing::Backoff {
+        base_seconds: (cfg.timer_interval_seconds / 2).max(1),
+        cap_seconds: u64::from(policy.checkin_interval_seconds),
+    }
+}
+
 fn collect_options(cfg: &Config, policy: &Policy) -> collect::Options {
     collect::Options {
         mode: cfg.collector,
@@ -169,8 +190,28 @@ fn lifecycle(cfg: &Config) -> Result<()> {
     }
     let Some(key) = key else { return Ok(()) };
 
+    let mut pace = pacing::load(&run.dir);
+    let policy = state.policy();
+    if let Some(sent) = pace.recover(&limits(cfg, &policy)) {
+        pace.failed(timefmt::now(), &backoff(cfg, &policy), None, pacing::random());
+        warn!(
+            "the last run stopped while a check-in part ({} bytes, sent at {}) awaited its answer; \
+             the server may have stored it, so it is resent in smaller parts",
+            sent.bytes,
+            timefmt::format_utc(sent.at)
+        );
+        pacing::save(&run.dir, &pace)?;
+    }
     let scheduled = cfg.action == Action::Run && !cfg.force;
     if scheduled {
+        if let Some(until) = pace.backoff(timefmt::now()) {
+            info!(
+                "backing off after {} failed check-in(s): the next attempt is after {} (--force checks in now)",
+                pace.failures,
+                timefmt::format_utc(until)
+            );
+            return Ok(());
+        }
         if let Some(due) = next_due(&state, cfg) {
             if due > timefmt::now() {
                 info!(
@@ -184,7 +225,35 @@ fn lifecycle(cfg: &Config) -> Result<()> {
             .min(u32::try_from(cfg.timer_interval_seconds / 2).unwrap_or(u32::MAX));
         state.last_jitter_seconds = Some(sleep_jitter(state.policy().jitter_seconds.min(cap)));
     }
-    check_in(&run, &mut state, &key)
+    wait_for_hold(&pace)?;
+    let result = check_in(&run, &mut state, &key, &mut pace);
+    if let Err(e) = pacing::save(&run.dir, &pace) {
+        warn!("{e}; what this run learned about the server's pace is lost");
+    }
+    result
+}
+
+/// Waits while a part that got no answer may still be being stored by the server: sending
+/// anything next to it is what corrupts the server. Forced runs wait too.
+fn wait_for_hold(pace: &Pacing) -> Result<()> {
+    let now = timefmt::now();
+    let (Some(until), Some(sent)) = (pace.hold(now), pace.unanswered) else {
+        return Ok(());
+    };
+    let sent_at = timefmt::format_utc(sent.at);
+    if until - now > MAX_HOLD_WAIT_SECONDS {
+        return Err(Error::Transient(format!(
+            "a check-in part sent at {sent_at} got no answer and the server may still be storing it; \
+             nothing is sent before {}, when the next run sends it in smaller parts",
+            timefmt::format_utc(until)
+        )));
+    }
+    info!(
+        "waiting {} s: a check-in part sent at {sent_at} got no answer and the server may still be storing it",
+        until - now
+    );
+    std::thread::sleep(Duration::from_secs((until - now) as u64));
+    Ok(())
 }
 
 /// When the cadence allows the next scheduled check-in; `None` means now. As the earlier agent:
@@ -406,7 +475,7 @@ fn rest(s: &Snapshot, from: &Counts) -> Snapshot {
     }
 }
 
-fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
+fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) -> Result<()> {
     let Session {
         cfg,
         client,
@@ -429,7 +498,8 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
         mut pending,
     } = plan(state, current, cfg, now);
     let header = header(cfg, uuid, host, now, left_out);
-    let mut budget = report::part_budget(policy.max_report_bytes);
+    let limits = limits(cfg, &policy);
+    let mut budget = pace.budget(&limits);
     let (mut sent, mut done) = (0, 0);
     'split: loop {
         let parts = report::split(&header, &pending, &removed, budget);
@@ -451,34 +521,71 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
                 part,
             );
             let gz = gzip::compress(body.as_bytes());
+            pace.compressed(body.len(), gz.len());
+            if gz.len() > report::RAW_LIMIT {
+                // Never sent: cut again to what this host's reports compress to.
+                let smaller = pace.budget(&limits).min(budget / 2);
+                if smaller < budget && budget > 4_096 {
+                    debug!(
+                        "part {} is {} bytes compressed, over the server's raw limit; cutting parts of {smaller} bytes",
+                        done + 1,
+                        gz.len()
+                    );
+                    budget = smaller;
+                    let from = part.ranges.clone().map(|r| r.start);
+                    kept = report::advance(&kept, &pending, &from);
+                    pending = rest(&pending, &from);
+                    continue 'split;
+                }
+            }
             let result = if gz.len() > report::RAW_LIMIT {
-                Err(Failure::Status {
-                    status: 413,
-                    detail: "larger than the server's raw limit".into(),
-                    errors: vec![],
-                })
+                Err(Failure::status(413, "larger than the server's raw limit"))
             } else {
+                // Recorded before it goes out: a run killed while waiting leaves the next one
+                // knowing the part may be stored.
+                pace.sending(timefmt::now(), body.len());
+                pacing::save(dir, pace)?;
                 client.check_in(&gz, key)
             };
             match result {
                 Ok(answer) => {
                     done += 1;
+                    pace.accepted(
+                        &limits,
+                        timefmt::now(),
+                        body.len(),
+                        part.len(),
+                        answer.elapsed,
+                    );
                     let snapshot = report::advance(&kept, &pending, &report::ends(part));
                     accepted(state, &answer, seq, snapshot, full, done == total, now);
                     dir.save_state(state)?;
                     sent += part.len();
+                    let next = pace.budget(&limits);
                     debug!(
-                        "part {done}/{total} accepted: {} records, {} bytes gzip",
+                        "part {done}/{total} accepted: {} records, {} bytes ({} gzip) in {} ms; next part {next} bytes",
                         part.len(),
-                        gz.len()
+                        body.len(),
+                        gz.len(),
+                        answer.elapsed.as_millis()
                     );
+                    // The rest is cut again when the server's pace moved the part size enough.
+                    if done < total && (next < budget - budget / 10 || next > budget + budget / 4) {
+                        budget = next;
+                        let from = report::ends(part);
+                        kept = report::advance(&kept, &pending, &from);
+                        pending = rest(&pending, &from);
+                        continue 'split;
+                    }
                 }
                 Err(Failure::Status {
                     status: 413,
                     detail,
                     ..
                 }) if budget > 4_096 => {
+                    pace.settled();
                     budget /= 2;
+                    pace.too_large(&limits, budget);
                     warn!(
                         "server refused part {} as too large ({detail}); splitting the rest into parts of {budget} bytes",
                         done + 1
@@ -489,7 +596,38 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
                     pending = rest(&pending, &from);
                     continue 'split;
                 }
+                Err(Failure::InDoubt(why)) => {
+                    let sent = pace.in_flight.unwrap_or(pacing::Sent {
+                        at: timefmt::now(),
+                        bytes: body.len() as u64,
+                    });
+                    pace.unanswered(&limits, sent);
+                    pace.failed(
+                        timefmt::now(),
+                        &backoff(cfg, &policy),
+                        None,
+                        pacing::random(),
+                    );
+                    return Err(Error::Transient(format!(
+                        "check-in part {} of {total} ({} bytes) failed: {why}. The server may have stored it or may \
+                         still be storing it, so it is not sent again in this run; the next run sends it in parts of \
+                         at most {} bytes, not before {}",
+                        done + 1,
+                        body.len(),
+                        pace.budget(&limits),
+                        timefmt::format_utc(pace.hold_until.unwrap_or(sent.at)),
+                    )));
+                }
                 Err(f) => {
+                    pace.settled();
+                    if f.clone().into_error("check-in").exit_code() == 1 {
+                        pace.failed(
+                            timefmt::now(),
+                            &backoff(cfg, &policy),
+                            f.retry_after(),
+                            pacing::random(),
+                        );
+                    }
                     if let Failure::Status {
                         status: 422,
                         errors,
@@ -599,12 +737,9 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let now = timefmt::now();
     let p = plan(&state, current, cfg, now);
     let header = header(cfg, &uuid, &host, now, left_out);
-    let parts = report::split(
-        &header,
-        &p.pending,
-        &p.removed,
-        report::part_budget(state.policy().max_report_bytes),
-    );
+    // The size the next run starts with; a run resizes later parts as the server answers.
+    let budget = pacing::load(&dir).budget(&limits(cfg, &state.policy()));
+    let parts = report::split(&header, &p.pending, &p.removed, budget);
     let mut out = std::io::stdout().lock();
     for (i, part) in parts.iter().enumerate() {
         let body = report::render(
@@ -698,6 +833,9 @@ fn status(cfg: &Config) -> Result<()> {
         ),
     );
     line("next check-in", &next);
+    for (label, text) in pacing::load(&dir).describe(&limits(cfg, &policy), timefmt::now()) {
+        line(label, &text);
+    }
     print!("{out}");
     Ok(())
 }

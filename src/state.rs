@@ -218,7 +218,9 @@ impl StateDir {
         }
     }
 
-    fn read_small(&self, name: &str) -> Result<Option<String>> {
+    /// A small file of the directory (at most 64 KiB); `None` when missing, empty text when it
+    /// is not UTF-8 or too large (the caller judges it as damaged).
+    pub(crate) fn read_small(&self, name: &str) -> Result<Option<String>> {
         let path = self.path.join(name);
         match read_capped(&path, 64 << 10) {
             Ok(text) => Ok(Some(text)),
@@ -316,7 +318,7 @@ impl StateDir {
     }
 
     /// Atomic, durable replacement of one file, mode 0600.
-    fn write(&self, name: &str, data: &[u8]) -> Result<()> {
+    pub(crate) fn write(&self, name: &str, data: &[u8]) -> Result<()> {
         let path = self.path.join(name);
         let tmp = self
             .path
