@@ -251,11 +251,11 @@ impl Client {
                 None => jittered(backoff),
             };
             if Instant::now() + wait + self.timeout > deadline {
-                if failure.retry_after().is_some() {
+                if let Some(asked) = failure.retry_after() {
                     warn!(
                         "{what} attempt {n} failed ({}); the server asks to wait {} s, longer than this run may take",
                         describe(&failure),
-                        wait.as_secs()
+                        asked.as_secs()
                     );
                 }
                 return Err(failure);
@@ -427,7 +427,12 @@ fn classify(e: ureq::Error, whole_body_taken: bool, timeout: Duration) -> Failur
 fn parse_retry_after(value: &str, now: i64) -> Option<Duration> {
     let value = value.trim();
     let wait = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX).min(MAX_RETRY_AFTER.as_secs()))
+        Duration::from_secs(
+            value
+                .parse::<u64>()
+                .unwrap_or(u64::MAX)
+                .min(MAX_RETRY_AFTER.as_secs()),
+        )
     } else {
         let at = timefmt::parse_http_date(value)?;
         Duration::from_secs(u64::try_from(at.saturating_sub(now)).unwrap_or(0))
@@ -651,8 +656,8 @@ mod tests {
                 config: Some("/dev/null".into()),
                 ..crate::cli::Flags::default()
             };
-            let mut cfg = crate::config::load(&flags, &crate::config::Sources { env: &|_| None })
-                .unwrap();
+            let mut cfg =
+                crate::config::load(&flags, &crate::config::Sources { env: &|_| None }).unwrap();
             cfg.request_timeout = timeout;
             Client::new(&cfg, url).unwrap()
         }
@@ -821,8 +826,16 @@ mod tests {
             assert_eq!(count.load(Ordering::SeqCst), 2);
             assert!(took >= Duration::from_millis(1_300), "{took:?}");
             assert!(took < Duration::from_millis(2_000), "{took:?}");
-            assert!(answer.elapsed >= Duration::from_millis(300), "{:?}", answer.elapsed);
-            assert!(answer.elapsed < Duration::from_millis(1_000), "{:?}", answer.elapsed);
+            assert!(
+                answer.elapsed >= Duration::from_millis(300),
+                "{:?}",
+                answer.elapsed
+            );
+            assert!(
+                answer.elapsed < Duration::from_millis(1_000),
+                "{:?}",
+                answer.elapsed
+            );
         }
 
         #[test]
@@ -863,11 +876,24 @@ mod tests {
             Timeout::SendBody,
         ] {
             // Even with the whole body taken: its last write did not complete.
-            assert_eq!(sorted(ureq::Error::Timeout(phase), true), "not sent", "{phase:?}");
+            assert_eq!(
+                sorted(ureq::Error::Timeout(phase), true),
+                "not sent",
+                "{phase:?}"
+            );
         }
-        assert_eq!(sorted(ureq::Error::Timeout(Timeout::RecvResponse), true), "in doubt");
-        assert_eq!(sorted(ureq::Error::Timeout(Timeout::Global), false), "not sent");
-        assert_eq!(sorted(ureq::Error::Timeout(Timeout::Global), true), "in doubt");
+        assert_eq!(
+            sorted(ureq::Error::Timeout(Timeout::RecvResponse), true),
+            "in doubt"
+        );
+        assert_eq!(
+            sorted(ureq::Error::Timeout(Timeout::Global), false),
+            "not sent"
+        );
+        assert_eq!(
+            sorted(ureq::Error::Timeout(Timeout::Global), true),
+            "in doubt"
+        );
         assert_eq!(sorted(ureq::Error::HostNotFound, false), "not sent");
         assert_eq!(sorted(ureq::Error::ConnectionFailed, false), "not sent");
         let reset = || ureq::Error::Io(io::Error::from(io::ErrorKind::ConnectionReset));
@@ -888,7 +914,10 @@ mod tests {
     #[test]
     fn retry_after_is_seconds_or_an_http_date() {
         let now = 1_795_744_647; // 2026-11-27T01:57:27Z
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
         assert_eq!(
             parse_retry_after("Fri, 27 Nov 2026 01:58:00 GMT", now),

@@ -353,7 +353,8 @@ impl Pacing {
                 |s| {
                     let mut out = String::new();
                     let mut o = Object::new(&mut out);
-                    o.str("at", &timefmt::format_utc(s.at)).num("bytes", s.bytes);
+                    o.str("at", &timefmt::format_utc(s.at))
+                        .num("bytes", s.bytes);
                     o.end();
                     out
                 },
@@ -568,7 +569,11 @@ mod tests {
         };
         p.failures = 0;
         p.failed(NOW + 30, &short, None, 0.0);
-        assert_eq!(p.backoff(NOW + 30), Some(NOW + 120), "never before the hold ends");
+        assert_eq!(
+            p.backoff(NOW + 30),
+            Some(NOW + 120),
+            "never before the hold ends"
+        );
         // The next accepted part ends the hold, the backoff and the failure count.
         p.accepted(&l, NOW + 200, 21_845, 128, Duration::from_secs(5));
         assert_eq!(
@@ -584,7 +589,13 @@ mod tests {
         assert_eq!(p.recover(&l), None);
         p.sending(NOW, 40_000);
         let recovered = p.recover(&l);
-        assert_eq!(recovered, Some(Sent { at: NOW, bytes: 40_000 }));
+        assert_eq!(
+            recovered,
+            Some(Sent {
+                at: NOW,
+                bytes: 40_000
+            })
+        );
         assert_eq!(p.in_flight, None);
         assert_eq!(p.unanswered, recovered);
         assert_eq!(p.hold_until, Some(NOW + 8));

@@ -193,7 +193,12 @@ fn lifecycle(cfg: &Config) -> Result<()> {
     let mut pace = pacing::load(&run.dir);
     let policy = state.policy();
     if let Some(sent) = pace.recover(&limits(cfg, &policy)) {
-        pace.failed(timefmt::now(), &backoff(cfg, &policy), None, pacing::random());
+        pace.failed(
+            timefmt::now(),
+            &backoff(cfg, &policy),
+            None,
+            pacing::random(),
+        );
         warn!(
             "the last run stopped while a check-in part ({} bytes, sent at {}) awaited its answer; \
              the server may have stored it, so it is resent in smaller parts",

@@ -122,7 +122,12 @@ pub fn parse_http_date(text: &str) -> Option<i64> {
             if p.next().is_some() {
                 return None;
             }
-            (if yy < 70 { 2000 + yy } else { 1900 + yy }, mo, d, clock(t)?)
+            (
+                if yy < 70 { 2000 + yy } else { 1900 + yy },
+                mo,
+                d,
+                clock(t)?,
+            )
         }
         // asctime: the day may be one digit.
         [_, mo, d, t, y] => (number(y, 4..=4)?, month(mo)?, number(d, 1..=2)?, clock(t)?),
