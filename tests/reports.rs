@@ -247,10 +247,12 @@ fn a_large_snapshot_goes_out_in_accepted_parts_whose_union_is_complete() {
         assert_eq!(u64_at(&c.json, "sequence_number"), Some(i as u64 + 1));
         assert_eq!(bool_at(&c.json, "full_snapshot"), Some(true));
         assert_eq!(u64_at(&c.json, "metadata.part"), Some(i as u64 + 1));
-        assert_eq!(
-            u64_at(&c.json, "metadata.parts"),
-            Some(checkins.len() as u64)
-        );
+        // The count known when the part was cut: later parts grow as the server answers fast.
+        let parts = u64_at(&c.json, "metadata.parts").unwrap();
+        assert!(parts > i as u64, "part {} of {parts}", i + 1);
+        if i + 1 == checkins.len() {
+            assert_eq!(parts, checkins.len() as u64, "the last part knows the total");
+        }
         union.extend(connection_keys(&c.json));
     }
     let unique: BTreeSet<_> = union.iter().cloned().collect();
