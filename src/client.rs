@@ -75,6 +75,15 @@ impl Failure {
         }
     }
 
+    /// True when the next run may succeed without an operator (exit code 1).
+    pub fn transient(&self) -> bool {
+        match self {
+            Failure::NotSent(_) | Failure::InDoubt(_) => true,
+            Failure::Tls(_) => false,
+            Failure::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+        }
+    }
+
     /// How long the server asked to wait before the next attempt.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

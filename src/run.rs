@@ -602,11 +602,11 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                     continue 'split;
                 }
                 Err(Failure::InDoubt(why)) => {
-                    let sent = pace.in_flight.unwrap_or(pacing::Sent {
+                    let unanswered = pace.in_flight.unwrap_or(pacing::Sent {
                         at: timefmt::now(),
                         bytes: body.len() as u64,
                     });
-                    pace.unanswered(&limits, sent);
+                    pace.unanswered(&limits, unanswered);
                     pace.failed(
                         timefmt::now(),
                         &backoff(cfg, &policy),
@@ -620,12 +620,12 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                         done + 1,
                         body.len(),
                         pace.budget(&limits),
-                        timefmt::format_utc(pace.hold_until.unwrap_or(sent.at)),
+                        timefmt::format_utc(pace.hold_until.unwrap_or(unanswered.at)),
                     )));
                 }
                 Err(f) => {
                     pace.settled();
-                    if f.clone().into_error("check-in").exit_code() == 1 {
+                    if f.transient() {
                         pace.failed(
                             timefmt::now(),
                             &backoff(cfg, &policy),
