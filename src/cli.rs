@@ -20,11 +20,13 @@ ACTIONS (default: register if needed, then check in):
     --dry-run                 Collect and print the check-in body a run would send now (JSON, one line
                               per part) to stdout; no network, no state change, no root needed
     --status                  Print the local state: identity, enrollment, key present, last success,
-                              sequence number, cached policy, when the next scheduled run is due
+                              sequence number, cached policy, when the next scheduled run is due,
+                              the learned part size and server time, the backoff
     --set-api-key             Read an API key from standard input and store it (after an admin rotated it)
     --register-only           Register (or poll the approval) and stop
     --check-in-only           Check in with the stored API key; never register
-    --force                   Check in now even if the policy interval has not passed; no jitter sleep
+    --force                   Check in now even if the policy interval has not passed or runs back off
+                              after failures; no jitter sleep
     -h, --help                Print this help
     -V, --version             Print the version
 
@@ -37,7 +39,8 @@ OPTIONS (flag > environment variable > env file > default):
     --display-name NAME                   Name shown on the server [GRAPHEON_AGENT_DISPLAY_NAME]
     --site-name NAME                      Site of this host [GRAPHEON_AGENT_SITE_NAME]
     --hostname NAME                       Hostname to report [GRAPHEON_AGENT_HOSTNAME] (default: the kernel's)
-    --request-timeout-seconds N           Timeout of one HTTP request [GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS] (default 30)
+    --request-timeout-seconds N           Timeout of each phase of an HTTP request (connect, send, the server's
+                                          answer) [GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS] (default 30)
     --timer-interval-seconds N            How often the timer starts the agent [GRAPHEON_AGENT_TIMER_INTERVAL_SECONDS] (default 900)
     --api-key-header NAME                 Header carrying the API key [GRAPHEON_AGENT_API_KEY_HEADER] (default X-Agent-Api-Key)
     --ca-file FILE                        PEM bundle to trust instead of the built-in web PKI roots [GRAPHEON_AGENT_CA_FILE]
@@ -50,9 +53,10 @@ OPTIONS (flag > environment variable > env file > default):
 Switches also read GRAPHEON_AGENT_<NAME> (e.g. GRAPHEON_AGENT_FORCE=true).
 
 EXIT CODES:
-    0  done: checked in, awaiting approval, skipped because the interval has not passed, or another
-       run holds the lock
-    1  a failure the next run may fix (network, timeout, server error 5xx, full disk)
+    0  done: checked in, awaiting approval, skipped because the interval has not passed or runs back
+       off after failures, or another run holds the lock
+    1  a failure the next run may fix (network, no answer in time, server error 5xx/408/429, full
+       disk); a part sent without an answer is not sent again in the same run
     2  usage or configuration error (fix the flags, the env file, the state directory, or trust the
        server's certificate with --ca-file)
     3  refused by the server; an operator must act (401 key rejected, 403 not approved or rejected,
