@@ -470,14 +470,13 @@ fn header(cfg: &Config, uuid: &str, host: &Host, now: i64, left_out: usize) -> H
     }
 }
 
-/// The parts' records from `from` (per-table start indices) on.
-fn rest(s: &Snapshot, from: &Counts) -> Snapshot {
-    Snapshot {
-        addresses: s.addresses[from[0].min(s.addresses.len())..].to_vec(),
-        neighbors: s.neighbors[from[1].min(s.neighbors.len())..].to_vec(),
-        connections: s.connections[from[2].min(s.connections.len())..].to_vec(),
-        routes: s.routes[from[3].min(s.routes.len())..].to_vec(),
-    }
+/// Drops the records before `from` (per-table start indices), in place: a copy of the rest
+/// would double the memory of a large report each time parts are cut again.
+fn drop_sent(s: &mut Snapshot, from: &Counts) {
+    s.addresses.drain(..from[0].min(s.addresses.len()));
+    s.neighbors.drain(..from[1].min(s.neighbors.len()));
+    s.connections.drain(..from[2].min(s.connections.len()));
+    s.routes.drain(..from[3].min(s.routes.len()));
 }
 
 fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) -> Result<()> {
@@ -539,7 +538,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                     budget = smaller;
                     let from = part.ranges.clone().map(|r| r.start);
                     kept = report::advance(&kept, &pending, &from);
-                    pending = rest(&pending, &from);
+                    drop_sent(&mut pending, &from);
                     continue 'split;
                 }
             }
@@ -579,7 +578,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                         budget = next;
                         let from = report::ends(part);
                         kept = report::advance(&kept, &pending, &from);
-                        pending = rest(&pending, &from);
+                        drop_sent(&mut pending, &from);
                         continue 'split;
                     }
                 }
@@ -598,7 +597,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                     // What this run had accepted joins the base; the rest is split again.
                     let from = part.ranges.clone().map(|r| r.start);
                     kept = report::advance(&kept, &pending, &from);
-                    pending = rest(&pending, &from);
+                    drop_sent(&mut pending, &from);
                     continue 'split;
                 }
                 Err(Failure::InDoubt(why)) => {
