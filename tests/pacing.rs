@@ -479,3 +479,53 @@ fn a_damaged_pacing_file_means_defaults_and_a_warning() {
         "rewritten with what was learned"
     );
 }
+
+#[test]
+fn a_run_killed_while_waiting_for_an_answer_leaves_the_part_in_doubt_for_the_next_run() {
+    let srv = ContractServer::start();
+    srv.add_enrollment_key(ENROLLMENT_KEY, EnrollmentKey::auto_approve());
+    let mut agent = Agent::new("killed", &srv.url());
+    assert_code(&agent.run(&["--register-only"]), 0);
+    srv.inject(
+        Endpoint::CheckIn,
+        Fault::AcceptThenDelay(Duration::from_secs(30)),
+        1,
+    );
+    let mut child = agent
+        .command(&["--force"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    while srv.requests_to(Endpoint::CheckIn).is_empty() {
+        assert!(Instant::now() < end, "the part never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !is_null(&pacing(&agent), "in_flight"),
+        "recorded before sending"
+    );
+
+    agent.set_env("GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS", "1");
+    let run = agent.run(&["--force"]);
+    assert_code(&run, 0);
+    assert!(
+        run.stderr
+            .contains("the last run stopped while a check-in part"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("waiting"), "{}", run.stderr);
+    let requests = srv.requests_to(Endpoint::CheckIn);
+    assert!(requests.len() >= 2);
+    assert!(
+        requests[1].received_at >= requests[0].received_at + Duration::from_secs(3),
+        "held back after the part in doubt"
+    );
+    let p = pacing(&agent);
+    assert!(is_null(&p, "in_flight") && is_null(&p, "unanswered"));
+    assert_eq!(u64_at(&p, "failures"), Some(0));
+}

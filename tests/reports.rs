@@ -251,7 +251,11 @@ fn a_large_snapshot_goes_out_in_accepted_parts_whose_union_is_complete() {
         let parts = u64_at(&c.json, "metadata.parts").unwrap();
         assert!(parts > i as u64, "part {} of {parts}", i + 1);
         if i + 1 == checkins.len() {
-            assert_eq!(parts, checkins.len() as u64, "the last part knows the total");
+            assert_eq!(
+                parts,
+                checkins.len() as u64,
+                "the last part knows the total"
+            );
         }
         union.extend(connection_keys(&c.json));
     }
