@@ -313,7 +313,13 @@ impl Pacing {
                 )),
                 limits.target().as_secs_f64()
             ),
-            (None, _) => "not measured yet".to_string(),
+            (None, Some(r)) => format!(
+                "no part answered yet; at least {}.{:03} ms per KiB (a part got no answer); target {} s",
+                r / 1000,
+                r % 1000,
+                limits.target().as_secs_f64()
+            ),
+            (None, None) => "not measured yet".to_string(),
         };
         let backoff = match self.backoff(now) {
             Some(until) => format!(
