@@ -11,6 +11,7 @@ use ureq::Agent;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::input;
 use crate::json;
 
 /// The agent's version, from the `VERSION` file.
@@ -18,6 +19,8 @@ pub const VERSION: &str = env!("GRAPHEON_AGENT_VERSION");
 
 /// Response bodies larger than this are not read: a real answer is a few kilobytes.
 const MAX_RESPONSE_BYTES: u64 = 1 << 20;
+/// The largest CA file read.
+const MAX_CA_FILE_BYTES: u64 = 4 << 20;
 /// Attempts per request for failures that may pass.
 const ATTEMPTS: u32 = 4;
 
@@ -110,7 +113,8 @@ impl Client {
     pub fn new(cfg: &Config, base: &str) -> Result<Client> {
         let mut tls = TlsConfig::builder();
         if let Some(path) = &cfg.ca_file {
-            let pem = std::fs::read(path).map_err(|e| {
+            // A CA bundle is a few hundred kilobytes (the whole web PKI is about 200 KB).
+            let pem = input::read_regular(path, MAX_CA_FILE_BYTES).map_err(|e| {
                 Error::Config(format!("cannot read CA file {}: {e}", path.display()))
             })?;
             let certs: Vec<_> = ureq::tls::parse_pem(&pem)
@@ -239,8 +243,10 @@ impl Client {
             .map_err(|e| format!("reading the answer: {e}"));
         let oversized = bytes.len() as u64 > MAX_RESPONSE_BYTES;
         let parsed = match (&read, oversized) {
+            // The nesting check first: the parser spends about a hundred bytes per level.
             (Ok(_), false) => std::str::from_utf8(&bytes)
                 .ok()
+                .filter(|t| input::check_json_depth(t, input::MAX_JSON_DEPTH).is_ok())
                 .and_then(|t| miniserde::json::from_str::<Value>(t).ok()),
             _ => None,
         };
@@ -249,7 +255,7 @@ impl Client {
                 let why = match (read, oversized) {
                     (Err(e), _) => e,
                     (_, true) => "an answer over 1 MiB".into(),
-                    _ => "an answer that is not JSON".into(),
+                    _ => "an answer that is not JSON (or is nested too deeply)".into(),
                 };
                 warn!("server accepted (HTTP {status}) but sent {why}");
             }

@@ -633,6 +633,10 @@ fn json_array(text: &str, what: &str) -> Result<Vec<Value>, SourceError> {
             "{what} printed nothing (expected a JSON array)"
         )));
     }
+    // The parser needs about a hundred bytes per level: a runaway tool printing megabytes of
+    // `[` would take the host's memory before any record could be read.
+    crate::input::check_json_depth(trimmed, crate::input::MAX_JSON_DEPTH)
+        .map_err(|why| SourceError(format!("{what} printed unusable output: {why}")))?;
     match json::from_str::<Value>(trimmed) {
         Ok(Value::Array(items)) => Ok(items.into_iter().collect()),
         Ok(_) => Err(SourceError(format!(
