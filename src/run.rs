@@ -274,6 +274,12 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
         .raw("addresses", &report::addresses_json(&addresses));
     o.end();
 
+    // Room for the key first: once issued, the server never shows it again.
+    let slot = if have_key {
+        None
+    } else {
+        Some(dir.reserve_api_key()?)
+    };
     let answer = client
         .register(&body)
         .map_err(|f| f.into_error("registration"))?;
@@ -287,7 +293,10 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
         Some(Value::String(k)) if !k.trim().is_empty() => {
             let k = k.trim();
             // Stored before it is judged: a key we cannot use is still the only copy.
-            dir.write_api_key(k)?;
+            match slot {
+                Some(slot) => slot.store(k)?,
+                None => dir.write_api_key(k)?,
+            }
             if let Err(why) = state::check_api_key(k) {
                 return Err(Error::Refused {
                     status: answer.status,
