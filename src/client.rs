@@ -222,7 +222,11 @@ impl Client {
                 .header("Content-Encoding", "gzip")
                 .header(self.key_header.as_str(), key);
         }
-        let mut resp = req.send(body).map_err(transport)?;
+        // Name what was tried: "connection refused" alone does not say which server.
+        let mut resp = req.send(body).map_err(|e| match transport(e) {
+            Failure::Transport(m) => Failure::Transport(format!("{url}: {m}")),
+            other => other,
+        })?;
         let status = resp.status().as_u16();
         let location = resp
             .headers()
@@ -243,11 +247,7 @@ impl Client {
             .map_err(|e| format!("reading the answer: {e}"));
         let oversized = bytes.len() as u64 > MAX_RESPONSE_BYTES;
         let parsed = match (&read, oversized) {
-            // The nesting check first: the parser spends about a hundred bytes per level.
-            (Ok(_), false) => std::str::from_utf8(&bytes)
-                .ok()
-                .filter(|t| input::check_json_depth(t, input::MAX_JSON_DEPTH).is_ok())
-                .and_then(|t| miniserde::json::from_str::<Value>(t).ok()),
+            (Ok(_), false) => parse_body(&bytes),
             _ => None,
         };
         if (200..300).contains(&status) {
@@ -286,6 +286,14 @@ impl Client {
             errors,
         })
     }
+}
+
+/// The answer's JSON, if it is JSON of a sane depth: the parser spends about a hundred bytes
+/// of memory per level, so 1 MiB of `[` would cost more than the unit's memory limit.
+fn parse_body(bytes: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    input::check_json_depth(text, input::MAX_JSON_DEPTH).ok()?;
+    miniserde::json::from_str::<Value>(text).ok()
 }
 
 fn describe(f: &Failure) -> String {
@@ -474,6 +482,18 @@ mod tests {
             Failure::Transport("io: received fatal alert: HandshakeFailure".into())
         );
         assert!(alert.retryable());
+    }
+
+    #[test]
+    fn deeply_nested_answers_are_not_parsed() {
+        let mut nested = br#"{"status":"accepted","summary":"#.to_vec();
+        nested.extend(std::iter::repeat_n(b'[', 1 << 20));
+        assert!(parse_body(&nested).is_none());
+        let fine = br#"{"status":"accepted","summary":{"hosts_created":[[1]]}}"#;
+        assert_eq!(
+            parse_body(fine).map(|v| miniserde::json::to_string(&v)),
+            Some(String::from_utf8(fine.to_vec()).unwrap())
+        );
     }
 
     #[test]

@@ -640,6 +640,107 @@ mod tests {
     }
 
     #[test]
+    fn malformed_server_urls_are_usage_errors() {
+        let bad = [
+            "http://[::1",
+            "http://[::1]x",
+            "http://[zz]:80",
+            "https://host:99999",
+            "https://host:",
+            "https://user:secret@host",
+            "https://ho st",
+            "https://",
+            "https:///path",
+        ];
+        let results: Vec<(i32, String)> = bad
+            .iter()
+            .map(|u| {
+                let err = server_url(Some((u.to_string(), "--server-url".into()))).unwrap_err();
+                (err.exit_code(), err.to_string())
+            })
+            .collect();
+        assert_eq!(
+            results,
+            [
+                "--server-url: 'http://[::1' is not a usable URL: an IPv6 address in brackets lacks its closing ']' (see --help)",
+                "--server-url: 'http://[::1]x' is not a usable URL: junk after the IPv6 address (see --help)",
+                "--server-url: 'http://[zz]:80' is not a usable URL: the address in brackets is not an IPv6 address (see --help)",
+                "--server-url: 'https://host:99999' is not a usable URL: the port is not a number from 1 to 65535 (see --help)",
+                "--server-url: 'https://host:' is not a usable URL: the port is not a number from 1 to 65535 (see --help)",
+                "--server-url: 'https://user:secret@host' is not a usable URL: user names or passwords in the URL are not supported (see --help)",
+                "--server-url: 'https://ho st' is not an http:// or https:// URL (see --help)",
+                "--server-url: 'https://' is not an http:// or https:// URL (see --help)",
+                "--server-url: 'https:///path' is not a usable URL: it names no host (see --help)",
+            ]
+            .map(|m| (2, m.to_string()))
+        );
+        for good in [
+            "https://grapheon.example.net",
+            "http://127.0.0.1:8000/",
+            "https://[::1]:8443/base",
+            "https://[fe80::1]",
+            "https://host_name.example:443/a?b#c",
+        ] {
+            assert!(
+                server_url(Some((good.to_string(), "--server-url".into()))).is_ok(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_http_is_warned_about_and_https_is_not() {
+        assert_eq!(
+            plain_http_warning("http://grapheon.example").as_deref(),
+            Some(
+                "http://grapheon.example is plain http://: the enrollment and API keys cross the \
+                 network unencrypted; use https:// unless the path to the server is trusted"
+            )
+        );
+        assert_eq!(plain_http_warning("https://grapheon.example"), None);
+    }
+
+    #[test]
+    fn an_env_file_over_the_cap_or_not_a_file_is_an_error_not_cut() {
+        let big = format!(
+            "GRAPHEON_AGENT_HOSTNAME=h\n{}",
+            "#".repeat(MAX_ENV_FILE_BYTES as usize)
+        );
+        let err = load_with(Flags::default(), &[], Some(&big)).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().ends_with(": larger than 1048576 bytes"),
+            "{err}"
+        );
+        let flags = Flags {
+            config: Some("/dev/zero".into()),
+            ..Flags::default()
+        };
+        let err = load_with(flags, &[], None).unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                "cannot read env file /dev/zero: not a regular file (it is a character device)"
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn the_env_file_read_is_the_one_messages_name() {
+        let c = load_with(Flags::default(), &[], Some("GRAPHEON_AGENT_HOSTNAME=h\n")).unwrap();
+        assert!(
+            c.env_file.ends_with("agent.env"),
+            "{}",
+            c.env_file.display()
+        );
+        let env = |key: &str| (key == "GRAPHEON_AGENT_CONFIG").then(|| "/dev/null".to_string());
+        let c = load(&Flags::default(), &Sources { env: &env }).unwrap();
+        assert_eq!(c.env_file, PathBuf::from("/dev/null"));
+    }
+
+    #[test]
     fn a_named_env_file_that_is_missing_is_an_error() {
         let flags = Flags {
             config: Some("/nonexistent/grapheon.env".into()),

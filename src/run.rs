@@ -31,6 +31,7 @@ const MAX_JITTER_SECONDS: u32 = 420;
 
 /// Runs the agent with the process arguments and environment; returns the exit code.
 pub fn main() -> i32 {
+    forbid_core_dumps();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let flags = match cli::parse(args) {
         Ok(f) => f,
@@ -39,13 +40,19 @@ pub fn main() -> i32 {
             return e.exit_code();
         }
     };
-    if flags.help {
-        print!("{}", cli::HELP);
-        return 0;
-    }
-    if flags.version {
-        println!("{VERSION}");
-        return 0;
+    if flags.help || flags.version {
+        let text = if flags.help {
+            cli::HELP.to_string()
+        } else {
+            format!("{VERSION}\n")
+        };
+        return match write_stdout(&text) {
+            Ok(()) => 0,
+            Err(e) => {
+                error!("{e}");
+                e.exit_code()
+            }
+        };
     }
     // The level flag is applied before the env file is read, so its warnings obey it.
     if let Some(level) = flags.log_level.as_deref().and_then(log::Level::parse) {
@@ -62,6 +69,35 @@ pub fn main() -> i32 {
             error!("{e}");
             e.exit_code()
         }
+    }
+}
+
+/// A core dump of the agent would hold the API key (and the enrollment key) in a file anyone
+/// with access to the crash directory can read: the process is made non-dumpable (which also
+/// keeps other users' debuggers out) and its core size limit is zero.
+pub fn forbid_core_dumps() {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls take plain values (and a pointer to a struct we own); failure leaves
+    // the process as it was, which is no reason not to run.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+    }
+}
+
+/// Writes `text` to standard output. A reader that went away (`--help | head -1`) is not an
+/// error; any other failure (`--status > /dev/full`) is, without a panic.
+fn write_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::Transient(format!(
+            "cannot write to standard output: {e}"
+        ))),
     }
 }
 
@@ -314,6 +350,13 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
     remember_agent(state, &v);
     dir.save_state(state)?;
     let status = json::get_str(&v, "status").unwrap_or("");
+    if status.is_empty() && issued.is_none() {
+        return Err(Error::Transient(format!(
+            "registration: the server answered HTTP {} without a registration status (is \
+             --server-url the Graphēon server?); the next run retries",
+            answer.status
+        )));
+    }
     match (status, &issued) {
         (_, Some(_)) => Ok(issued),
         ("pending", None) => {
@@ -777,15 +820,17 @@ fn status(cfg: &Config) -> Result<()> {
         ),
     );
     line("next check-in", &next);
-    print!("{out}");
-    Ok(())
+    write_stdout(&out)
 }
 
 /// Stores an API key read from standard input (never from the command line, which every user
 /// can see).
 fn set_api_key(cfg: &Config) -> Result<()> {
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        eprint!("API key (input is echoed; end with Enter): ");
+        let _ = write!(
+            std::io::stderr(),
+            "API key (input is echoed; end with Enter): "
+        );
     }
     let mut input = String::new();
     std::io::BufRead::read_line(&mut std::io::stdin().lock().take(4096), &mut input)

@@ -116,6 +116,12 @@ fn run_limited(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // The enrollment key may be in our environment; the tools have no use for any of it.
+    for (key, _) in std::env::vars_os() {
+        if key.as_encoded_bytes().starts_with(b"GRAPHEON_AGENT_") {
+            command.env_remove(key);
+        }
+    }
     // ETXTBSY: the program file is still open for writing somewhere (a package upgrade
     // replacing it, or a just-written script inherited by a concurrent fork). It passes.
     let mut spawned = command.spawn();
