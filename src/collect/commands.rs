@@ -172,7 +172,9 @@ fn run_limited(
             format!("{shown}: cannot read its output: {e}"),
         )),
         Outcome::Exited => match status {
-            Some(status) if status.success() => Ok(String::from_utf8_lossy(&stdout).into_owned()),
+            // Without a copy when it is valid UTF-8: the output may be tens of megabytes.
+            Some(status) if status.success() => Ok(String::from_utf8(stdout)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())),
             Some(status) => {
                 let tail = stderr.summary();
                 let sep = if tail.is_empty() { "" } else { ": " };
