@@ -103,8 +103,75 @@ fn pico(e: pico_args::Error) -> Error {
     Error::Usage(e.to_string())
 }
 
+/// The flags that take a value.
+const VALUE_FLAGS: [&str; 15] = [
+    "--config",
+    "--server-url",
+    "--enrollment-key",
+    "--state-dir",
+    "--display-name",
+    "--site-name",
+    "--hostname",
+    "--request-timeout-seconds",
+    "--timer-interval-seconds",
+    "--api-key-header",
+    "--ca-file",
+    "--log-level",
+    "--collector",
+    "--proc-root",
+    "--full-snapshot-interval-seconds",
+];
+/// The flags that take none, with their short forms.
+const SWITCHES: [(&str, &str); 9] = [
+    ("--help", "-h"),
+    ("--version", "-V"),
+    ("--dry-run", ""),
+    ("--status", ""),
+    ("--set-api-key", ""),
+    ("--register-only", ""),
+    ("--check-in-only", ""),
+    ("--force", ""),
+    ("--insecure-skip-verify", ""),
+];
+
+/// A flag given twice is a usage error naming it: which one would win is a guess either way,
+/// and the parser would otherwise report the second as an unknown argument.
+fn reject_repeats(args: &[OsString]) -> Result<()> {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = args[i].to_str().unwrap_or("");
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, _)) => (name, true),
+            None => (arg, false),
+        };
+        let flag = VALUE_FLAGS
+            .iter()
+            .find(|f| **f == name)
+            .map(|f| (*f, !inline))
+            .or_else(|| {
+                SWITCHES
+                    .iter()
+                    .find(|(long, short)| !long.is_empty() && (*long == arg || *short == arg))
+                    .map(|(long, _)| (*long, false))
+            });
+        if let Some((flag, takes_next)) = flag {
+            if seen.contains(&flag) {
+                return Err(Error::Usage(format!("{flag} is given more than once")));
+            }
+            seen.push(flag);
+            if takes_next {
+                i += 1;
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// Parses the arguments (without the program name).
 pub fn parse(args: Vec<OsString>) -> Result<Flags> {
+    reject_repeats(&args)?;
     let mut a = pico_args::Arguments::from_vec(args);
     let mut value = |name: &'static str| -> Result<Option<String>> {
         a.opt_value_from_fn(name, |s: &str| -> std::result::Result<String, String> {
@@ -195,6 +262,39 @@ mod tests {
         }
         let err = args(&["--bogus"]).unwrap_err().to_string();
         assert!(err.contains("--bogus"), "{err}");
+    }
+
+    #[test]
+    fn a_repeated_flag_is_named_as_repeated() {
+        let cases: [&[&str]; 5] = [
+            &["--server-url", "https://a", "--server-url=https://b"],
+            &["--force", "--dry-run", "--force"],
+            &["-h", "--help"],
+            &["--state-dir=/a", "--state-dir", "/b"],
+            &["--hostname", "--force", "--hostname", "x"],
+        ];
+        let messages: Vec<String> = cases
+            .iter()
+            .map(|c| args(c).unwrap_err().to_string())
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "--server-url is given more than once (see --help)",
+                "--force is given more than once (see --help)",
+                "--help is given more than once (see --help)",
+                "--state-dir is given more than once (see --help)",
+                "--hostname is given more than once (see --help)",
+            ]
+        );
+        // A value that looks like a flag is still a value.
+        assert_eq!(
+            args(&["--display-name", "--force", "--force"])
+                .unwrap()
+                .display_name
+                .as_deref(),
+            Some("--force")
+        );
     }
 
     #[test]

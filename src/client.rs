@@ -19,6 +19,7 @@ use ureq::{Agent, SendBody, Timeout};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::input;
 use crate::json;
 use crate::timefmt;
 
@@ -27,6 +28,8 @@ pub const VERSION: &str = env!("GRAPHEON_AGENT_VERSION");
 
 /// Response bodies larger than this are not read: a real answer is a few kilobytes.
 const MAX_RESPONSE_BYTES: u64 = 1 << 20;
+/// The largest CA file read.
+const MAX_CA_FILE_BYTES: u64 = 4 << 20;
 /// Attempts per request for failures that may pass.
 const ATTEMPTS: u32 = 4;
 /// A `Retry-After` longer than this is read as this (a week; a run waits for far less).
@@ -164,7 +167,8 @@ impl Client {
     pub fn new(cfg: &Config, base: &str) -> Result<Client> {
         let mut tls = TlsConfig::builder();
         if let Some(path) = &cfg.ca_file {
-            let pem = std::fs::read(path).map_err(|e| {
+            // A CA bundle is a few hundred kilobytes (the whole web PKI is about 200 KB).
+            let pem = input::read_regular(path, MAX_CA_FILE_BYTES).map_err(|e| {
                 Error::Config(format!("cannot read CA file {}: {e}", path.display()))
             })?;
             let certs: Vec<_> = ureq::tls::parse_pem(&pem)
@@ -305,7 +309,12 @@ impl Client {
         let started = Instant::now();
         let sent = req.send(SendBody::from_reader(&mut reader));
         let whole_body_taken = reader.position() >= body.len() as u64;
-        let mut resp = sent.map_err(|e| classify(e, whole_body_taken, self.timeout))?;
+        // Name what was tried: "connection refused" alone does not say which server.
+        let mut resp = sent.map_err(|e| match classify(e, whole_body_taken, self.timeout) {
+            Failure::NotSent(m) => Failure::NotSent(format!("{url}: {m}")),
+            Failure::InDoubt(m) => Failure::InDoubt(format!("{url}: {m}")),
+            other => other,
+        })?;
         let elapsed = started.elapsed();
         let status = resp.status().as_u16();
         let retry_after = resp
@@ -332,9 +341,7 @@ impl Client {
             .map_err(|e| format!("reading the answer: {e}"));
         let oversized = bytes.len() as u64 > MAX_RESPONSE_BYTES;
         let parsed = match (&read, oversized) {
-            (Ok(_), false) => std::str::from_utf8(&bytes)
-                .ok()
-                .and_then(|t| miniserde::json::from_str::<Value>(t).ok()),
+            (Ok(_), false) => parse_body(&bytes),
             _ => None,
         };
         if (200..300).contains(&status) {
@@ -342,7 +349,7 @@ impl Client {
                 let why = match (read, oversized) {
                     (Err(e), _) => e,
                     (_, true) => "an answer over 1 MiB".into(),
-                    _ => "an answer that is not JSON".into(),
+                    _ => "an answer that is not JSON (or is nested too deeply)".into(),
                 };
                 warn!("server accepted (HTTP {status}) but sent {why}");
             }
@@ -372,6 +379,14 @@ impl Client {
             retry_after,
         })
     }
+}
+
+/// The answer's JSON, if it is JSON of a sane depth: the parser spends about a hundred bytes
+/// of memory per level, so 1 MiB of `[` would cost more than the unit's memory limit.
+fn parse_body(bytes: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    input::check_json_depth(text, input::MAX_JSON_DEPTH).ok()?;
+    miniserde::json::from_str::<Value>(text).ok()
 }
 
 fn describe(f: &Failure) -> String {
@@ -618,6 +633,18 @@ mod tests {
             )
         );
         assert!(alert.retryable());
+    }
+
+    #[test]
+    fn deeply_nested_answers_are_not_parsed() {
+        let mut nested = br#"{"status":"accepted","summary":"#.to_vec();
+        nested.extend(std::iter::repeat_n(b'[', 1 << 20));
+        assert!(parse_body(&nested).is_none());
+        let fine = br#"{"status":"accepted","summary":{"hosts_created":[[1]]}}"#;
+        assert_eq!(
+            parse_body(fine).map(|v| miniserde::json::to_string(&v)),
+            Some(String::from_utf8(fine.to_vec()).unwrap())
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod client;
 pub mod collect;
 pub mod config;
 pub mod error;
+pub mod input;
 pub mod json;
 pub mod model;
 pub mod pacing;

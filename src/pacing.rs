@@ -18,6 +18,7 @@ use std::time::Duration;
 use miniserde::json::Value;
 
 use crate::error::Result;
+use crate::input;
 use crate::json::{self, Object};
 use crate::state::StateDir;
 use crate::timefmt;
@@ -398,6 +399,7 @@ impl Pacing {
     /// Parses `pacing.json`; `None` when it is not a JSON object. A field of the wrong type
     /// is left out (its default), so one bad value does not throw away the rest.
     fn from_json(text: &str) -> Option<Pacing> {
+        input::check_json_depth(text, input::MAX_JSON_DEPTH).ok()?;
         let v: Value = miniserde::json::from_str(text).ok()?;
         if !matches!(v, Value::Object(_)) {
             return None;
@@ -673,7 +675,12 @@ mod tests {
                 r#""failures":0,"backoff_until":null,"in_flight":null,"unanswered":null,"hold_until":null}"#
             )
         );
-        for junk in ["", "[1]", "{\"part_bytes\":", "null"] {
+        let deep = format!(
+            "{{\"part_bytes\":{}{}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        for junk in ["", "[1]", "{\"part_bytes\":", "null", deep.as_str()] {
             assert_eq!(Pacing::from_json(junk), None, "{junk}");
         }
         let odd = Pacing::from_json(

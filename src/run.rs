@@ -35,6 +35,7 @@ const MAX_HOLD_WAIT_SECONDS: i64 = 420;
 
 /// Runs the agent with the process arguments and environment; returns the exit code.
 pub fn main() -> i32 {
+    forbid_core_dumps();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let flags = match cli::parse(args) {
         Ok(f) => f,
@@ -43,13 +44,19 @@ pub fn main() -> i32 {
             return e.exit_code();
         }
     };
-    if flags.help {
-        print!("{}", cli::HELP);
-        return 0;
-    }
-    if flags.version {
-        println!("{VERSION}");
-        return 0;
+    if flags.help || flags.version {
+        let text = if flags.help {
+            cli::HELP.to_string()
+        } else {
+            format!("{VERSION}\n")
+        };
+        return match write_stdout(&text) {
+            Ok(()) => 0,
+            Err(e) => {
+                error!("{e}");
+                e.exit_code()
+            }
+        };
     }
     // The level flag is applied before the env file is read, so its warnings obey it.
     if let Some(level) = flags.log_level.as_deref().and_then(log::Level::parse) {
@@ -66,6 +73,35 @@ pub fn main() -> i32 {
             error!("{e}");
             e.exit_code()
         }
+    }
+}
+
+/// A core dump of the agent would hold the API key (and the enrollment key) in a file anyone
+/// with access to the crash directory can read: the process is made non-dumpable (which also
+/// keeps other users' debuggers out) and its core size limit is zero.
+pub fn forbid_core_dumps() {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls take plain values (and a pointer to a struct we own); failure leaves
+    // the process as it was, which is no reason not to run.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+    }
+}
+
+/// Writes `text` to standard output. A reader that went away (`--help | head -1`) is not an
+/// error; any other failure (`--status > /dev/full`) is, without a panic.
+fn write_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::Transient(format!(
+            "cannot write to standard output: {e}"
+        ))),
     }
 }
 
@@ -148,9 +184,12 @@ fn lifecycle(cfg: &Config) -> Result<()> {
     let server = cfg.server_url.as_deref().ok_or_else(|| {
         Error::Config(format!(
             "no server URL: set GRAPHEON_AGENT_SERVER_URL in {} or pass --server-url",
-            config::DEFAULT_ENV_FILE
+            cfg.env_file.display()
         ))
     })?;
+    if let Some(warning) = config::plain_http_warning(server) {
+        warn!("{warning}");
+    }
     let dir = StateDir::create(&cfg.state_dir)?;
     let Some(_lock) = dir.lock(LOCK_WAIT)? else {
         info!(
@@ -217,7 +256,7 @@ fn lifecycle(cfg: &Config) -> Result<()> {
             );
             return Ok(());
         }
-        if let Some(due) = next_due(&state, cfg) {
+        if let Some(due) = next_due(&state, cfg, timefmt::now()) {
             if due > timefmt::now() {
                 info!(
                     "last check-in is recent; next one due at {} (use --force to check in now)",
@@ -263,15 +302,30 @@ fn wait_for_hold(pace: &Pacing) -> Result<()> {
 
 /// When the cadence allows the next scheduled check-in; `None` means now. As the earlier agent:
 /// the policy interval only holds back runs when it is longer than the timer's own interval.
-fn next_due(state: &State, cfg: &Config) -> Option<i64> {
+fn next_due(state: &State, cfg: &Config, now: i64) -> Option<i64> {
     let interval = u64::from(state.policy().checkin_interval_seconds);
     // A report cut short between parts is finished at the next run, not an interval later.
     if interval <= cfg.timer_interval_seconds || state.report_incomplete {
         return None;
     }
-    state
-        .last_successful_checkin_at
-        .map(|last| last + interval as i64)
+    let last = in_the_past(state.last_successful_checkin_at?, "last check-in", now)?;
+    Some(last + interval as i64)
+}
+
+/// A saved time, or `None` (due now) when it lies in the future: the clock was wrong when it was
+/// saved (a board without a battery-backed RTC) or has been set back since. Trusting it would
+/// hold the agent back until the clock catches up, possibly for years.
+fn in_the_past(saved: i64, what: &str, now: i64) -> Option<i64> {
+    if saved <= now {
+        return Some(saved);
+    }
+    warn!(
+        "the {what} time saved in state.json ({}) is in the future (now {}): the clock was \
+         wrong then or has been set back; treating it as due now",
+        timefmt::format_utc(saved),
+        timefmt::format_utc(now)
+    );
+    None
 }
 
 fn sleep_jitter(max: u32) -> u32 {
@@ -303,7 +357,7 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
     let enrollment_key = cfg.enrollment_key.as_deref().ok_or_else(|| {
         Error::Config(format!(
             "this agent has no API key yet and no enrollment key: set GRAPHEON_AGENT_ENROLLMENT_KEY in {}",
-            config::DEFAULT_ENV_FILE
+            cfg.env_file.display()
         ))
     })?;
     let addresses = collect::addresses(&collect_options(cfg, &state.policy()));
@@ -330,6 +384,12 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
         .raw("addresses", &report::addresses_json(&addresses));
     o.end();
 
+    // Room for the key first: once issued, the server never shows it again.
+    let slot = if have_key {
+        None
+    } else {
+        Some(dir.reserve_api_key()?)
+    };
     let answer = client
         .register(&body)
         .map_err(|f| f.into_error("registration"))?;
@@ -343,7 +403,10 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
         Some(Value::String(k)) if !k.trim().is_empty() => {
             let k = k.trim();
             // Stored before it is judged: a key we cannot use is still the only copy.
-            dir.write_api_key(k)?;
+            match slot {
+                Some(slot) => slot.store(k)?,
+                None => dir.write_api_key(k)?,
+            }
             if let Err(why) = state::check_api_key(k) {
                 return Err(Error::Refused {
                     status: answer.status,
@@ -361,6 +424,13 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
     remember_agent(state, &v);
     dir.save_state(state)?;
     let status = json::get_str(&v, "status").unwrap_or("");
+    if status.is_empty() && issued.is_none() {
+        return Err(Error::Transient(format!(
+            "registration: the server answered HTTP {} without a registration status (is \
+             --server-url the Graphēon server?); the next run retries",
+            answer.status
+        )));
+    }
     match (status, &issued) {
         (_, Some(_)) => Ok(issued),
         ("pending", None) => {
@@ -420,15 +490,57 @@ struct Plan {
 }
 
 /// Takes `current` by value: a full snapshot sends it as it is, without a copy (at 100,000
-/// connections a copy is tens of megabytes).
-fn plan(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
+/// connections a copy is tens of megabytes). `failed` marks the tables no source could read
+/// (report order): each stands as last accepted, so it sends nothing and counts no removals.
+fn plan(
+    state: &State,
+    mut current: Snapshot,
+    failed: &[Option<String>; 4],
+    cfg: &Config,
+    now: i64,
+) -> Plan {
+    let empty = Snapshot::default();
+    let last = state.last_snapshot.as_ref();
+    let unread: Vec<usize> = (0..4).filter(|t| failed[*t].is_some()).collect();
+    for &t in &unread {
+        carry_over(&mut current, last.unwrap_or(&empty), t);
+    }
+    let mut plan = plan_read(state, current, cfg, now);
+    // A new full snapshot has an empty base: the carried-over records would go out again as if
+    // just observed. They stay in the base instead, unsent.
+    for &t in &unread {
+        let (kept, pending) = (&mut plan.kept, &mut plan.pending);
+        match t {
+            0 => kept.addresses.append(&mut pending.addresses),
+            1 => kept.neighbors.append(&mut pending.neighbors),
+            2 => kept.connections.append(&mut pending.connections),
+            _ => kept.routes.append(&mut pending.routes),
+        }
+    }
+    plan
+}
+
+/// Replaces table `t` (report order) of `current` with that of `last`.
+fn carry_over(current: &mut Snapshot, last: &Snapshot, t: usize) {
+    match t {
+        0 => current.addresses.clone_from(&last.addresses),
+        1 => current.neighbors.clone_from(&last.neighbors),
+        2 => current.connections.clone_from(&last.connections),
+        _ => current.routes.clone_from(&last.routes),
+    }
+}
+
+fn plan_read(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
     let empty = Snapshot::default();
     let last = state.last_snapshot.as_ref();
     let stale = match (
         cfg.full_snapshot_interval_seconds,
         state.last_full_snapshot_at,
     ) {
-        (Some(interval), Some(at)) => now - at >= interval as i64,
+        (Some(interval), Some(at)) => match in_the_past(at, "last full snapshot", now) {
+            Some(at) => now - at >= interval as i64,
+            None => true,
+        },
         // A snapshot migrated from the earlier agent has no full-snapshot time: its delta base
         // is kept, and the freshness clock starts with this agent's first check-in.
         _ => false,
@@ -457,7 +569,14 @@ fn plan(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
     }
 }
 
-fn header(cfg: &Config, uuid: &str, host: &Host, now: i64, left_out: usize) -> Header {
+fn header(
+    cfg: &Config,
+    uuid: &str,
+    host: &Host,
+    now: i64,
+    left_out: usize,
+    failed: [Option<String>; 4],
+) -> Header {
     Header {
         agent_uuid: uuid.to_string(),
         observed_at: now,
@@ -467,6 +586,7 @@ fn header(cfg: &Config, uuid: &str, host: &Host, now: i64, left_out: usize) -> H
         platform_release: host.release.clone(),
         collector: cfg.collector.as_str(),
         records_left_out: left_out,
+        failed_tables: failed,
     }
 }
 
@@ -493,6 +613,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
     let collect::Collected {
         snapshot: current,
         left_out,
+        failed,
     } = collect::collect(&collect_options(cfg, &policy));
     let now = timefmt::now();
     let Plan {
@@ -500,8 +621,8 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
         removed,
         mut kept,
         mut pending,
-    } = plan(state, current, cfg, now);
-    let header = header(cfg, uuid, host, now, left_out);
+    } = plan(state, current, &failed, cfg, now);
+    let header = header(cfg, uuid, host, now, left_out, failed);
     let limits = limits(cfg, &policy);
     let mut budget = pace.budget(&limits);
     let (mut sent, mut done) = (0, 0);
@@ -737,10 +858,11 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let collect::Collected {
         snapshot: current,
         left_out,
+        failed,
     } = collect::collect(&collect_options(cfg, &state.policy()));
     let now = timefmt::now();
-    let p = plan(&state, current, cfg, now);
-    let header = header(cfg, &uuid, &host, now, left_out);
+    let p = plan(&state, current, &failed, cfg, now);
+    let header = header(cfg, &uuid, &host, now, left_out, failed);
     // The size the next run starts with; a run resizes later parts as the server answers.
     let budget = pacing::load(&dir).budget(&limits(cfg, &state.policy()));
     let parts = report::split(&header, &p.pending, &p.removed, budget);
@@ -777,7 +899,7 @@ fn status(cfg: &Config) -> Result<()> {
     let state = dir.load_state(false)?;
     let policy = state.policy();
     let when = |t: Option<i64>| t.map_or_else(|| "never".to_string(), timefmt::format_utc);
-    let next = match (&key, next_due(&state, cfg)) {
+    let next = match (&key, next_due(&state, cfg, timefmt::now())) {
         (None, _) => "at the next timer run (registration)".to_string(),
         (Some(_), None) => "at the next timer run".to_string(),
         (Some(_), Some(due)) if due <= timefmt::now() => "at the next timer run".to_string(),
@@ -840,15 +962,17 @@ fn status(cfg: &Config) -> Result<()> {
     for (label, text) in pacing::load(&dir).describe(&limits(cfg, &policy), timefmt::now()) {
         line(label, &text);
     }
-    print!("{out}");
-    Ok(())
+    write_stdout(&out)
 }
 
 /// Stores an API key read from standard input (never from the command line, which every user
 /// can see).
 fn set_api_key(cfg: &Config) -> Result<()> {
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        eprint!("API key (input is echoed; end with Enter): ");
+        let _ = write!(
+            std::io::stderr(),
+            "API key (input is echoed; end with Enter): "
+        );
     }
     let mut input = String::new();
     std::io::BufRead::read_line(&mut std::io::stdin().lock().take(4096), &mut input)
@@ -876,7 +1000,113 @@ fn set_api_key(cfg: &Config) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Address, Route};
+    use crate::model::{Address, ConnState, Connection, Protocol, Route};
+
+    fn cfg() -> Config {
+        let env = |key: &str| (key == "GRAPHEON_AGENT_CONFIG").then(|| "/dev/null".to_string());
+        config::load(&cli::Flags::default(), &config::Sources { env: &env }).unwrap()
+    }
+
+    fn route(destination: &str) -> Route {
+        Route {
+            destination: destination.into(),
+            gateway: None,
+            interface: Some("eth0".into()),
+            source_ip: None,
+        }
+    }
+
+    fn conn(port: u16) -> Connection {
+        Connection {
+            protocol: Protocol::Tcp,
+            local_ip: "192.0.2.1".parse().unwrap(),
+            local_port: port,
+            remote_ip: Some("192.0.2.9".parse().unwrap()),
+            remote_port: Some(443),
+            state: Some(ConnState::Established),
+            pid: None,
+            process_name: None,
+        }
+    }
+
+    fn snapshot(routes: &[&str], ports: &[u16]) -> Snapshot {
+        let mut s = Snapshot {
+            routes: routes.iter().map(|d| route(d)).collect(),
+            connections: ports.iter().map(|p| conn(*p)).collect(),
+            ..Snapshot::default()
+        };
+        s.normalize();
+        s
+    }
+
+    const NOW: i64 = 1_795_744_647;
+
+    fn accepted_state(last: Snapshot, full_at: i64) -> State {
+        State {
+            sequence_number: 7,
+            last_snapshot: Some(last),
+            last_successful_checkin_at: Some(NOW - 60),
+            last_full_snapshot_at: Some(full_at),
+            ..State::default()
+        }
+    }
+
+    fn routes_failed() -> [Option<String>; 4] {
+        [None, None, None, Some("netlink: refused".into())]
+    }
+
+    #[test]
+    fn a_table_no_source_could_read_keeps_its_records_and_counts_no_removals() {
+        let last = snapshot(&["default", "10.0.0.0/8"], &[1, 2]);
+        let state = accepted_state(last, NOW - 60);
+        // The routes could not be read (empty); connection 1 is gone, 3 is new.
+        let current = snapshot(&[], &[2, 3]);
+        let p = plan(&state, current, &routes_failed(), &cfg(), NOW);
+        assert!(!p.full);
+        assert_eq!(p.removed, [0, 0, 1, 0]);
+        assert_eq!(p.pending, snapshot(&[], &[3]));
+        assert_eq!(p.kept, snapshot(&["default", "10.0.0.0/8"], &[2]));
+    }
+
+    #[test]
+    fn a_full_snapshot_keeps_an_unread_table_in_the_base_without_sending_it() {
+        let last = snapshot(&["default"], &[1]);
+        let state = accepted_state(last, NOW - 2 * 86_400);
+        let p = plan(&state, snapshot(&[], &[1]), &routes_failed(), &cfg(), NOW);
+        assert!(p.full);
+        assert_eq!(p.removed, [0, 0, 0, 0]);
+        assert_eq!(p.pending, snapshot(&[], &[1]));
+        assert_eq!(p.kept, snapshot(&["default"], &[]));
+        // Once accepted, the saved snapshot still holds the route.
+        assert_eq!(
+            report::advance(&p.kept, &p.pending, &[0, 0, 1, 0]),
+            snapshot(&["default"], &[1])
+        );
+    }
+
+    #[test]
+    fn a_read_table_that_is_empty_counts_its_removals() {
+        let state = accepted_state(snapshot(&["default"], &[]), NOW - 60);
+        let p = plan(&state, snapshot(&[], &[]), &Default::default(), &cfg(), NOW);
+        assert_eq!(p.removed, [0, 0, 0, 1]);
+        assert_eq!(p.kept, Snapshot::default());
+    }
+
+    #[test]
+    fn a_saved_time_in_the_future_is_due_now() {
+        let cfg = cfg();
+        let mut state = accepted_state(snapshot(&[], &[1]), NOW - 60);
+        // The default policy interval (3,600 s) is longer than the timer's (900 s).
+        assert_eq!(next_due(&state, &cfg, NOW), Some(NOW - 60 + 3_600));
+        state.last_successful_checkin_at = Some(NOW + 365 * 86_400);
+        assert_eq!(next_due(&state, &cfg, NOW), None);
+
+        let fresh = plan(&state, snapshot(&[], &[1]), &Default::default(), &cfg, NOW);
+        assert!(!fresh.full);
+        state.last_full_snapshot_at = Some(NOW + 365 * 86_400);
+        let p = plan(&state, snapshot(&[], &[1]), &Default::default(), &cfg, NOW);
+        assert!(p.full, "a full-snapshot time in the future makes one due");
+    }
 
     #[test]
     fn field_errors_point_at_the_records_of_the_refused_part() {

@@ -128,15 +128,15 @@ type Source<'a, T> = (
     Box<dyn Fn() -> Result<Vec<T>, SourceError> + 'a>,
 );
 
-/// Tries each source in turn; the first that works serves the table. When none works the table
-/// is empty and the operator is told why.
-fn first_working<T>(table: &str, sources: Vec<Source<'_, T>>) -> Vec<T> {
+/// Tries each source in turn; the first that works serves the table. When none works the
+/// operator is told why, and the reason is returned: an unreadable table is not an empty one.
+fn first_working<T>(table: &str, sources: Vec<Source<'_, T>>) -> Result<Vec<T>, String> {
     let mut reasons = Vec::new();
     for (name, source) in sources {
         match source() {
             Ok(records) => {
                 debug!("{table}: {} records from {name}", records.len());
-                return records;
+                return Ok(records);
             }
             Err(e) => {
                 debug!("{table}: {name} failed: {e}");
@@ -144,8 +144,17 @@ fn first_working<T>(table: &str, sources: Vec<Source<'_, T>>) -> Vec<T> {
             }
         }
     }
-    warn!("{table} left empty: {}", reasons.join("; "));
-    Vec::new()
+    let reason = reasons.join("; ");
+    warn!("{table} could not be collected ({reason}); the server keeps its last records of it");
+    Err(reason)
+}
+
+/// The table's records, or none with the reason noted in `failed[t]`.
+fn served<T>(failed: &mut [Option<String>; 4], t: usize, result: Result<Vec<T>, String>) -> Vec<T> {
+    result.unwrap_or_else(|why| {
+        failed[t] = Some(why);
+        Vec::new()
+    })
 }
 
 /// The sources the mode allows, in the order they are tried: kernel first, commands last.
@@ -161,8 +170,12 @@ fn chain<'a, T>(
     }
 }
 
-/// The interface addresses alone (for the registration).
+/// The interface addresses alone (for the registration); empty when no source works.
 pub fn addresses(opts: &Options) -> Vec<Address> {
+    addresses_or_why(opts).unwrap_or_default()
+}
+
+fn addresses_or_why(opts: &Options) -> Result<Vec<Address>, String> {
     let t = opts.command_timeout;
     let sources = chain(
         opts,
@@ -172,11 +185,11 @@ pub fn addresses(opts: &Options) -> Vec<Address> {
             Box::new(move || commands::addresses(t)),
         ),
     );
-    let mut list = first_working("addresses", sources);
+    let mut list = first_working("addresses", sources)?;
     finish_addresses(&mut list);
     list.sort();
     list.dedup();
-    list
+    Ok(list)
 }
 
 /// What one collection produced.
@@ -185,6 +198,10 @@ pub struct Collected {
     pub snapshot: Snapshot,
     /// Records left out because the server would refuse them (no valid address to report).
     pub left_out: usize,
+    /// Why each table that no source could read failed, in report order (addresses,
+    /// neighbors, connections, routes); `None` for a table that was read or is off by policy.
+    /// Such a table is empty in `snapshot`, but is not known to be empty.
+    pub failed: [Option<String>; 4],
 }
 
 /// Collects every table the policy enables and applies the shared normalisation.
@@ -192,10 +209,15 @@ pub fn collect(opts: &Options) -> Collected {
     let t = opts.command_timeout;
     let proc_root = opts.proc_root.as_path();
     let on = opts.tables;
+    let mut failed: [Option<String>; 4] = Default::default();
     // Wildcard listeners are expanded over the addresses, so they are read even when the
     // policy does not report them.
     let addresses = if on.addresses || on.connections {
-        addresses(opts)
+        match addresses_or_why(opts) {
+            Ok(list) => list,
+            Err(why) if on.addresses => served(&mut failed, 0, Err(why)),
+            Err(_) => Vec::new(),
+        }
     } else {
         Vec::new()
     };
@@ -208,7 +230,7 @@ pub fn collect(opts: &Options) -> Collected {
                 Box::new(move || commands::neighbors(t)),
             ),
         );
-        first_working("neighbors", sources)
+        served(&mut failed, 1, first_working("neighbors", sources))
     } else {
         Vec::new()
     };
@@ -218,7 +240,7 @@ pub fn collect(opts: &Options) -> Collected {
             vec![("netlink", Box::new(netlink::routes))],
             ("ip -json route show", Box::new(move || commands::routes(t))),
         );
-        first_working("routes", sources)
+        served(&mut failed, 3, first_working("routes", sources))
     } else {
         Vec::new()
     };
@@ -244,7 +266,7 @@ pub fn collect(opts: &Options) -> Collected {
                 Box::new(move || commands::sockets(t)),
             ),
         );
-        first_working("connections", sources)
+        served(&mut failed, 2, first_working("connections", sources))
     } else {
         Vec::new()
     };
@@ -259,7 +281,11 @@ pub fn collect(opts: &Options) -> Collected {
     if left_out > 0 {
         debug!("{left_out} records left out: no address the server would accept");
     }
-    Collected { snapshot, left_out }
+    Collected {
+        snapshot,
+        left_out,
+        failed,
+    }
 }
 
 /// Reports a socket bound to every address once per local address of its family (IPv4 for

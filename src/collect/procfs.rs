@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::ffi::OsStrExt;
@@ -25,6 +24,8 @@ const TABLES: [(&str, Protocol, bool); 4] = [
 ];
 /// Real lines are under 200 bytes; a longer one is cut and its pieces skipped as garbage.
 const MAX_LINE: u64 = 4096;
+/// The most of one socket table that is read.
+const MAX_TABLE_BYTES: u64 = 256 << 20;
 /// `socket:[18446744073709551615]` is 29 bytes; a longer link target is no socket.
 const LINK_BUFFER: usize = 64;
 
@@ -66,10 +67,19 @@ fn read_table(
     line: &mut Vec<u8>,
     out: &mut Vec<Socket>,
 ) -> io::Result<()> {
-    let mut reader = BufReader::with_capacity(64 * 1024, File::open(path)?);
+    // A regular file only (a FIFO would block, /dev/zero never end), and bounded: a real table
+    // of a million sockets is about 150 MB.
+    let file = crate::input::open_regular(path)?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file.take(MAX_TABLE_BYTES));
     loop {
         line.clear();
         if (&mut reader).take(MAX_LINE).read_until(b'\n', line)? == 0 {
+            if reader.get_ref().limit() == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("larger than {MAX_TABLE_BYTES} bytes"),
+                ));
+            }
             return Ok(());
         }
         let Ok(text) = std::str::from_utf8(line) else {
@@ -273,7 +283,7 @@ fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
     let path = proc_root.join(pid.to_string()).join("comm");
     let mut bytes = Vec::with_capacity(32);
     // comm is at most 16 bytes; the bound keeps a strange file from costing memory.
-    File::open(&path)
+    crate::input::open_regular(&path)
         .and_then(|f| f.take(256).read_to_end(&mut bytes))
         .map_err(|err| debug!("cannot read {}: {err}", path.display()))
         .ok()?;
