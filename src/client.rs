@@ -795,7 +795,7 @@ mod tests {
             let failure = c.post("/x", &big_body(), None).unwrap_err();
             assert_eq!(
                 failure,
-                Failure::NotSent("timed out after 1 s sending the request".into())
+                Failure::NotSent(format!("{url}/x: timed out after 1 s sending the request"))
             );
         }
 
@@ -808,9 +808,9 @@ mod tests {
             let c = client(&url, Duration::from_secs(1));
             assert_eq!(
                 c.post("/x", b"{\"a\":1}", None).unwrap_err(),
-                Failure::InDoubt(
-                    "the request was sent and no answer came within 1 s (timed out)".into()
-                )
+                Failure::InDoubt(format!(
+                    "{url}/x: the request was sent and no answer came within 1 s (timed out)"
+                ))
             );
         }
 
