@@ -229,7 +229,8 @@ impl Pacing {
         self.part_bytes = Some(self.clamp(next, limits));
         self.in_flight = None;
         self.unanswered = Some(sent);
-        self.hold_until = Some(sent.at.saturating_add(limits.hold()));
+        // `sent.at` is cut to whole seconds: one more keeps the hold at least its length.
+        self.hold_until = Some(sent.at.saturating_add(limits.hold() + 1));
     }
 
     /// A part still in flight when a run starts: the run that sent it was stopped before the
@@ -567,8 +568,8 @@ mod tests {
         assert_eq!(p.budget(&l), 21_845);
         assert_eq!(p.unanswered, Some(sent));
         assert_eq!(p.in_flight, None);
-        assert_eq!(p.hold(NOW + 119), Some(NOW + 120));
-        assert_eq!(p.hold(NOW + 120), None);
+        assert_eq!(p.hold(NOW + 120), Some(NOW + 121));
+        assert_eq!(p.hold(NOW + 121), None);
         p.failed(NOW + 30, &backoff(), None, 0.0);
         assert_eq!(p.backoff(NOW + 30), Some(NOW + 255));
         let short = Backoff {
@@ -579,7 +580,7 @@ mod tests {
         p.failed(NOW + 30, &short, None, 0.0);
         assert_eq!(
             p.backoff(NOW + 30),
-            Some(NOW + 120),
+            Some(NOW + 121),
             "never before the hold ends"
         );
         // The next accepted part ends the hold, the backoff and the failure count.
@@ -606,7 +607,7 @@ mod tests {
         );
         assert_eq!(p.in_flight, None);
         assert_eq!(p.unanswered, recovered);
-        assert_eq!(p.hold_until, Some(NOW + 8));
+        assert_eq!(p.hold_until, Some(NOW + 9));
         assert_eq!(p.budget(&l), 13_333);
     }
 
@@ -738,7 +739,7 @@ mod tests {
                 (
                     "unanswered part",
                     "98304 bytes sent at 2026-11-27T01:57:37Z got no answer; resent in smaller \
-                     parts; nothing is sent before 2026-11-27T01:59:37Z"
+                     parts; nothing is sent before 2026-11-27T01:59:38Z"
                         .to_string()
                 ),
             ]

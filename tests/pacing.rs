@@ -165,11 +165,11 @@ fn http_date(secs: i64) -> String {
 #[test]
 fn a_part_without_an_answer_is_not_sent_again_in_the_run_and_the_next_run_sends_it_smaller() {
     let host = Host::new("indoubt", 300);
-    let agent = host.agent("indoubt", 1);
+    let agent = host.agent("indoubt", 2);
     assert_code(&host.run(&agent, &["--register-only"]), 0);
-    // 5 ms per record: the first 64 KiB part (about 380 records) takes the server 2 s, twice
-    // the agent's timeout. The server stores it all the same.
-    let per_record = Duration::from_millis(5);
+    // 8 ms per record: the first 64 KiB part (about 380 records) takes the server 3 s, more
+    // than the agent's 2 s timeout. The server stores it all the same.
+    let per_record = Duration::from_millis(8);
     host.srv.set_ingest_time(per_record);
 
     let run = host.run(&agent, &["--force"]);
@@ -200,15 +200,14 @@ fn a_part_without_an_answer_is_not_sent_again_in_the_run_and_the_next_run_sends_
     let second = &all[1..];
     assert!(second.len() > 2, "{} parts", second.len());
     assert!(
-        second[0].received_at >= first[0].received_at + Duration::from_secs(3),
-        "nothing was sent before the hold (4 timeouts after the unanswered part, in whole \
-         seconds) ended"
+        second[0].received_at >= first[0].received_at + Duration::from_secs(7),
+        "nothing was sent before the hold (4 timeouts after the unanswered part) ended"
     );
     for r in second {
         let records = record_count(&decoded(r));
         assert!(records < first_records / 2, "{records} of {first_records}");
         assert!(
-            per_record * (records as u32) < Duration::from_secs(1),
+            per_record * (records as u32) < Duration::from_secs(2),
             "{records} records take the server longer than the timeout"
         );
         assert_eq!(r.status, Some(200));
@@ -219,7 +218,7 @@ fn a_part_without_an_answer_is_not_sent_again_in_the_run_and_the_next_run_sends_
     let p = pacing(&agent);
     assert_eq!(u64_at(&p, "failures"), Some(0));
     assert!(is_null(&p, "unanswered") && is_null(&p, "hold_until"));
-    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(started.elapsed() < Duration::from_secs(40));
 }
 
 #[test]
