@@ -114,9 +114,9 @@ impl Client {
         let mut tls = TlsConfig::builder();
         if let Some(path) = &cfg.ca_file {
             // A CA bundle is a few hundred kilobytes (the whole web PKI is about 200 KB).
-            let pem = input::read_regular(path, MAX_CA_FILE_BYTES).map_err(|e| {
-                Error::Config(format!("cannot read CA file {}: {e}", path.display()))
-            })?;
+            let pem = input::read_regular(path, input::Links::Follow, MAX_CA_FILE_BYTES).map_err(
+                |e| Error::Config(format!("cannot read CA file {}: {e}", path.display())),
+            )?;
             let certs: Vec<_> = ureq::tls::parse_pem(&pem)
                 .filter_map(|item| match item {
                     Ok(PemItem::Certificate(c)) => Some(c),
@@ -292,7 +292,7 @@ impl Client {
 /// of memory per level, so 1 MiB of `[` would cost more than the unit's memory limit.
 fn parse_body(bytes: &[u8]) -> Option<Value> {
     let text = std::str::from_utf8(bytes).ok()?;
-    input::check_json_depth(text, input::MAX_JSON_DEPTH).ok()?;
+    input::check_json(text, input::REPLY_JSON).ok()?;
     miniserde::json::from_str::<Value>(text).ok()
 }
 

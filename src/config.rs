@@ -437,7 +437,7 @@ fn read_env_file(path: &std::path::Path) -> std::io::Result<Option<String>> {
     if path == std::path::Path::new("/dev/null") {
         return Ok(Some(String::new()));
     }
-    let file = match input::open_regular(path) {
+    let file = match input::open_regular(path, input::Links::Follow) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),

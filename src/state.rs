@@ -285,16 +285,16 @@ impl StateDir {
                     "{} is a symbolic link, which the agent never creates: remove it",
                     path.display()
                 )),
+                // A FIFO without a reader (ENXIO) or a directory (EISDIR): nothing a later run
+                // can get past.
+                Some(libc::ENXIO | libc::EISDIR) => not_a_lock_file(&path),
                 _ => Error::io("cannot open the lock file", &path, e),
             })?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io("cannot inspect the lock file", &path, e))?;
         if !meta.is_file() {
-            return Err(Error::Config(format!(
-                "{} is not a regular file, which the agent never creates: remove it",
-                path.display()
-            )));
+            return Err(not_a_lock_file(&path));
         }
         let start = Instant::now();
         loop {
@@ -318,9 +318,10 @@ impl StateDir {
 
     fn read_small(&self, name: &str) -> Result<Option<String>> {
         let path = self.path.join(name);
-        match read_capped(&path, 64 << 10) {
+        match read_own(&path, 64 << 10) {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) if input::not_a_file(&e).is_some() => Err(planted(&path, &e)),
             // Binary junk or a huge file never fixes itself: the callers judge it as corrupt.
             Err(e) if e.kind() == ErrorKind::InvalidData => Ok(Some(String::new())),
             Err(e) => Err(Error::io("cannot read", &path, e)),
@@ -430,7 +431,7 @@ impl StateDir {
             }
         }
         let reservation = self.path.join(KEY_RESERVATION);
-        let text = match read_capped(&reservation, KEY_ROOM) {
+        let text = match read_own(&reservation, KEY_ROOM) {
             Ok(text) => text,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
             Err(_) => String::new(),
@@ -463,10 +464,13 @@ impl StateDir {
     /// warning (when `repair`) and the run continues from a fresh state.
     pub fn load_state(&self, repair: bool) -> Result<State> {
         let path = self.path.join(STATE_FILE);
-        let text = match read_capped(&path, MAX_STATE_BYTES) {
+        let text = match read_own(&path, MAX_STATE_BYTES) {
             Ok(text) => text,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(State::default()),
-            Err(e) if e.kind() == ErrorKind::InvalidData => String::new(),
+            // Moved aside below like any corrupt state: renaming a link or FIFO is harmless.
+            Err(e) if e.kind() == ErrorKind::InvalidData || input::not_a_file(&e).is_some() => {
+                String::new()
+            }
             Err(e) => return Err(Error::io("cannot read", &path, e)),
         };
         if let Some(state) = State::from_json(&text) {
@@ -524,23 +528,11 @@ impl StateDir {
 }
 
 /// Reads one of the agent's own files: never through a symbolic link (the agent creates none),
-/// only a regular file (a FIFO would block), at most `cap` bytes. Anything else is
-/// `InvalidData`, which the callers judge as corrupt.
-fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
-    let invalid = |why: String| std::io::Error::new(ErrorKind::InvalidData, why);
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => invalid("a symbolic link".into()),
-            _ => e,
-        })?;
-    if !file.metadata()?.is_file() {
-        return Err(invalid("not a regular file".into()));
-    }
-    let bytes = input::read_capped(file, cap)?;
-    String::from_utf8(bytes).map_err(|_| invalid("not UTF-8".into()))
+/// only a regular file (a FIFO would block), at most `cap` bytes. Text that is not UTF-8 is
+/// `InvalidData`, as a file over the cap is: the callers judge both as corrupt.
+fn read_own(path: &Path, cap: u64) -> std::io::Result<String> {
+    let bytes = input::read_regular(path, input::Links::Refuse, cap)?;
+    String::from_utf8(bytes).map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "not UTF-8"))
 }
 
 /// Opens a directory itself, not a link to one.
@@ -557,6 +549,31 @@ fn open_dir(path: &Path) -> Result<File> {
             )),
             _ => Error::io("cannot open the state directory", path, e),
         })
+}
+
+fn not_a_lock_file(path: &Path) -> Error {
+    Error::Config(format!(
+        "{} is not a regular file, which the agent never creates: remove it",
+        path.display()
+    ))
+}
+
+/// One of the agent's files is a link, FIFO, device or directory: someone put it there, and no
+/// later run gets past it, so the operator is told what it is and what to do.
+fn planted(path: &Path, err: &std::io::Error) -> Error {
+    match input::not_a_file(err) {
+        Some("a symbolic link") => Error::Config(format!(
+            "{} is a symbolic link, which the agent never creates: replace it with the file it \
+             points to",
+            path.display()
+        )),
+        kind => Error::Config(format!(
+            "{} is {}, which the agent never creates: remove it, or put the file that belongs \
+             there in its place",
+            path.display(),
+            kind.unwrap_or("not a regular file")
+        )),
+    }
 }
 
 fn symlinked_dir(path: &Path) -> Error {
@@ -761,7 +778,60 @@ mod tests {
         let elsewhere = t.0.join("elsewhere");
         fs::write(&elsewhere, "gpak_0123456789abcdef\n").unwrap();
         std::os::unix::fs::symlink(&elsewhere, dir.path().join(KEY_FILE)).unwrap();
-        assert_eq!(dir.read_api_key().unwrap(), None);
+        let err = dir.read_api_key().unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "{} is a symbolic link, which the agent never creates: replace it with the \
+                     file it points to",
+                    dir.path().join(KEY_FILE).display()
+                )
+            )
+        );
+        let fifo = dir.path().join(UUID_FILE);
+        mkfifo(&fifo);
+        let err = dir.read_uuid().unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "{} is a FIFO, which the agent never creates: remove it, or put the file \
+                     that belongs there in its place",
+                    fifo.display()
+                )
+            )
+        );
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn a_lock_file_that_is_a_fifo_or_a_directory_is_a_configuration_error() {
+        let t = TempDir::new("lockkind");
+        let dir = StateDir::create(&t.0).unwrap();
+        let lock = dir.path().join(LOCK_FILE);
+        let mut seen = Vec::new();
+        for make in [mkfifo as fn(&Path), |p: &Path| fs::create_dir(p).unwrap()] {
+            make(&lock);
+            let err = dir.lock(Duration::ZERO).unwrap_err();
+            seen.push((err.exit_code(), err.to_string()));
+            let _ = fs::remove_file(&lock).or_else(|_| fs::remove_dir(&lock));
+        }
+        let expected = (
+            2,
+            format!(
+                "{} is not a regular file, which the agent never creates: remove it",
+                lock.display()
+            ),
+        );
+        assert_eq!(seen, [expected.clone(), expected]);
     }
 
     fn names(dir: &StateDir) -> Vec<String> {

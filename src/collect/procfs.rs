@@ -69,7 +69,7 @@ fn read_table(
 ) -> io::Result<()> {
     // A regular file only (a FIFO would block, /dev/zero never end), and bounded: a real table
     // of a million sockets is about 150 MB.
-    let file = crate::input::open_regular(path)?;
+    let file = crate::input::open_regular(path, crate::input::Links::Follow)?;
     let mut reader = BufReader::with_capacity(64 * 1024, file.take(MAX_TABLE_BYTES));
     loop {
         line.clear();
@@ -283,7 +283,7 @@ fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
     let path = proc_root.join(pid.to_string()).join("comm");
     let mut bytes = Vec::with_capacity(32);
     // comm is at most 16 bytes; the bound keeps a strange file from costing memory.
-    crate::input::open_regular(&path)
+    crate::input::open_regular(&path, crate::input::Links::Follow)
         .and_then(|f| f.take(256).read_to_end(&mut bytes))
         .map_err(|err| debug!("cannot read {}: {err}", path.display()))
         .ok()?;
