@@ -177,6 +177,7 @@ fn lifecycle(cfg: &Config) -> Result<()> {
         );
         return Ok(());
     };
+    dir.tidy()?;
     let uuid = dir.ensure_uuid()?;
     let mut state = dir.load_state(true)?;
     let client = Client::new(cfg, server)?;
@@ -760,11 +761,12 @@ fn status(cfg: &Config) -> Result<()> {
     let state = dir.load_state(false)?;
     let policy = state.policy();
     let when = |t: Option<i64>| t.map_or_else(|| "never".to_string(), timefmt::format_utc);
-    let next = match (&key, next_due(&state, cfg, timefmt::now())) {
-        (None, _) => "at the next timer run (registration)".to_string(),
-        (Some(_), None) => "at the next timer run".to_string(),
-        (Some(_), Some(due)) if due <= timefmt::now() => "at the next timer run".to_string(),
-        (Some(_), Some(due)) => format!(
+    let registered = key.is_some() || dir.key_waiting();
+    let next = match (registered, next_due(&state, cfg, timefmt::now())) {
+        (false, _) => "at the next timer run (registration)".to_string(),
+        (true, None) => "at the next timer run".to_string(),
+        (true, Some(due)) if due <= timefmt::now() => "at the next timer run".to_string(),
+        (true, Some(due)) => format!(
             "{} or the first timer run after it",
             timefmt::format_utc(due)
         ),
@@ -789,10 +791,13 @@ fn status(cfg: &Config) -> Result<()> {
     );
     line(
         "api key",
-        &key.as_deref().map_or_else(
-            || "absent".into(),
-            |k| format!("present ({})", log::redact(k)),
-        ),
+        &match &key {
+            Some(k) => format!("present ({})", log::redact(k)),
+            None if dir.key_waiting() => {
+                "received, waiting in .api_key.reserved: the next run installs it".into()
+            }
+            None => "absent".into(),
+        },
     );
     line(
         "last successful check-in",
@@ -846,6 +851,7 @@ fn set_api_key(cfg: &Config) -> Result<()> {
             "another run holds the lock; try again in a moment".into(),
         ));
     };
+    dir.tidy()?;
     dir.write_api_key(key)?;
     info!(
         "API key {} stored in {}",

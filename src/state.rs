@@ -146,45 +146,75 @@ pub struct StateDir {
 
 /// The room reserved for an API key about to be issued ([`StateDir::reserve_api_key`]).
 /// Dropped without a key, it is given back.
+///
+/// The reservation holds on filesystems that overwrite in place (ext4, xfs, tmpfs). On
+/// copy-on-write ones (btrfs, ZFS) overwriting needs new blocks too, so a full disk can still
+/// refuse the key; [`KeySlot::store`] then frees the room and writes the key plainly.
 #[derive(Debug)]
 pub struct KeySlot<'a> {
     dir: &'a StateDir,
-    file: File,
+    /// `None` once the room was given back to make space for a plain write.
+    file: Option<File>,
     holds_key: bool,
 }
 
 impl KeySlot<'_> {
-    /// Stores the key in the reserved room, then puts it in place as `api_key`. When that
-    /// fails, the key stays in the reservation, which the next run installs.
+    /// Stores the key in the reserved room, then puts it in place as `api_key`. When the key
+    /// is written but cannot be made durable or renamed, it stays in the reservation, which
+    /// the next run installs (exit 1).
     pub fn store(mut self, key: &str) -> Result<()> {
         let reservation = self.dir.path.join(KEY_RESERVATION);
-        let line = format!("{key}\n");
-        let written = (|| -> std::io::Result<()> {
-            self.file.write_all_at(line.as_bytes(), 0)?;
-            self.holds_key = true;
-            self.file.set_len(line.len() as u64)?;
-            self.file.sync_all()
-        })();
-        if let Err(e) = written {
-            if !self.holds_key {
-                // Not even the reserved room took it (a key longer than the room?): the plain
-                // write is the last chance to keep the only copy.
-                warn!("cannot store the API key in {}: {e}", reservation.display());
-                return self.dir.write_api_key(key);
-            }
-            // The key is in the file; only the padding may remain. The next run installs it.
-            warn!("cannot trim {}: {e}", reservation.display());
-        }
-        self.holds_key = true;
         let path = self.dir.path.join(KEY_FILE);
-        fs::rename(&reservation, &path)
-            .and_then(|()| File::open(&self.dir.path)?.sync_all())
+        let line = format!("{key}\n");
+        let Some(file) = self.file.take() else {
+            return self.dir.write_api_key(key);
+        };
+        if let Err(e) = file.write_all_at(line.as_bytes(), 0) {
+            // The room did not take it (copy-on-write filesystem, or a key longer than the
+            // room): give the room back before the plain write, which on a full disk needs it.
+            warn!(
+                "cannot store the API key in {} ({e}); writing it to {} instead",
+                reservation.display(),
+                path.display()
+            );
+            let _ = file.set_len(0);
+            drop(file);
+            let _ = fs::remove_file(&reservation);
+            return self.dir.write_api_key(key).map_err(|e| {
+                Error::Transient(format!(
+                    "the server issued an API key but it cannot be stored: {e}. It is shown only \
+                     once: free space in {}, then ask the server's administrator to issue this \
+                     agent a new key and install it with --set-api-key",
+                    self.dir.path.display()
+                ))
+            });
+        }
+        // From here the reservation holds the only copy: it is never removed.
+        self.holds_key = true;
+        let kept = |what: String| {
+            Error::Transient(format!(
+                "the API key was received and written to {}, but {what}; it is kept there and \
+                 the next run installs it",
+                reservation.display()
+            ))
+        };
+        file.set_len(line.len() as u64)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| kept(format!("it cannot be made durable ({e})")))?;
+        fs::rename(&reservation, &path).map_err(|e| {
+            kept(format!(
+                "it cannot be put in place as {} ({e})",
+                path.display()
+            ))
+        })?;
+        File::open(&self.dir.path)
+            .and_then(|d| d.sync_all())
             .map_err(|e| {
                 Error::Transient(format!(
-                    "the API key was received but cannot be put in place as {} ({e}); it is kept \
-                     in {}, and the next run installs it",
+                    "the API key was put in place as {}, but syncing {} failed ({e}): a crash \
+                     before the disk catches up may lose it",
                     path.display(),
-                    reservation.display()
+                    self.dir.path.display()
                 ))
             })
     }
@@ -196,6 +226,18 @@ impl Drop for KeySlot<'_> {
             let _ = fs::remove_file(self.dir.path.join(KEY_RESERVATION));
         }
     }
+}
+
+/// What `.api_key.reserved` holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Reserved {
+    Nothing,
+    /// Only the padding written when the room was taken: no key arrived.
+    Padding,
+    /// A key of this many bytes at the start.
+    Key(usize),
+    /// Something the agent did not write: moved aside, never deleted.
+    Unrecognised,
 }
 
 /// `.<name>.tmp-<pid>`, as [`StateDir::write`] names its temporary files.
@@ -269,7 +311,7 @@ impl StateDir {
     }
 
     /// Takes the run lock, waiting up to `wait` for another run to finish. `None`: another run
-    /// still holds it.
+    /// still holds it. Call [`StateDir::tidy`] next.
     pub fn lock(&self, wait: Duration) -> Result<Option<Lock>> {
         let path = self.path.join(LOCK_FILE);
         // O_NOFOLLOW: a planted `agent.lock` link must not make us create a file elsewhere.
@@ -300,9 +342,7 @@ impl StateDir {
         loop {
             // SAFETY: flock on a file descriptor we own; no memory is passed.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                let lock = Lock { _file: file };
-                self.tidy()?;
-                return Ok(Some(lock));
+                return Ok(Some(Lock { _file: file }));
             }
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) && err.kind() != ErrorKind::Interrupted
@@ -400,7 +440,7 @@ impl StateDir {
         match taken {
             Ok(file) => Ok(KeySlot {
                 dir: self,
-                file,
+                file: Some(file),
                 holds_key: false,
             }),
             Err(e) => {
@@ -414,10 +454,11 @@ impl StateDir {
         }
     }
 
+    /// Cleans up after a killed run; call with the lock held, before anything else is written.
     /// Under the lock, nothing else writes here: temporary files are what a killed run left
     /// (each up to the size of the state), and a key a killed run received but did not put in
     /// place is installed now.
-    fn tidy(&self) -> Result<()> {
+    pub fn tidy(&self) -> Result<()> {
         let entries = fs::read_dir(&self.path)
             .map_err(|e| Error::io("cannot list the state directory", &self.path, e))?;
         for entry in entries.flatten() {
@@ -430,18 +471,70 @@ impl StateDir {
                 }
             }
         }
-        let reservation = self.path.join(KEY_RESERVATION);
-        let text = match read_own(&reservation, KEY_ROOM) {
-            Ok(text) => text,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(_) => String::new(),
-        };
-        let key = text.trim();
-        if check_api_key(key).is_err() {
-            // Only the padding (or a torn write): no key was ever stored there.
-            let _ = fs::remove_file(&reservation);
-            return Ok(());
+        self.install_reserved_key()
+    }
+
+    /// What `.api_key.reserved` holds, read without changing anything.
+    fn reserved(&self) -> Result<Reserved> {
+        let path = self.path.join(KEY_RESERVATION);
+        let bytes =
+            match input::read_regular(&path, input::Links::Refuse, KEY_ROOM) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Reserved::Nothing),
+                Err(e) if input::not_a_file(&e).is_some() => return Err(planted(&path, &e)),
+                // Larger than the room: not what the agent writes there.
+                Err(e) if e.kind() == ErrorKind::InvalidData => return Ok(Reserved::Unrecognised),
+                Err(e) => return Err(Error::io(
+                    "cannot read (it may hold an API key an earlier run received, so it is kept)",
+                    &path,
+                    e,
+                )),
+            };
+        // The padding the agent writes is newlines; a crash can leave zeros in its place.
+        if bytes.iter().all(|&b| b == b'\n' || b == 0) {
+            return Ok(Reserved::Padding);
         }
+        // A key is written at the start, followed by a newline and what is left of the padding.
+        let key = std::str::from_utf8(&bytes)
+            .ok()
+            .map(|text| text.trim_end_matches(['\n', '\0']))
+            .filter(|key| check_api_key(key).is_ok());
+        Ok(match key {
+            Some(key) => Reserved::Key(key.len()),
+            None => Reserved::Unrecognised,
+        })
+    }
+
+    /// Whether an API key an earlier run received waits in its reservation (`--status`).
+    pub fn key_waiting(&self) -> bool {
+        matches!(self.reserved(), Ok(Reserved::Key(_)))
+    }
+
+    fn install_reserved_key(&self) -> Result<()> {
+        let reservation = self.path.join(KEY_RESERVATION);
+        let key_len = match self.reserved()? {
+            Reserved::Nothing => return Ok(()),
+            Reserved::Padding => {
+                // No key was ever stored there.
+                let _ = fs::remove_file(&reservation);
+                return Ok(());
+            }
+            Reserved::Unrecognised => {
+                let aside = self
+                    .path
+                    .join(format!("{KEY_FILE}.unrecognised-{}", timefmt::now()));
+                fs::rename(&reservation, &aside)
+                    .map_err(|e| Error::io("cannot move aside", &reservation, e))?;
+                warn!(
+                    "{} held neither an API key nor the agent's padding; moved it to {}: if it \
+                     holds a key the server issued, install that key with --set-api-key",
+                    reservation.display(),
+                    aside.display()
+                );
+                return Ok(());
+            }
+            Reserved::Key(len) => len,
+        };
         let target = if self.path.join(KEY_FILE).exists() {
             // A key was installed since (`--set-api-key`); this one is kept beside it.
             let aside = format!("{KEY_FILE}.unused-{}", timefmt::now());
@@ -455,9 +548,26 @@ impl StateDir {
             KEY_FILE.to_string()
         };
         let path = self.path.join(target);
-        fs::rename(&reservation, &path)
+        // Cut to the key and its newline first, in place (no new room needed), so the file
+        // installed reads as a key; then rename.
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&reservation)
+            .and_then(|file| {
+                file.write_all_at(b"\n", key_len as u64)?;
+                file.set_len(key_len as u64 + 1)?;
+                file.sync_all()
+            })
+            .and_then(|()| fs::rename(&reservation, &path))
             .and_then(|()| File::open(&self.path)?.sync_all())
-            .map_err(|e| Error::io("cannot install the received API key as", &path, e))
+            .map_err(|e| {
+                Error::io(
+                    "cannot install the API key an earlier run left in its reservation as",
+                    &path,
+                    e,
+                )
+            })
     }
 
     /// Loads `state.json`. A missing file is a fresh state; a corrupt one is moved aside with a
@@ -727,11 +837,7 @@ mod tests {
 
     #[test]
     fn a_directory_of_another_user_is_refused() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to give a directory away");
-            return;
-        }
+        require_root();
         let t = TempDir::new("foreign");
         fs::create_dir_all(&t.0).unwrap();
         fs::set_permissions(&t.0, fs::Permissions::from_mode(0o700)).unwrap();
@@ -858,6 +964,8 @@ mod tests {
         // Not ours: kept.
         fs::write(dir.path().join("notes.tmp-1"), "x").unwrap();
         let _lock = dir.lock(Duration::ZERO).unwrap().unwrap();
+        assert_eq!(names(&dir).len(), 6, "taking the lock removes nothing");
+        dir.tidy().unwrap();
         assert_eq!(names(&dir), ["agent.lock", "notes.tmp-1", "state.json"]);
     }
 
@@ -894,8 +1002,137 @@ mod tests {
         let mut text = "gpak_0123456789abcdef\n".to_string();
         text.push_str(&"\n".repeat(100));
         fs::write(dir.path().join(KEY_RESERVATION), &text).unwrap();
-        let _lock = dir.lock(Duration::ZERO).unwrap().unwrap();
-        assert_eq!(names(&dir), ["agent.lock", KEY_FILE]);
+        assert!(dir.key_waiting(), "--status sees it");
+        dir.tidy().unwrap();
+        assert_eq!(names(&dir), [KEY_FILE]);
+        assert_eq!(
+            dir.read_api_key().unwrap().as_deref(),
+            Some("gpak_0123456789abcdef")
+        );
+        assert!(!dir.key_waiting());
+    }
+
+    #[test]
+    fn a_reservation_is_deleted_only_when_it_holds_nothing_but_padding() {
+        let t = TempDir::new("reserved");
+        let dir = StateDir::create(&t.0).unwrap();
+        let reservation = dir.path().join(KEY_RESERVATION);
+        // Padding only, newlines or the zeros a crash can leave: no key ever arrived.
+        fs::write(&reservation, b"\n\0\n\0\0\n").unwrap();
+        dir.tidy().unwrap();
+        assert_eq!(names(&dir), Vec::<String>::new());
+        // A key followed by zeros: installed, cut to the key.
+        let mut bytes = b"gpak_0123456789abcdef\n".to_vec();
+        bytes.extend([0u8; 100]);
+        fs::write(&reservation, &bytes).unwrap();
+        dir.tidy().unwrap();
+        assert_eq!(names(&dir), [KEY_FILE]);
+        assert_eq!(
+            fs::read(dir.path().join(KEY_FILE)).unwrap(),
+            b"gpak_0123456789abcdef\n"
+        );
+        // Anything else is moved aside, never deleted.
+        fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
+        fs::write(&reservation, b"short\n\n").unwrap();
+        dir.tidy().unwrap();
+        let moved = names(&dir);
+        assert_eq!(moved.len(), 1);
+        assert!(moved[0].starts_with("api_key.unrecognised-"), "{moved:?}");
+        assert_eq!(fs::read(dir.path().join(&moved[0])).unwrap(), b"short\n\n");
+        // A FIFO in its place is reported, not read.
+        mkfifo(&reservation);
+        let err = dir.tidy().unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "{} is a FIFO, which the agent never creates: remove it, or put the file \
+                     that belongs there in its place",
+                    reservation.display()
+                )
+            )
+        );
+    }
+
+    #[test]
+    fn a_key_that_cannot_be_renamed_stays_in_its_reservation() {
+        let t = TempDir::new("norename");
+        let dir = StateDir::create(&t.0).unwrap();
+        let slot = dir.reserve_api_key().unwrap();
+        // A directory where api_key goes: the rename fails.
+        fs::create_dir(dir.path().join(KEY_FILE)).unwrap();
+        let err = slot.store("gpak_0123456789abcdef").unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                1,
+                format!(
+                    "the API key was received and written to {}, but it cannot be put in place \
+                     as {} (Is a directory (os error 21)); it is kept there and the next run \
+                     installs it",
+                    dir.path().join(KEY_RESERVATION).display(),
+                    dir.path().join(KEY_FILE).display()
+                )
+            )
+        );
+        assert_eq!(
+            fs::read(dir.path().join(KEY_RESERVATION)).unwrap(),
+            b"gpak_0123456789abcdef\n"
+        );
+    }
+
+    /// A tmpfs of 64 KiB on a new directory, unmounted on drop (needs root, as CI runs).
+    struct SmallDisk(TempDir);
+    impl SmallDisk {
+        fn new(tag: &str) -> SmallDisk {
+            require_root();
+            let t = TempDir::new(tag);
+            fs::create_dir_all(&t.0).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
+                .arg(&t.0)
+                .status()
+                .expect("run mount")
+                .success();
+            assert!(ok, "mount -t tmpfs failed");
+            SmallDisk(t)
+        }
+        /// Takes every free block.
+        fn fill(&self) {
+            let mut f = File::create(self.0 .0.join("filler")).unwrap();
+            while f.write_all(&[7u8; 4096]).is_ok() {}
+            let _ = f.write_all(&[7u8; 1]);
+        }
+    }
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(&self.0 .0)
+                .status();
+        }
+    }
+
+    fn require_root() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root (CI runs as root)"
+        );
+    }
+
+    #[test]
+    fn a_reservation_that_cannot_take_the_key_gives_its_room_to_the_plain_write() {
+        let disk = SmallDisk::new("cow");
+        let dir = StateDir::create(&disk.0 .0.join("state")).unwrap();
+        let mut slot = dir.reserve_api_key().unwrap();
+        disk.fill();
+        // As on a copy-on-write filesystem, overwriting the reservation fails; here because
+        // the descriptor is read-only.
+        slot.file = Some(File::open(dir.path().join(KEY_RESERVATION)).unwrap());
+        slot.store("gpak_0123456789abcdef").unwrap();
+        assert_eq!(names(&dir), [KEY_FILE]);
         assert_eq!(
             dir.read_api_key().unwrap().as_deref(),
             Some("gpak_0123456789abcdef")
