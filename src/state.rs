@@ -273,6 +273,7 @@ impl StateDir {
             }
             Err(e) => return Err(Error::io("cannot open the state directory", path, e)),
         }
+        check_ancestors(path)?;
         // Checked and tightened through one descriptor, so the path cannot be swapped for a
         // link between the check and the chmod.
         let dir = open_dir(path)?;
@@ -694,6 +695,53 @@ fn symlinked_dir(path: &Path) -> Error {
     ))
 }
 
+/// Refuses a state directory inside one that another user can change: the checks here are
+/// made on the last component, and the later reads and writes go by path, so whoever can
+/// rename entries in a directory above could swap the checked directory for a link to one they
+/// filled (a planted `.api_key.reserved` would be installed as the key). Every directory above
+/// must belong to root or to the agent's user and be writable by nobody else, unless sticky
+/// (`/tmp`: others cannot rename what they do not own). Both the path as given and the one its
+/// links resolve to are checked.
+fn check_ancestors(path: &Path) -> Result<()> {
+    let absolute = match path.is_absolute() {
+        true => path.to_path_buf(),
+        false => std::env::current_dir()
+            .map_err(|e| Error::io("cannot resolve the state directory", path, e))?
+            .join(path),
+    };
+    let resolved = absolute.parent().and_then(|p| fs::canonicalize(p).ok());
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let above = absolute.ancestors().skip(1);
+    for dir in above.chain(resolved.iter().flat_map(|r| r.ancestors())) {
+        let meta = fs::metadata(dir).map_err(|e| {
+            Error::io(
+                "cannot inspect the directory above the state directory",
+                dir,
+                e,
+            )
+        })?;
+        let mode = meta.mode() & 0o7777;
+        let why = if meta.uid() != 0 && meta.uid() != me {
+            format!("belongs to user {}", meta.uid())
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            format!("other users can write (mode {mode:04o})")
+        } else {
+            continue;
+        };
+        return Err(Error::Config(format!(
+            "state directory {} is inside {}, which {why}: whoever can change that directory can \
+             swap the state directory for a link to files of their choosing; choose a state \
+             directory whose parents only root or the agent's user can change, or make {} \
+             writable by its owner only (chmod go-w)",
+            path.display(),
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses what another user owns: they could replace its contents at will.
 fn check_owned(path: &Path, meta: &fs::Metadata, what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -855,6 +903,41 @@ mod tests {
                 )
             )
         );
+    }
+
+    #[test]
+    fn a_state_directory_inside_one_others_can_change_is_refused() {
+        let t = TempDir::new("parents");
+        let open = t.0.join("open");
+        fs::create_dir_all(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let state = open.join("deeper").join("state");
+        let err = StateDir::create(&state).unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "state directory {} is inside {}, which other users can write (mode 0777): \
+                     whoever can change that directory can swap the state directory for a link \
+                     to files of their choosing; choose a state directory whose parents only \
+                     root or the agent's user can change, or make {} writable by its owner only \
+                     (chmod go-w)",
+                    state.display(),
+                    open.display(),
+                    open.display()
+                )
+            )
+        );
+        // Reached through a link, the directory the link resolves to is checked too.
+        let link = t.0.join("link");
+        std::os::unix::fs::symlink(&open, &link).unwrap();
+        assert!(StateDir::create(&link.join("state")).is_err());
+        // Sticky, as /tmp is: others cannot rename what is not theirs.
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(StateDir::create(&state).is_ok());
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(StateDir::create(&state).is_ok());
     }
 
     #[test]
