@@ -159,6 +159,14 @@ fn collect_options(cfg: &Config, policy: &Policy) -> collect::Options {
     }
 }
 
+/// The addresses the server last accepted, for wildcard listeners when none can be read now.
+fn known_addresses(state: &State) -> &[crate::model::Address] {
+    state
+        .last_snapshot
+        .as_ref()
+        .map_or(&[], |s| s.addresses.as_slice())
+}
+
 fn lifecycle(cfg: &Config) -> Result<()> {
     let server = cfg.server_url.as_deref().ok_or_else(|| {
         Error::Config(format!(
@@ -542,7 +550,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
         snapshot: current,
         left_out,
         failed,
-    } = collect::collect(&collect_options(cfg, &policy));
+    } = collect::collect(&collect_options(cfg, &policy), known_addresses(state));
     let now = timefmt::now();
     let Plan {
         full,
@@ -718,7 +726,10 @@ fn dry_run(cfg: &Config) -> Result<()> {
         snapshot: current,
         left_out,
         failed,
-    } = collect::collect(&collect_options(cfg, &state.policy()));
+    } = collect::collect(
+        &collect_options(cfg, &state.policy()),
+        known_addresses(&state),
+    );
     let now = timefmt::now();
     let p = plan(&state, current, &failed, cfg, now);
     let header = header(cfg, &uuid, &host, now, left_out, failed);

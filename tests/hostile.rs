@@ -259,6 +259,79 @@ fn a_table_no_source_could_read_is_flagged_and_keeps_its_records() {
     assert!(get(third, "metadata.failed_tables").is_none());
 }
 
+/// Replaces the stand-in `ss` with one printing a listener on every IPv4 address and one
+/// established connection.
+fn ss_with_a_wildcard_listener(tools: &Path) {
+    let ss = "#!/bin/sh\n\
+              echo 'tcp LISTEN 0 128 0.0.0.0:22 0.0.0.0:* users:((\"sshd\",pid=1,fd=3))'\n\
+              echo 'tcp ESTAB 0 0 198.51.100.1:22 198.51.100.2:50000 users:((\"sshd\",pid=2,fd=4))'\n";
+    fs::write(tools.join("ss"), ss).unwrap();
+}
+
+#[test]
+fn wildcard_listeners_are_kept_when_the_addresses_cannot_be_read() {
+    let srv = server(true);
+    let mut agent = Agent::new("wildcards", &srv.url());
+    let tools = agent.root.0.join("bin");
+    fs::create_dir(&tools).unwrap();
+    stand_in_tools(&tools);
+    ss_with_a_wildcard_listener(&tools);
+    agent.set_env("PATH", &format!("{}:/usr/bin:/bin", tools.display()));
+    agent.set_env("GRAPHEON_AGENT_COLLECTOR", "commands");
+    fs::write(tools.join("broken-addr"), "").unwrap();
+
+    // No addresses now and none accepted before: the connections stand as they are (none yet),
+    // flagged, rather than sent without their listener.
+    let run = run_bounded(agent.command(&["--dry-run"]));
+    assert_code(&run, 0);
+    let body = support::json::parse(run.stdout.lines().next().unwrap());
+    assert_eq!(
+        (
+            str_at(&body, "metadata.failed_tables.connections"),
+            u64_at(&body, "metadata.records_left_out"),
+            len_at(&body, "connections"),
+        ),
+        (
+            Some(
+                "listeners on every address cannot be reported without the local addresses: \
+                 ip -json addr show: ip -json addr show failed with exit status 1: BusyBox \
+                 v1.36.1 multi-call binary. Usage: ip [OPTIONS]"
+            ),
+            Some(0),
+            Some(0)
+        ),
+        "{}",
+        run.stderr
+    );
+
+    fs::remove_file(tools.join("broken-addr")).unwrap();
+    assert_code(&agent.run(&["--force"]), 0);
+    let first = len_at(&srv.checkins()[0].json, "connections").unwrap();
+    assert!(
+        first > 2,
+        "the listener is expanded over the addresses: {first}"
+    );
+
+    // Addresses failing now: the listener is expanded over the addresses last accepted, so
+    // nothing counts as removed and nothing is resent as new.
+    fs::write(tools.join("broken-addr"), "").unwrap();
+    let run = agent.run(&["--force"]);
+    assert_code(&run, 0);
+    let second = &srv.checkins()[1].json;
+    assert_eq!(
+        (
+            get(second, "metadata.failed_tables.connections").is_some(),
+            u64_at(second, "metadata.records_left_out"),
+            u64_at(second, "metadata.removed_since_last_report.connections"),
+            len_at(second, "connections"),
+            len_at(&agent.state(), "last_snapshot.connections"),
+        ),
+        (false, Some(0), Some(0), Some(0), Some(first)),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn a_tool_flooding_nested_json_fails_its_table_and_sees_no_secret() {
     let root = TempDir::new("flood");

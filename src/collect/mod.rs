@@ -204,20 +204,26 @@ pub struct Collected {
     pub failed: [Option<String>; 4],
 }
 
-/// Collects every table the policy enables and applies the shared normalisation.
-pub fn collect(opts: &Options) -> Collected {
+/// Collects every table the policy enables and applies the shared normalisation. `known`
+/// are the addresses the server last accepted: when no source can read the addresses now,
+/// wildcard listeners are expanded over those rather than left out (left out, they would count
+/// as removed and come back as new).
+pub fn collect(opts: &Options, known: &[Address]) -> Collected {
     let t = opts.command_timeout;
     let proc_root = opts.proc_root.as_path();
     let on = opts.tables;
     let mut failed: [Option<String>; 4] = Default::default();
     // Wildcard listeners are expanded over the addresses, so they are read even when the
     // policy does not report them.
+    let mut addresses_failed = None;
     let addresses = if on.addresses || on.connections {
-        match addresses_or_why(opts) {
-            Ok(list) => list,
-            Err(why) if on.addresses => served(&mut failed, 0, Err(why)),
-            Err(_) => Vec::new(),
-        }
+        addresses_or_why(opts).unwrap_or_else(|why| {
+            if on.addresses {
+                failed[0] = Some(why.clone());
+            }
+            addresses_failed = Some(why);
+            Vec::new()
+        })
     } else {
         Vec::new()
     };
@@ -270,7 +276,26 @@ pub fn collect(opts: &Options) -> Collected {
     } else {
         Vec::new()
     };
-    let (connections, unexpanded) = expand_wildcards(sockets, &addresses);
+    let wildcards = sockets
+        .iter()
+        .any(|s| s.connection.local_ip.is_unspecified());
+    let (connections, unexpanded) = match addresses_failed {
+        Some(why) if wildcards && known.is_empty() => {
+            // Nothing to expand them over: the table stands as last accepted instead.
+            failed[2] = Some(format!(
+                "listeners on every address cannot be reported without the local addresses: {why}"
+            ));
+            (Vec::new(), 0)
+        }
+        Some(_) if wildcards => {
+            debug!(
+                "listeners on every address expanded over the {} addresses last reported",
+                known.len()
+            );
+            expand_wildcards(sockets, known)
+        }
+        _ => expand_wildcards(sockets, &addresses),
+    };
     let mut snapshot = Snapshot {
         connections,
         addresses: if on.addresses { addresses } else { Vec::new() },
