@@ -32,6 +32,8 @@ pub enum Failure {
     /// The server's TLS certificate was not accepted. Retrying cannot help: the operator must
     /// trust its CA (`--ca-file`) or fix the certificate or `--server-url`.
     Tls(String),
+    /// The HTTP client refused the URL itself: no retry or later run can help.
+    BadUrl(String),
     /// The server answered with a non-2xx status.
     Status {
         status: u16,
@@ -44,7 +46,7 @@ impl Failure {
     fn retryable(&self) -> bool {
         match self {
             Failure::Transport(_) => true,
-            Failure::Tls(_) => false,
+            Failure::Tls(_) | Failure::BadUrl(_) => false,
             Failure::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
         }
     }
@@ -56,6 +58,10 @@ impl Failure {
                 Error::Transient(format!("{what} failed: {m}; the next run retries"))
             }
             Failure::Tls(m) => Error::Config(format!("{what} failed: {m}")),
+            Failure::BadUrl(m) => Error::Config(format!(
+                "{what} failed: the HTTP client cannot use the server URL ({m}): fix --server-url \
+                 (GRAPHEON_AGENT_SERVER_URL)"
+            )),
             Failure::Status {
                 status,
                 detail,
@@ -298,7 +304,7 @@ fn parse_body(bytes: &[u8]) -> Option<Value> {
 
 fn describe(f: &Failure) -> String {
     match f {
-        Failure::Transport(m) | Failure::Tls(m) => m.clone(),
+        Failure::Transport(m) | Failure::Tls(m) | Failure::BadUrl(m) => m.clone(),
         Failure::Status { status, detail, .. } => format!("HTTP {status}: {detail}"),
     }
 }
@@ -310,6 +316,9 @@ fn transport(e: ureq::Error) -> Failure {
              the CA that signed it, and check that --server-url names a host the certificate is \
              for (--insecure-skip-verify turns verification off, for testing only)"
         ));
+    }
+    if let ureq::Error::Http(_) | ureq::Error::BadUri(_) = e {
+        return Failure::BadUrl(e.to_string());
     }
     Failure::Transport(match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
@@ -436,6 +445,38 @@ mod tests {
             .to_string()
             .contains("--set-api-key"));
         assert!(f(500).retryable() && !f(422).retryable() && !f(413).retryable());
+    }
+
+    #[test]
+    fn a_url_the_http_client_refuses_is_a_configuration_error_not_retried() {
+        let bad_uri = transport(ureq::Error::BadUri("x is missing host".into()));
+        let http = transport(ureq::Error::Http(
+            ureq::http::Uri::try_from("http://h/a<b>")
+                .unwrap_err()
+                .into(),
+        ));
+        assert!(!bad_uri.retryable() && !http.retryable());
+        let shown = |f: Failure| {
+            let e = f.into_error("registration");
+            (e.exit_code(), e.to_string())
+        };
+        assert_eq!(
+            [shown(bad_uri), shown(http)],
+            [
+                (
+                    2,
+                    "registration failed: the HTTP client cannot use the server URL (bad uri: x \
+                     is missing host): fix --server-url (GRAPHEON_AGENT_SERVER_URL)"
+                        .to_string()
+                ),
+                (
+                    2,
+                    "registration failed: the HTTP client cannot use the server URL (http: \
+                     invalid uri character): fix --server-url (GRAPHEON_AGENT_SERVER_URL)"
+                        .to_string()
+                )
+            ]
+        );
     }
 
     #[test]

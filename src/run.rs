@@ -174,8 +174,8 @@ fn lifecycle(cfg: &Config) -> Result<()> {
             cfg.env_file.display()
         ))
     })?;
-    if let Some(warning) = config::plain_http_warning(server) {
-        warn!("{warning}");
+    if let Some((level, warning)) = config::plain_http_warning(server) {
+        log::write(level, format_args!("{warning}"));
     }
     let dir = StateDir::create(&cfg.state_dir)?;
     let Some(_lock) = dir.lock(LOCK_WAIT)? else {

@@ -567,6 +567,30 @@ fn misleading_messages_are_fixed() {
          not a usable URL: an IPv6 address in brackets lacks its closing ']' (see --help)\n"
     );
 
+    // What the HTTP client refuses is refused now, not retried on every run.
+    agent.set_env("GRAPHEON_AGENT_SERVER_URL", "http://127.0.0.1:9/a<b>");
+    let run = agent.run(&["--register-only"]);
+    assert_code(&run, 2);
+    assert_eq!(
+        run.stderr,
+        "grapheon-agent error: GRAPHEON_AGENT_SERVER_URL in the environment: \
+         'http://127.0.0.1:9/a<b>' is not a usable URL: the HTTP client refuses it (invalid uri \
+         character) (see --help)\n"
+    );
+    // A password in the URL is never shown.
+    agent.set_env(
+        "GRAPHEON_AGENT_SERVER_URL",
+        "https://user:secret@127.0.0.1:9",
+    );
+    let run = agent.run(&["--register-only"]);
+    assert_code(&run, 2);
+    assert_eq!(
+        run.stderr,
+        "grapheon-agent error: GRAPHEON_AGENT_SERVER_URL in the environment: \
+         'https://***@127.0.0.1:9' is not a usable URL: user names or passwords in the URL are \
+         not supported (see --help)\n"
+    );
+
     // Nothing listens on the port of a server that was just stopped.
     let gone = ContractServer::start();
     let url = gone.url();
@@ -596,6 +620,8 @@ fn misleading_messages_are_fixed() {
     )
     .unwrap();
     fs::set_permissions(&env_file, fs::Permissions::from_mode(0o644)).unwrap();
+    // Another user's file could point the agent at their server.
+    std::os::unix::fs::chown(&env_file, Some(65534), None).unwrap();
     agent
         .env
         .retain(|(k, _)| k != "GRAPHEON_AGENT_ENROLLMENT_KEY" && k != "GRAPHEON_AGENT_SERVER_URL");
@@ -605,6 +631,16 @@ fn misleading_messages_are_fixed() {
     assert!(
         run.stderr.contains(&format!(
             "env file {} is accessible to every user (mode 0644) and may hold the enrollment key",
+            env_file.display()
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(&format!(
+            "env file {} belongs to user 65534, who can point the agent at another server and so \
+             receive its keys: chown 0 {}",
+            env_file.display(),
             env_file.display()
         )),
         "{}",
