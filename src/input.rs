@@ -148,8 +148,13 @@ fn kind(meta: &std::fs::Metadata) -> &'static str {
 /// (one pass, no allocation).
 pub fn check_json(text: &str, limits: JsonLimits) -> Result<(), String> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    // Strings and numbers cost at most what they take as text.
-    let mut cost = text.len();
+    let mut cost = 0usize;
+    let too_many = |limits: JsonLimits| {
+        format!(
+            "JSON with too many values (parsing it would take more than {} KiB)",
+            limits.memory >> 10
+        )
+    };
     for b in text.bytes() {
         if in_string {
             match b {
@@ -175,11 +180,12 @@ pub fn check_json(text: &str, limits: JsonLimits) -> Result<(), String> {
             _ => continue,
         }
         if cost > limits.memory {
-            return Err(format!(
-                "JSON with too many values (parsing it would take more than {} KiB)",
-                limits.memory >> 10
-            ));
+            return Err(too_many(limits));
         }
+    }
+    // Strings and numbers cost at most what they take as text.
+    if cost.saturating_add(text.len()) > limits.memory {
+        return Err(too_many(limits));
     }
     Ok(())
 }

@@ -338,11 +338,22 @@ fn a_tool_flooding_nested_json_fails_its_table_and_sees_no_secret() {
     let tools = root.0.join("bin");
     fs::create_dir(&tools).unwrap();
     stand_in_tools(&tools);
-    // 60 MB of `[` for the addresses, under the 64 MiB output cap.
-    let ip = fs::read_to_string(tools.join("ip")).unwrap().replace(
-        "addr) exec cat",
-        "addr) head -c 62914560 /dev/zero | tr '\\0' '[' ; exit 0 ; cat",
-    );
+    // 60 MB of `[` for the addresses, under the 64 MiB output cap; for the neighbours, 2 MiB of
+    // 63-deep chains side by side, which pass a depth limit but took 150 MB to parse.
+    let chain = format!("{}{}", "[".repeat(63), "]".repeat(63));
+    let ip = fs::read_to_string(tools.join("ip"))
+        .unwrap()
+        .replace(
+            "addr) exec cat",
+            "addr) head -c 62914560 /dev/zero | tr '\\0' '[' ; exit 0 ; cat",
+        )
+        .replace(
+            "neigh) exec cat",
+            &format!(
+                "neigh) printf '['; yes '{chain}' | head -n 16384 | paste -sd, -; printf ']'; \
+                 exit 0; cat"
+            ),
+        );
     fs::write(tools.join("ip"), ip).unwrap();
     let mut agent = Agent::new("flood", "https://grapheon.invalid");
     agent.set_env("PATH", &format!("{}:/usr/bin:/bin", tools.display()));
@@ -356,6 +367,13 @@ fn a_tool_flooding_nested_json_fails_its_table_and_sees_no_secret() {
         Some(
             "ip -json addr show: ip -json addr show printed unusable output: JSON nested deeper \
              than 64 levels"
+        )
+    );
+    assert_eq!(
+        str_at(&body, "metadata.failed_tables.neighbors"),
+        Some(
+            "ip -json neigh show: ip -json neigh show printed unusable output: JSON with too \
+             many values (parsing it would take more than 32768 KiB)"
         )
     );
     assert!(len_at(&body, "routes").unwrap() > 0);
@@ -394,10 +412,20 @@ fn fifos_and_devices_named_as_files_fail_at_once() {
         run.stderr
     );
 
-    // A proc tree whose socket tables and comm files are FIFOs: skipped, not waited on.
+    // A proc tree whose comm file is a FIFO, for a process that owns a real socket (so the
+    // owner lookup reads it): skipped, not waited on. (The socket tables as FIFOs are tested
+    // in procfs: sock_diag answers first here.)
     let proc_root = root.0.join("proc");
     fs::create_dir_all(proc_root.join("net")).unwrap();
-    fs::create_dir_all(proc_root.join("1")).unwrap();
+    fs::create_dir_all(proc_root.join("1/fd")).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let inode = {
+        use std::os::unix::io::AsRawFd;
+        fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+            .unwrap()
+            .ino()
+    };
+    std::os::unix::fs::symlink(format!("socket:[{inode}]"), proc_root.join("1/fd/3")).unwrap();
     for path in ["net/tcp", "net/tcp6", "net/udp", "net/udp6", "1/comm"] {
         let c = std::ffi::CString::new(proc_root.join(path).to_str().unwrap()).unwrap();
         // SAFETY: as above.
@@ -411,6 +439,15 @@ fn fifos_and_devices_named_as_files_fail_at_once() {
         "--dry-run",
     ]));
     assert_code(&run, 0);
+    let port = listener.local_addr().unwrap().port();
+    assert!(
+        run.stderr.contains(&format!(
+            "cannot read {}: not a regular file (it is a FIFO)",
+            proc_root.join("1/comm").display()
+        )),
+        "the owner of port {port} was looked up: {}",
+        run.stderr
+    );
 }
 
 #[test]
