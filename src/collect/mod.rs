@@ -215,13 +215,13 @@ pub fn collect(opts: &Options, known: &[Address]) -> Collected {
     let mut failed: [Option<String>; 4] = Default::default();
     // Wildcard listeners are expanded over the addresses, so they are read even when the
     // policy does not report them.
-    let mut addresses_failed = None;
+    let mut addresses_failed = false;
     let addresses = if on.addresses || on.connections {
         addresses_or_why(opts).unwrap_or_else(|why| {
             if on.addresses {
-                failed[0] = Some(why.clone());
+                failed[0] = Some(why);
             }
-            addresses_failed = Some(why);
+            addresses_failed = true;
             Vec::new()
         })
     } else {
@@ -276,26 +276,19 @@ pub fn collect(opts: &Options, known: &[Address]) -> Collected {
     } else {
         Vec::new()
     };
-    let wildcards = sockets
-        .iter()
-        .any(|s| s.connection.local_ip.is_unspecified());
-    let (connections, unexpanded) = match addresses_failed {
-        Some(why) if wildcards && known.is_empty() => {
-            // Nothing to expand them over: the table stands as last accepted instead.
-            failed[2] = Some(format!(
-                "listeners on every address cannot be reported without the local addresses: {why}"
-            ));
-            (Vec::new(), 0)
-        }
-        Some(_) if wildcards => {
-            debug!(
-                "listeners on every address expanded over the {} addresses last reported",
-                known.len()
-            );
-            expand_wildcards(sockets, known)
-        }
-        _ => expand_wildcards(sockets, &addresses),
+    // With no addresses accepted either (a first run), such listeners are left out and
+    // counted in `left_out`: freezing the whole table instead would hold back every other
+    // connection for as long as the addresses fail.
+    let over = if addresses_failed && !known.is_empty() {
+        debug!(
+            "listeners on every address expanded over the {} addresses last accepted",
+            known.len()
+        );
+        known
+    } else {
+        &addresses
     };
+    let (connections, unexpanded) = expand_wildcards(sockets, over);
     let mut snapshot = Snapshot {
         connections,
         addresses: if on.addresses { addresses } else { Vec::new() },
