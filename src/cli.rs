@@ -224,6 +224,36 @@ pub fn parse(args: Vec<OsString>) -> Result<Flags> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_documented_flag_is_known_to_the_repeat_check() {
+        // The flags --help documents (up to the examples), as the check's lists must hold them.
+        let documented: std::collections::BTreeSet<&str> = HELP[..HELP.find("EXAMPLES:").unwrap()]
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .collect();
+        let listed: std::collections::BTreeSet<&str> = VALUE_FLAGS
+            .iter()
+            .copied()
+            .chain(SWITCHES.iter().map(|(long, _)| *long))
+            .collect();
+        assert_eq!(documented, listed);
+        // And each is what parse takes: a value flag with its value, a switch alone.
+        let mut outcomes = Vec::new();
+        for flag in VALUE_FLAGS {
+            outcomes.push((flag, args(&[flag, "x"]).is_ok()));
+            outcomes.push((flag, args(&[flag, "x", flag, "y"]).is_err()));
+        }
+        for (long, short) in SWITCHES {
+            outcomes.push((long, args(&[long]).is_ok()));
+            outcomes.push((long, args(&[long, long]).is_err()));
+            if !short.is_empty() {
+                outcomes.push((short, args(&[short, long]).is_err()));
+            }
+        }
+        let failing: Vec<_> = outcomes.iter().filter(|(_, ok)| !ok).collect();
+        assert_eq!(failing, Vec::<&(&str, bool)>::new());
+    }
+
     fn args(list: &[&str]) -> Result<Flags> {
         parse(list.iter().map(OsString::from).collect())
     }

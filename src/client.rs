@@ -6,8 +6,9 @@
 //! it, or may still be storing it, and a second copy ingested next to the first corrupts it. Such
 //! a request is never sent again here. What is retried: failures before the body was complete
 //! (resolve, connect, TLS, a reset or stall while sending), and the statuses the server answers
-//! without storing anything (408, 429, 500 — a rolled-back transaction —, 502, 503, 504),
-//! after their `Retry-After` when they send one.
+//! without storing anything (408, 429, 500 — a rolled-back transaction —, 502, 503), after
+//! their `Retry-After` when they send one. A 504 is in doubt: a gateway gave up waiting while
+//! the server may still be ingesting.
 
 use std::cell::Cell;
 use std::io::{self, Cursor, Read};
@@ -48,6 +49,8 @@ pub enum Failure {
     /// The server's TLS certificate was not accepted. Retrying cannot help: the operator must
     /// trust its CA (`--ca-file`) or fix the certificate or `--server-url`.
     Tls(String),
+    /// The HTTP client refused the URL itself: no retry or later run can help.
+    BadUrl(String),
     /// The server answered with a non-2xx status.
     Status {
         status: u16,
@@ -73,8 +76,8 @@ impl Failure {
     fn retryable(&self) -> bool {
         match self {
             Failure::NotSent(_) => true,
-            Failure::InDoubt(_) | Failure::Tls(_) => false,
-            Failure::Status { status, .. } => matches!(status, 408 | 429 | 500 | 502 | 503 | 504),
+            Failure::InDoubt(_) | Failure::Tls(_) | Failure::BadUrl(_) => false,
+            Failure::Status { status, .. } => matches!(status, 408 | 429 | 500 | 502 | 503),
         }
     }
 
@@ -82,7 +85,7 @@ impl Failure {
     pub fn transient(&self) -> bool {
         match self {
             Failure::NotSent(_) | Failure::InDoubt(_) => true,
-            Failure::Tls(_) => false,
+            Failure::Tls(_) | Failure::BadUrl(_) => false,
             Failure::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
         }
     }
@@ -106,6 +109,10 @@ impl Failure {
                  this run; the next run retries"
             )),
             Failure::Tls(m) => Error::Config(format!("{what} failed: {m}")),
+            Failure::BadUrl(m) => Error::Config(format!(
+                "{what} failed: the HTTP client cannot use the server URL ({m}): fix --server-url \
+                 (GRAPHEON_AGENT_SERVER_URL)"
+            )),
             Failure::Status {
                 status,
                 detail,
@@ -168,9 +175,9 @@ impl Client {
         let mut tls = TlsConfig::builder();
         if let Some(path) = &cfg.ca_file {
             // A CA bundle is a few hundred kilobytes (the whole web PKI is about 200 KB).
-            let pem = input::read_regular(path, MAX_CA_FILE_BYTES).map_err(|e| {
-                Error::Config(format!("cannot read CA file {}: {e}", path.display()))
-            })?;
+            let pem = input::read_regular(path, input::Links::Follow, MAX_CA_FILE_BYTES).map_err(
+                |e| Error::Config(format!("cannot read CA file {}: {e}", path.display())),
+            )?;
             let certs: Vec<_> = ureq::tls::parse_pem(&pem)
                 .filter_map(|item| match item {
                     Ok(PemItem::Certificate(c)) => Some(c),
@@ -317,6 +324,13 @@ impl Client {
         })?;
         let elapsed = started.elapsed();
         let status = resp.status().as_u16();
+        // A gateway's timeout says only that the server had not answered it yet: the server may
+        // still be storing the request, exactly like an answer that never came.
+        if status == 504 {
+            return Err(Failure::InDoubt(format!(
+                "{url}: the gateway in front of the server gave up waiting for its answer (HTTP 504)"
+            )));
+        }
         let retry_after = resp
             .headers()
             .get("retry-after")
@@ -385,13 +399,15 @@ impl Client {
 /// of memory per level, so 1 MiB of `[` would cost more than the unit's memory limit.
 fn parse_body(bytes: &[u8]) -> Option<Value> {
     let text = std::str::from_utf8(bytes).ok()?;
-    input::check_json_depth(text, input::MAX_JSON_DEPTH).ok()?;
+    input::check_json(text, input::REPLY_JSON).ok()?;
     miniserde::json::from_str::<Value>(text).ok()
 }
 
 fn describe(f: &Failure) -> String {
     match f {
-        Failure::NotSent(m) | Failure::InDoubt(m) | Failure::Tls(m) => m.clone(),
+        Failure::NotSent(m) | Failure::InDoubt(m) | Failure::Tls(m) | Failure::BadUrl(m) => {
+            m.clone()
+        }
         Failure::Status { status, detail, .. } => format!("HTTP {status}: {detail}"),
     }
 }
@@ -405,6 +421,9 @@ fn classify(e: ureq::Error, whole_body_taken: bool, timeout: Duration) -> Failur
              the CA that signed it, and check that --server-url names a host the certificate is \
              for (--insecure-skip-verify turns verification off, for testing only)"
         ));
+    }
+    if let ureq::Error::Http(_) | ureq::Error::BadUri(_) = e {
+        return Failure::BadUrl(e.to_string());
     }
     let secs = timeout.as_secs();
     match e {
@@ -578,6 +597,39 @@ mod tests {
             .to_string()
             .contains("--set-api-key"));
         assert!(f(500).retryable() && !f(422).retryable() && !f(413).retryable());
+    }
+
+    #[test]
+    fn a_url_the_http_client_refuses_is_a_configuration_error_not_retried() {
+        let transport = |e| classify(e, false, Duration::from_secs(1));
+        let bad_uri = transport(ureq::Error::BadUri("x is missing host".into()));
+        let http = transport(ureq::Error::Http(
+            ureq::http::Uri::try_from("http://h/a<b>")
+                .unwrap_err()
+                .into(),
+        ));
+        assert!(!bad_uri.retryable() && !http.retryable());
+        let shown = |f: Failure| {
+            let e = f.into_error("registration");
+            (e.exit_code(), e.to_string())
+        };
+        assert_eq!(
+            [shown(bad_uri), shown(http)],
+            [
+                (
+                    2,
+                    "registration failed: the HTTP client cannot use the server URL (bad uri: x \
+                     is missing host): fix --server-url (GRAPHEON_AGENT_SERVER_URL)"
+                        .to_string()
+                ),
+                (
+                    2,
+                    "registration failed: the HTTP client cannot use the server URL (http: \
+                     invalid uri character): fix --server-url (GRAPHEON_AGENT_SERVER_URL)"
+                        .to_string()
+                )
+            ]
+        );
     }
 
     #[test]
@@ -760,6 +812,7 @@ mod tests {
                 Err(Failure::NotSent(_)) => "not sent".into(),
                 Err(Failure::InDoubt(_)) => "in doubt".into(),
                 Err(Failure::Tls(_)) => "tls".into(),
+                Err(Failure::BadUrl(_)) => "bad url".into(),
                 Err(Failure::Status { status, .. }) => format!("status {status}"),
             }
         }
@@ -875,6 +928,21 @@ mod tests {
         }
 
         #[test]
+        fn a_gateway_timeout_is_in_doubt_and_not_sent_again() {
+            let (url, count) = server(|_, mut s| {
+                read_request(&mut s);
+                answer(
+                    &mut s,
+                    "HTTP/1.1 504 Gateway Timeout",
+                    r#"{"detail":"upstream timed out"}"#,
+                );
+            });
+            let c = client(&url, Duration::from_secs(2));
+            assert_eq!(kind(c.check_in(b"{}", "gpak_0123456789abcdef")), "in doubt");
+            assert_eq!(count.load(Ordering::SeqCst), 1, "sent once, not retried");
+        }
+
+        #[test]
         fn a_status_answer_keeps_its_retry_after() {
             let (url, _) = server(|_, mut s| {
                 read_request(&mut s);
@@ -942,7 +1010,7 @@ mod tests {
         let retried: Vec<u16> = (400..=599)
             .filter(|s| Failure::status(*s, "x").retryable())
             .collect();
-        assert_eq!(retried, [408, 429, 500, 502, 503, 504]);
+        assert_eq!(retried, [408, 429, 500, 502, 503]);
         assert!(Failure::NotSent("x".into()).retryable());
         assert!(!Failure::InDoubt("x".into()).retryable());
     }

@@ -164,18 +164,36 @@ fn server_url(value: Option<(String, String)>) -> Result<Option<String>> {
         return Ok(None);
     };
     let url = text.trim().trim_end_matches('/');
+    // Messages show the URL without what may be a password in it.
+    let shown = without_user_info(text.trim());
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"));
     let Some(rest) = rest.filter(|_| !url.contains(char::is_whitespace)) else {
         return Err(Error::Usage(format!(
-            "{from}: '{text}' is not an http:// or https:// URL"
+            "{from}: '{shown}' is not an http:// or https:// URL"
         )));
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    check_authority(authority)
-        .map_err(|why| Error::Usage(format!("{from}: '{text}' is not a usable URL: {why}")))?;
+    let unusable =
+        |why: &str| Error::Usage(format!("{from}: '{shown}' is not a usable URL: {why}"));
+    check_authority(authority).map_err(unusable)?;
+    // What the HTTP client will parse: the endpoint as it is requested, so a character it
+    // refuses (`<`, `"`, `{`) is a usage error now rather than a failure retried on
+    // every run.
+    ureq::http::Uri::try_from(format!("{url}/api/agents/check-in"))
+        .map_err(|e| unusable(&format!("the HTTP client refuses it ({e})")))?;
     Ok(Some(url.to_string()))
+}
+
+/// `url` with any `user:password@` before the host replaced by `***@`.
+fn without_user_info(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) if !scheme.is_empty() => format!("{scheme}://***{}", &rest[at..]),
+        _ => url.to_string(),
+    }
 }
 
 /// Checks the `host[:port]` of a URL, so a typo is a usage error now rather than a connection
@@ -229,14 +247,29 @@ fn check_authority(authority: &str) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
-/// The warning for a server URL that would carry a key in clear text, if it does.
-pub fn plain_http_warning(server_url: &str) -> Option<String> {
-    server_url.starts_with("http://").then(|| {
+/// The warning for a server URL that would carry a key in clear text, if it does, and at which
+/// level: a warning, except for a loopback host (a proxy or tunnel on the same machine), where
+/// the keys never leave the host and a warning on every run would only teach operators to
+/// ignore warnings.
+pub fn plain_http_warning(server_url: &str) -> Option<(Level, String)> {
+    let rest = server_url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let level = if loopback { Level::Debug } else { Level::Warn };
+    Some((
+        level,
         format!(
             "{server_url} is plain http://: the enrollment and API keys cross the network \
              unencrypted; use https:// unless the path to the server is trusted"
-        )
-    })
+        ),
+    ))
 }
 
 /// Builds the configuration. The env file is read unless the action needs none of it... it
@@ -437,12 +470,24 @@ fn read_env_file(path: &std::path::Path) -> std::io::Result<Option<String>> {
     if path == std::path::Path::new("/dev/null") {
         return Ok(Some(String::new()));
     }
-    let file = match input::open_regular(path) {
+    let file = match input::open_regular(path, input::Links::Follow) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mode = file.metadata()?.mode();
+    let meta = file.metadata()?;
+    let mode = meta.mode();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        warn!(
+            "env file {} belongs to user {}, who can point the agent at another server and so \
+             receive its keys: chown {me} {}",
+            path.display(),
+            meta.uid(),
+            path.display()
+        );
+    }
     if mode & 0o007 != 0 {
         warn!(
             "env file {} is accessible to every user (mode {:04o}) and may hold the enrollment \
@@ -648,6 +693,7 @@ mod tests {
             "https://host:99999",
             "https://host:",
             "https://user:secret@host",
+            "http://127.0.0.1:9/a<b>",
             "https://ho st",
             "https://",
             "https:///path",
@@ -667,7 +713,8 @@ mod tests {
                 "--server-url: 'http://[zz]:80' is not a usable URL: the address in brackets is not an IPv6 address (see --help)",
                 "--server-url: 'https://host:99999' is not a usable URL: the port is not a number from 1 to 65535 (see --help)",
                 "--server-url: 'https://host:' is not a usable URL: the port is not a number from 1 to 65535 (see --help)",
-                "--server-url: 'https://user:secret@host' is not a usable URL: user names or passwords in the URL are not supported (see --help)",
+                "--server-url: 'https://***@host' is not a usable URL: user names or passwords in the URL are not supported (see --help)",
+                "--server-url: 'http://127.0.0.1:9/a<b>' is not a usable URL: the HTTP client refuses it (invalid uri character) (see --help)",
                 "--server-url: 'https://ho st' is not an http:// or https:// URL (see --help)",
                 "--server-url: 'https://' is not an http:// or https:// URL (see --help)",
                 "--server-url: 'https:///path' is not a usable URL: it names no host (see --help)",
@@ -690,12 +737,31 @@ mod tests {
 
     #[test]
     fn plain_http_is_warned_about_and_https_is_not() {
-        assert_eq!(
-            plain_http_warning("http://grapheon.example").as_deref(),
-            Some(
-                "http://grapheon.example is plain http://: the enrollment and API keys cross the \
-                 network unencrypted; use https:// unless the path to the server is trusted"
+        let warning = |url: &str| {
+            format!(
+                "{url} is plain http://: the enrollment and API keys cross the network \
+                 unencrypted; use https:// unless the path to the server is trusted"
             )
+        };
+        let levels: Vec<_> = [
+            "http://grapheon.example",
+            "http://10.0.0.1:8000/base",
+            "http://127.0.0.1:8000",
+            "http://[::1]:8000",
+            "http://LOCALHOST/x",
+        ]
+        .iter()
+        .map(|u| plain_http_warning(u))
+        .collect();
+        assert_eq!(
+            levels,
+            [
+                Some((Level::Warn, warning("http://grapheon.example"))),
+                Some((Level::Warn, warning("http://10.0.0.1:8000/base"))),
+                Some((Level::Debug, warning("http://127.0.0.1:8000"))),
+                Some((Level::Debug, warning("http://[::1]:8000"))),
+                Some((Level::Debug, warning("http://LOCALHOST/x"))),
+            ]
         );
         assert_eq!(plain_http_warning("https://grapheon.example"), None);
     }

@@ -11,30 +11,103 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Deeper JSON than this is refused before parsing: real documents nest a handful of levels.
-pub const MAX_JSON_DEPTH: usize = 64;
+/// Limits on JSON read from elsewhere, checked before parsing ([`check_json`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JsonLimits {
+    /// Deepest nesting of arrays and objects: real documents nest a handful of levels.
+    pub depth: usize,
+    /// The most memory the parsed tree may take, as estimated by [`check_json`].
+    pub memory: usize,
+}
 
-/// Opens `path` for reading when it is a regular file (symlinks followed). The open itself never
-/// blocks (`O_NONBLOCK`, which regular files ignore), so a FIFO is refused instead of waited on.
-pub fn open_regular(path: &Path) -> io::Result<File> {
+/// Output of `ip -json`, the fallback when netlink fails: about 25,000 neighbours or routes fit
+/// (each takes about a kilobyte parsed); a runaway tool's output is refused before it can
+/// take the unit's 96 MiB.
+pub const COMMAND_JSON: JsonLimits = JsonLimits {
+    depth: 64,
+    memory: 32 << 20,
+};
+
+/// A server reply: a real one is a few kilobytes (policy, summary, errors).
+pub const REPLY_JSON: JsonLimits = JsonLimits {
+    depth: 64,
+    memory: 1 << 20,
+};
+
+/// What the parser spends, measured with miniserde (peak memory while parsing): an array that
+/// holds something takes its value and a vector (1 MiB of `[[..]],` chains, about 520,000
+/// arrays, took 75 MB); an object takes a map node (100,000 four-member objects of `ip neigh`
+/// took 98 MB, 976 bytes each); an element takes its value and its share of the growth
+/// (1,000,000 numbers in an array took 23 MB). Strings cost at most the text itself.
+const ARRAY_COST: usize = 150;
+const OBJECT_COST: usize = 600;
+const MEMBER_COST: usize = 64;
+const ELEMENT_COST: usize = 32;
+
+/// Why a file could not be opened as the regular file the caller expects: it is a symbolic
+/// link (when links are not followed), a FIFO, a device or a directory. Unlike an I/O failure,
+/// this does not pass by itself: someone must replace the file. Carried inside an
+/// [`io::Error`] of kind `InvalidInput`; [`not_a_file`] finds it.
+#[derive(Debug)]
+pub struct NotAFile(pub &'static str);
+
+impl std::fmt::Display for NotAFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            "a symbolic link" => f.write_str("a symbolic link"),
+            kind => write!(f, "not a regular file (it is {kind})"),
+        }
+    }
+}
+
+impl std::error::Error for NotAFile {}
+
+/// What the file was instead of a regular file, if that is why `err` happened.
+pub fn not_a_file(err: &io::Error) -> Option<&'static str> {
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<NotAFile>())
+        .map(|n| n.0)
+}
+
+/// Whether [`open_regular`] follows a symbolic link at the last component of the path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Links {
+    /// Files the operator points at (env file, CA file, `/proc`): a link is their choice.
+    Follow,
+    /// The agent's own files: it creates no links, so one is planted and never followed.
+    Refuse,
+}
+
+/// Opens `path` for reading when it is a regular file. The open itself never blocks
+/// (`O_NONBLOCK`, which regular files ignore), so a FIFO is refused instead of waited on.
+pub fn open_regular(path: &Path, links: Links) -> io::Result<File> {
+    let nofollow = match links {
+        Links::Follow => 0,
+        Links::Refuse => libc::O_NOFOLLOW,
+    };
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)?;
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | nofollow)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) if links == Links::Refuse => not_file("a symbolic link"),
+            _ => e,
+        })?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("not a regular file (it is {})", kind(&meta)),
-        ));
+        return Err(not_file(kind(&meta)));
     }
     Ok(file)
 }
 
+fn not_file(kind: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, NotAFile(kind))
+}
+
 /// Reads a whole regular file of at most `cap` bytes; a larger one is an error
 /// (`InvalidData`), never silently cut.
-pub fn read_regular(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
-    read_capped(open_regular(path)?, cap)
+pub fn read_regular(path: &Path, links: Links, cap: u64) -> io::Result<Vec<u8>> {
+    read_capped(open_regular(path, links)?, cap)
 }
 
 /// Reads an open file of at most `cap` bytes; a larger one is an error (`InvalidData`).
@@ -69,10 +142,19 @@ fn kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
-/// Checks that JSON `text` nests arrays and objects at most `max` levels deep, counting only
-/// brackets outside strings. Cheap (one pass, no allocation), so it runs before the parser.
-pub fn check_json_depth(text: &str, max: usize) -> Result<(), String> {
+/// Checks JSON `text` against `limits` before it is parsed: the nesting depth, and the memory
+/// the parsed tree would take, estimated from the arrays, objects and commas outside strings.
+/// Depth alone does not bound memory: many shallow arrays cost as much as one deep one. Cheap
+/// (one pass, no allocation).
+pub fn check_json(text: &str, limits: JsonLimits) -> Result<(), String> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut cost = 0usize;
+    let too_many = |limits: JsonLimits| {
+        format!(
+            "JSON with too many values (parsing it would take more than {} KiB)",
+            limits.memory >> 10
+        )
+    };
     for b in text.bytes() {
         if in_string {
             match b {
@@ -87,13 +169,23 @@ pub fn check_json_depth(text: &str, max: usize) -> Result<(), String> {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                if depth > max {
-                    return Err(format!("JSON nested deeper than {max} levels"));
+                if depth > limits.depth {
+                    return Err(format!("JSON nested deeper than {} levels", limits.depth));
                 }
+                cost += if b == b'[' { ARRAY_COST } else { OBJECT_COST };
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+            b':' => cost += MEMBER_COST,
+            b',' => cost += ELEMENT_COST,
+            _ => continue,
         }
+        if cost > limits.memory {
+            return Err(too_many(limits));
+        }
+    }
+    // Strings and numbers cost at most what they take as text.
+    if cost.saturating_add(text.len()) > limits.memory {
+        return Err(too_many(limits));
     }
     Ok(())
 }
@@ -121,9 +213,9 @@ mod tests {
         // SAFETY: mkfifo with a NUL-terminated path we own.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let started = Instant::now();
-        let fifo_err = read_regular(&fifo, 1024).unwrap_err();
-        let zero_err = read_regular(Path::new("/dev/zero"), 1024).unwrap_err();
-        let dir_err = read_regular(&dir, 1024).unwrap_err();
+        let fifo_err = read_regular(&fifo, Links::Follow, 1024).unwrap_err();
+        let zero_err = read_regular(Path::new("/dev/zero"), Links::Follow, 1024).unwrap_err();
+        let dir_err = read_regular(&dir, Links::Follow, 1024).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(
             [
@@ -145,8 +237,8 @@ mod tests {
         let dir = temp("cap");
         let path = dir.join("f");
         std::fs::write(&path, b"12345").unwrap();
-        assert_eq!(read_regular(&path, 5).unwrap(), b"12345");
-        let err = read_regular(&path, 4).unwrap_err();
+        assert_eq!(read_regular(&path, Links::Follow, 5).unwrap(), b"12345");
+        let err = read_regular(&path, Links::Follow, 4).unwrap_err();
         assert_eq!(
             (err.kind(), err.to_string()),
             (
@@ -159,15 +251,53 @@ mod tests {
 
     #[test]
     fn nesting_is_counted_outside_strings_only() {
-        assert_eq!(check_json_depth(r#"[{"a":[1,"[[[["]}]"#, 3), Ok(()));
-        assert_eq!(check_json_depth(r#"{"a":"\"[[[["}"#, 1), Ok(()));
+        let three = JsonLimits {
+            depth: 3,
+            memory: usize::MAX,
+        };
+        assert_eq!(check_json(r#"[{"a":[1,"[[[["]}]"#, three), Ok(()));
         assert_eq!(
-            check_json_depth("[[[[", 3),
+            check_json(r#"{"a":"\"[[[["}"#, JsonLimits { depth: 1, ..three }),
+            Ok(())
+        );
+        assert_eq!(
+            check_json("[[[[", three),
             Err("JSON nested deeper than 3 levels".to_string())
         );
         assert_eq!(
-            check_json_depth(&"[".repeat(60 << 20), MAX_JSON_DEPTH),
+            check_json(&"[".repeat(1000), COMMAND_JSON),
             Err("JSON nested deeper than 64 levels".to_string())
         );
+    }
+
+    #[test]
+    fn wide_shallow_json_is_refused_by_its_memory_not_its_depth() {
+        // What the depth check alone let through: 63-deep chains side by side, and a flat array
+        // of half a million numbers (16 MiB parsed: too much for a reply, fine from ip).
+        let chain = format!("{}{}", "[".repeat(63), "]".repeat(63));
+        let chains = format!("[{}]", vec![chain; 16 << 10].join(","));
+        let numbers = format!("[{}]", vec!["1"; 512 << 10].join(","));
+        let too_many = |limit: &str| {
+            Err(format!(
+                "JSON with too many values (parsing it would take more than {limit} KiB)"
+            ))
+        };
+        assert_eq!(
+            [
+                check_json(&chains, REPLY_JSON),
+                check_json(&chains, COMMAND_JSON),
+                check_json(&numbers, REPLY_JSON),
+                check_json(&numbers, COMMAND_JSON),
+            ],
+            [
+                too_many("1024"),
+                too_many("32768"),
+                too_many("1024"),
+                Ok(())
+            ]
+        );
+        // Commas and brackets inside strings cost nothing.
+        let long_string = format!(r#"["{}"]"#, "[,:{".repeat(100 << 10));
+        assert_eq!(check_json(&long_string, REPLY_JSON), Ok(()));
     }
 }

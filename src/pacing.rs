@@ -400,7 +400,7 @@ impl Pacing {
     /// Parses `pacing.json`; `None` when it is not a JSON object. A field of the wrong type
     /// is left out (its default), so one bad value does not throw away the rest.
     fn from_json(text: &str) -> Option<Pacing> {
-        input::check_json_depth(text, input::MAX_JSON_DEPTH).ok()?;
+        input::check_json(text, input::REPLY_JSON).ok()?;
         let v: Value = miniserde::json::from_str(text).ok()?;
         if !matches!(v, Value::Object(_)) {
             return None;

@@ -180,6 +180,14 @@ fn collect_options(cfg: &Config, policy: &Policy) -> collect::Options {
     }
 }
 
+/// The addresses the server last accepted, for wildcard listeners when none can be read now.
+fn known_addresses(state: &State) -> &[crate::model::Address] {
+    state
+        .last_snapshot
+        .as_ref()
+        .map_or(&[], |s| s.addresses.as_slice())
+}
+
 fn lifecycle(cfg: &Config) -> Result<()> {
     let server = cfg.server_url.as_deref().ok_or_else(|| {
         Error::Config(format!(
@@ -187,8 +195,8 @@ fn lifecycle(cfg: &Config) -> Result<()> {
             cfg.env_file.display()
         ))
     })?;
-    if let Some(warning) = config::plain_http_warning(server) {
-        warn!("{warning}");
+    if let Some((level, warning)) = config::plain_http_warning(server) {
+        log::write(level, format_args!("{warning}"));
     }
     let dir = StateDir::create(&cfg.state_dir)?;
     let Some(_lock) = dir.lock(LOCK_WAIT)? else {
@@ -198,6 +206,7 @@ fn lifecycle(cfg: &Config) -> Result<()> {
         );
         return Ok(());
     };
+    dir.tidy()?;
     let uuid = dir.ensure_uuid()?;
     let mut state = dir.load_state(true)?;
     let client = Client::new(cfg, server)?;
@@ -614,7 +623,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
         snapshot: current,
         left_out,
         failed,
-    } = collect::collect(&collect_options(cfg, &policy));
+    } = collect::collect(&collect_options(cfg, &policy), known_addresses(state));
     let now = timefmt::now();
     let Plan {
         full,
@@ -859,7 +868,10 @@ fn dry_run(cfg: &Config) -> Result<()> {
         snapshot: current,
         left_out,
         failed,
-    } = collect::collect(&collect_options(cfg, &state.policy()));
+    } = collect::collect(
+        &collect_options(cfg, &state.policy()),
+        known_addresses(&state),
+    );
     let now = timefmt::now();
     let p = plan(&state, current, &failed, cfg, now);
     let header = header(cfg, &uuid, &host, now, left_out, failed);
@@ -899,11 +911,12 @@ fn status(cfg: &Config) -> Result<()> {
     let state = dir.load_state(false)?;
     let policy = state.policy();
     let when = |t: Option<i64>| t.map_or_else(|| "never".to_string(), timefmt::format_utc);
-    let next = match (&key, next_due(&state, cfg, timefmt::now())) {
-        (None, _) => "at the next timer run (registration)".to_string(),
-        (Some(_), None) => "at the next timer run".to_string(),
-        (Some(_), Some(due)) if due <= timefmt::now() => "at the next timer run".to_string(),
-        (Some(_), Some(due)) => format!(
+    let registered = key.is_some() || dir.key_waiting();
+    let next = match (registered, next_due(&state, cfg, timefmt::now())) {
+        (false, _) => "at the next timer run (registration)".to_string(),
+        (true, None) => "at the next timer run".to_string(),
+        (true, Some(due)) if due <= timefmt::now() => "at the next timer run".to_string(),
+        (true, Some(due)) => format!(
             "{} or the first timer run after it",
             timefmt::format_utc(due)
         ),
@@ -928,10 +941,13 @@ fn status(cfg: &Config) -> Result<()> {
     );
     line(
         "api key",
-        &key.as_deref().map_or_else(
-            || "absent".into(),
-            |k| format!("present ({})", log::redact(k)),
-        ),
+        &match &key {
+            Some(k) => format!("present ({})", log::redact(k)),
+            None if dir.key_waiting() => {
+                "received, waiting in .api_key.reserved: the next run installs it".into()
+            }
+            None => "absent".into(),
+        },
     );
     line(
         "last successful check-in",
@@ -988,6 +1004,7 @@ fn set_api_key(cfg: &Config) -> Result<()> {
             "another run holds the lock; try again in a moment".into(),
         ));
     };
+    dir.tidy()?;
     dir.write_api_key(key)?;
     info!(
         "API key {} stored in {}",

@@ -146,45 +146,75 @@ pub struct StateDir {
 
 /// The room reserved for an API key about to be issued ([`StateDir::reserve_api_key`]).
 /// Dropped without a key, it is given back.
+///
+/// The reservation holds on filesystems that overwrite in place (ext4, xfs, tmpfs). On
+/// copy-on-write ones (btrfs, ZFS) overwriting needs new blocks too, so a full disk can still
+/// refuse the key; [`KeySlot::store`] then frees the room and writes the key plainly.
 #[derive(Debug)]
 pub struct KeySlot<'a> {
     dir: &'a StateDir,
-    file: File,
+    /// `None` once the room was given back to make space for a plain write.
+    file: Option<File>,
     holds_key: bool,
 }
 
 impl KeySlot<'_> {
-    /// Stores the key in the reserved room, then puts it in place as `api_key`. When that
-    /// fails, the key stays in the reservation, which the next run installs.
+    /// Stores the key in the reserved room, then puts it in place as `api_key`. When the key
+    /// is written but cannot be made durable or renamed, it stays in the reservation, which
+    /// the next run installs (exit 1).
     pub fn store(mut self, key: &str) -> Result<()> {
         let reservation = self.dir.path.join(KEY_RESERVATION);
-        let line = format!("{key}\n");
-        let written = (|| -> std::io::Result<()> {
-            self.file.write_all_at(line.as_bytes(), 0)?;
-            self.holds_key = true;
-            self.file.set_len(line.len() as u64)?;
-            self.file.sync_all()
-        })();
-        if let Err(e) = written {
-            if !self.holds_key {
-                // Not even the reserved room took it (a key longer than the room?): the plain
-                // write is the last chance to keep the only copy.
-                warn!("cannot store the API key in {}: {e}", reservation.display());
-                return self.dir.write_api_key(key);
-            }
-            // The key is in the file; only the padding may remain. The next run installs it.
-            warn!("cannot trim {}: {e}", reservation.display());
-        }
-        self.holds_key = true;
         let path = self.dir.path.join(KEY_FILE);
-        fs::rename(&reservation, &path)
-            .and_then(|()| File::open(&self.dir.path)?.sync_all())
+        let line = format!("{key}\n");
+        let Some(file) = self.file.take() else {
+            return self.dir.write_api_key(key);
+        };
+        if let Err(e) = file.write_all_at(line.as_bytes(), 0) {
+            // The room did not take it (copy-on-write filesystem, or a key longer than the
+            // room): give the room back before the plain write, which on a full disk needs it.
+            warn!(
+                "cannot store the API key in {} ({e}); writing it to {} instead",
+                reservation.display(),
+                path.display()
+            );
+            let _ = file.set_len(0);
+            drop(file);
+            let _ = fs::remove_file(&reservation);
+            return self.dir.write_api_key(key).map_err(|e| {
+                Error::Transient(format!(
+                    "the server issued an API key but it cannot be stored: {e}. It is shown only \
+                     once: free space in {}, then ask the server's administrator to issue this \
+                     agent a new key and install it with --set-api-key",
+                    self.dir.path.display()
+                ))
+            });
+        }
+        // From here the reservation holds the only copy: it is never removed.
+        self.holds_key = true;
+        let kept = |what: String| {
+            Error::Transient(format!(
+                "the API key was received and written to {}, but {what}; it is kept there and \
+                 the next run installs it",
+                reservation.display()
+            ))
+        };
+        file.set_len(line.len() as u64)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| kept(format!("it cannot be made durable ({e})")))?;
+        fs::rename(&reservation, &path).map_err(|e| {
+            kept(format!(
+                "it cannot be put in place as {} ({e})",
+                path.display()
+            ))
+        })?;
+        File::open(&self.dir.path)
+            .and_then(|d| d.sync_all())
             .map_err(|e| {
                 Error::Transient(format!(
-                    "the API key was received but cannot be put in place as {} ({e}); it is kept \
-                     in {}, and the next run installs it",
+                    "the API key was put in place as {}, but syncing {} failed ({e}): a crash \
+                     before the disk catches up may lose it",
                     path.display(),
-                    reservation.display()
+                    self.dir.path.display()
                 ))
             })
     }
@@ -196,6 +226,18 @@ impl Drop for KeySlot<'_> {
             let _ = fs::remove_file(self.dir.path.join(KEY_RESERVATION));
         }
     }
+}
+
+/// What `.api_key.reserved` holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Reserved {
+    Nothing,
+    /// Only the padding written when the room was taken: no key arrived.
+    Padding,
+    /// A key of this many bytes at the start.
+    Key(usize),
+    /// Something the agent did not write: moved aside, never deleted.
+    Unrecognised,
 }
 
 /// `.<name>.tmp-<pid>`, as [`StateDir::write`] names its temporary files.
@@ -231,6 +273,7 @@ impl StateDir {
             }
             Err(e) => return Err(Error::io("cannot open the state directory", path, e)),
         }
+        check_ancestors(path)?;
         // Checked and tightened through one descriptor, so the path cannot be swapped for a
         // link between the check and the chmod.
         let dir = open_dir(path)?;
@@ -269,7 +312,7 @@ impl StateDir {
     }
 
     /// Takes the run lock, waiting up to `wait` for another run to finish. `None`: another run
-    /// still holds it.
+    /// still holds it. Call [`StateDir::tidy`] next.
     pub fn lock(&self, wait: Duration) -> Result<Option<Lock>> {
         let path = self.path.join(LOCK_FILE);
         // O_NOFOLLOW: a planted `agent.lock` link must not make us create a file elsewhere.
@@ -285,24 +328,22 @@ impl StateDir {
                     "{} is a symbolic link, which the agent never creates: remove it",
                     path.display()
                 )),
+                // A FIFO without a reader (ENXIO) or a directory (EISDIR): nothing a later run
+                // can get past.
+                Some(libc::ENXIO | libc::EISDIR) => not_a_lock_file(&path),
                 _ => Error::io("cannot open the lock file", &path, e),
             })?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io("cannot inspect the lock file", &path, e))?;
         if !meta.is_file() {
-            return Err(Error::Config(format!(
-                "{} is not a regular file, which the agent never creates: remove it",
-                path.display()
-            )));
+            return Err(not_a_lock_file(&path));
         }
         let start = Instant::now();
         loop {
             // SAFETY: flock on a file descriptor we own; no memory is passed.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                let lock = Lock { _file: file };
-                self.tidy()?;
-                return Ok(Some(lock));
+                return Ok(Some(Lock { _file: file }));
             }
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) && err.kind() != ErrorKind::Interrupted
@@ -320,9 +361,10 @@ impl StateDir {
     /// is not UTF-8 or too large (the caller judges it as damaged).
     pub(crate) fn read_small(&self, name: &str) -> Result<Option<String>> {
         let path = self.path.join(name);
-        match read_capped(&path, 64 << 10) {
+        match read_own(&path, 64 << 10) {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) if input::not_a_file(&e).is_some() => Err(planted(&path, &e)),
             // Binary junk or a huge file never fixes itself: the callers judge it as corrupt.
             Err(e) if e.kind() == ErrorKind::InvalidData => Ok(Some(String::new())),
             Err(e) => Err(Error::io("cannot read", &path, e)),
@@ -401,7 +443,7 @@ impl StateDir {
         match taken {
             Ok(file) => Ok(KeySlot {
                 dir: self,
-                file,
+                file: Some(file),
                 holds_key: false,
             }),
             Err(e) => {
@@ -415,10 +457,11 @@ impl StateDir {
         }
     }
 
+    /// Cleans up after a killed run; call with the lock held, before anything else is written.
     /// Under the lock, nothing else writes here: temporary files are what a killed run left
     /// (each up to the size of the state), and a key a killed run received but did not put in
     /// place is installed now.
-    fn tidy(&self) -> Result<()> {
+    pub fn tidy(&self) -> Result<()> {
         let entries = fs::read_dir(&self.path)
             .map_err(|e| Error::io("cannot list the state directory", &self.path, e))?;
         for entry in entries.flatten() {
@@ -431,18 +474,70 @@ impl StateDir {
                 }
             }
         }
-        let reservation = self.path.join(KEY_RESERVATION);
-        let text = match read_capped(&reservation, KEY_ROOM) {
-            Ok(text) => text,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(_) => String::new(),
-        };
-        let key = text.trim();
-        if check_api_key(key).is_err() {
-            // Only the padding (or a torn write): no key was ever stored there.
-            let _ = fs::remove_file(&reservation);
-            return Ok(());
+        self.install_reserved_key()
+    }
+
+    /// What `.api_key.reserved` holds, read without changing anything.
+    fn reserved(&self) -> Result<Reserved> {
+        let path = self.path.join(KEY_RESERVATION);
+        let bytes =
+            match input::read_regular(&path, input::Links::Refuse, KEY_ROOM) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Reserved::Nothing),
+                Err(e) if input::not_a_file(&e).is_some() => return Err(planted(&path, &e)),
+                // Larger than the room: not what the agent writes there.
+                Err(e) if e.kind() == ErrorKind::InvalidData => return Ok(Reserved::Unrecognised),
+                Err(e) => return Err(Error::io(
+                    "cannot read (it may hold an API key an earlier run received, so it is kept)",
+                    &path,
+                    e,
+                )),
+            };
+        // The padding the agent writes is newlines; a crash can leave zeros in its place.
+        if bytes.iter().all(|&b| b == b'\n' || b == 0) {
+            return Ok(Reserved::Padding);
         }
+        // A key is written at the start, followed by a newline and what is left of the padding.
+        let key = std::str::from_utf8(&bytes)
+            .ok()
+            .map(|text| text.trim_end_matches(['\n', '\0']))
+            .filter(|key| check_api_key(key).is_ok());
+        Ok(match key {
+            Some(key) => Reserved::Key(key.len()),
+            None => Reserved::Unrecognised,
+        })
+    }
+
+    /// Whether an API key an earlier run received waits in its reservation (`--status`).
+    pub fn key_waiting(&self) -> bool {
+        matches!(self.reserved(), Ok(Reserved::Key(_)))
+    }
+
+    fn install_reserved_key(&self) -> Result<()> {
+        let reservation = self.path.join(KEY_RESERVATION);
+        let key_len = match self.reserved()? {
+            Reserved::Nothing => return Ok(()),
+            Reserved::Padding => {
+                // No key was ever stored there.
+                let _ = fs::remove_file(&reservation);
+                return Ok(());
+            }
+            Reserved::Unrecognised => {
+                let aside = self
+                    .path
+                    .join(format!("{KEY_FILE}.unrecognised-{}", timefmt::now()));
+                fs::rename(&reservation, &aside)
+                    .map_err(|e| Error::io("cannot move aside", &reservation, e))?;
+                warn!(
+                    "{} held neither an API key nor the agent's padding; moved it to {}: if it \
+                     holds a key the server issued, install that key with --set-api-key",
+                    reservation.display(),
+                    aside.display()
+                );
+                return Ok(());
+            }
+            Reserved::Key(len) => len,
+        };
         let target = if self.path.join(KEY_FILE).exists() {
             // A key was installed since (`--set-api-key`); this one is kept beside it.
             let aside = format!("{KEY_FILE}.unused-{}", timefmt::now());
@@ -456,19 +551,39 @@ impl StateDir {
             KEY_FILE.to_string()
         };
         let path = self.path.join(target);
-        fs::rename(&reservation, &path)
+        // Cut to the key and its newline first, in place (no new room needed), so the file
+        // installed reads as a key; then rename.
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&reservation)
+            .and_then(|file| {
+                file.write_all_at(b"\n", key_len as u64)?;
+                file.set_len(key_len as u64 + 1)?;
+                file.sync_all()
+            })
+            .and_then(|()| fs::rename(&reservation, &path))
             .and_then(|()| File::open(&self.path)?.sync_all())
-            .map_err(|e| Error::io("cannot install the received API key as", &path, e))
+            .map_err(|e| {
+                Error::io(
+                    "cannot install the API key an earlier run left in its reservation as",
+                    &path,
+                    e,
+                )
+            })
     }
 
     /// Loads `state.json`. A missing file is a fresh state; a corrupt one is moved aside with a
     /// warning (when `repair`) and the run continues from a fresh state.
     pub fn load_state(&self, repair: bool) -> Result<State> {
         let path = self.path.join(STATE_FILE);
-        let text = match read_capped(&path, MAX_STATE_BYTES) {
+        let text = match read_own(&path, MAX_STATE_BYTES) {
             Ok(text) => text,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(State::default()),
-            Err(e) if e.kind() == ErrorKind::InvalidData => String::new(),
+            // Moved aside below like any corrupt state: renaming a link or FIFO is harmless.
+            Err(e) if e.kind() == ErrorKind::InvalidData || input::not_a_file(&e).is_some() => {
+                String::new()
+            }
             Err(e) => return Err(Error::io("cannot read", &path, e)),
         };
         if let Some(state) = State::from_json(&text) {
@@ -526,23 +641,11 @@ impl StateDir {
 }
 
 /// Reads one of the agent's own files: never through a symbolic link (the agent creates none),
-/// only a regular file (a FIFO would block), at most `cap` bytes. Anything else is
-/// `InvalidData`, which the callers judge as corrupt.
-fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
-    let invalid = |why: String| std::io::Error::new(ErrorKind::InvalidData, why);
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => invalid("a symbolic link".into()),
-            _ => e,
-        })?;
-    if !file.metadata()?.is_file() {
-        return Err(invalid("not a regular file".into()));
-    }
-    let bytes = input::read_capped(file, cap)?;
-    String::from_utf8(bytes).map_err(|_| invalid("not UTF-8".into()))
+/// only a regular file (a FIFO would block), at most `cap` bytes. Text that is not UTF-8 is
+/// `InvalidData`, as a file over the cap is: the callers judge both as corrupt.
+fn read_own(path: &Path, cap: u64) -> std::io::Result<String> {
+    let bytes = input::read_regular(path, input::Links::Refuse, cap)?;
+    String::from_utf8(bytes).map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "not UTF-8"))
 }
 
 /// Opens a directory itself, not a link to one.
@@ -561,12 +664,84 @@ fn open_dir(path: &Path) -> Result<File> {
         })
 }
 
+fn not_a_lock_file(path: &Path) -> Error {
+    Error::Config(format!(
+        "{} is not a regular file, which the agent never creates: remove it",
+        path.display()
+    ))
+}
+
+/// One of the agent's files is a link, FIFO, device or directory: someone put it there, and no
+/// later run gets past it, so the operator is told what it is and what to do.
+fn planted(path: &Path, err: &std::io::Error) -> Error {
+    match input::not_a_file(err) {
+        Some("a symbolic link") => Error::Config(format!(
+            "{} is a symbolic link, which the agent never creates: replace it with the file it \
+             points to",
+            path.display()
+        )),
+        kind => Error::Config(format!(
+            "{} is {}, which the agent never creates: remove it, or put the file that belongs \
+             there in its place",
+            path.display(),
+            kind.unwrap_or("not a regular file")
+        )),
+    }
+}
+
 fn symlinked_dir(path: &Path) -> Error {
     Error::Config(format!(
         "state directory {} is a symbolic link: pass the directory it points to with \
          --state-dir (GRAPHEON_AGENT_STATE_DIR), so the agent's writes cannot be redirected",
         path.display()
     ))
+}
+
+/// Refuses a state directory inside one that another user can change: the checks here are
+/// made on the last component, and the later reads and writes go by path, so whoever can
+/// rename entries in a directory above could swap the checked directory for a link to one they
+/// filled (a planted `.api_key.reserved` would be installed as the key). Every directory above
+/// must belong to root or to the agent's user and be writable by nobody else, unless sticky
+/// (`/tmp`: others cannot rename what they do not own). Both the path as given and the one its
+/// links resolve to are checked.
+fn check_ancestors(path: &Path) -> Result<()> {
+    let absolute = match path.is_absolute() {
+        true => path.to_path_buf(),
+        false => std::env::current_dir()
+            .map_err(|e| Error::io("cannot resolve the state directory", path, e))?
+            .join(path),
+    };
+    let resolved = absolute.parent().and_then(|p| fs::canonicalize(p).ok());
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let above = absolute.ancestors().skip(1);
+    for dir in above.chain(resolved.iter().flat_map(|r| r.ancestors())) {
+        let meta = fs::metadata(dir).map_err(|e| {
+            Error::io(
+                "cannot inspect the directory above the state directory",
+                dir,
+                e,
+            )
+        })?;
+        let mode = meta.mode() & 0o7777;
+        let why = if meta.uid() != 0 && meta.uid() != me {
+            format!("belongs to user {}", meta.uid())
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            format!("other users can write (mode {mode:04o})")
+        } else {
+            continue;
+        };
+        return Err(Error::Config(format!(
+            "state directory {} is inside {}, which {why}: whoever can change that directory can \
+             swap the state directory for a link to files of their choosing; choose a state \
+             directory whose parents only root or the agent's user can change, or make {} \
+             writable by its owner only (chmod go-w)",
+            path.display(),
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses what another user owns: they could replace its contents at will.
@@ -712,11 +887,7 @@ mod tests {
 
     #[test]
     fn a_directory_of_another_user_is_refused() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to give a directory away");
-            return;
-        }
+        require_root();
         let t = TempDir::new("foreign");
         fs::create_dir_all(&t.0).unwrap();
         fs::set_permissions(&t.0, fs::Permissions::from_mode(0o700)).unwrap();
@@ -734,6 +905,41 @@ mod tests {
                 )
             )
         );
+    }
+
+    #[test]
+    fn a_state_directory_inside_one_others_can_change_is_refused() {
+        let t = TempDir::new("parents");
+        let open = t.0.join("open");
+        fs::create_dir_all(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let state = open.join("deeper").join("state");
+        let err = StateDir::create(&state).unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "state directory {} is inside {}, which other users can write (mode 0777): \
+                     whoever can change that directory can swap the state directory for a link \
+                     to files of their choosing; choose a state directory whose parents only \
+                     root or the agent's user can change, or make {} writable by its owner only \
+                     (chmod go-w)",
+                    state.display(),
+                    open.display(),
+                    open.display()
+                )
+            )
+        );
+        // Reached through a link, the directory the link resolves to is checked too.
+        let link = t.0.join("link");
+        std::os::unix::fs::symlink(&open, &link).unwrap();
+        assert!(StateDir::create(&link.join("state")).is_err());
+        // Sticky, as /tmp is: others cannot rename what is not theirs.
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(StateDir::create(&state).is_ok());
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(StateDir::create(&state).is_ok());
     }
 
     #[test]
@@ -763,7 +969,60 @@ mod tests {
         let elsewhere = t.0.join("elsewhere");
         fs::write(&elsewhere, "gpak_0123456789abcdef\n").unwrap();
         std::os::unix::fs::symlink(&elsewhere, dir.path().join(KEY_FILE)).unwrap();
-        assert_eq!(dir.read_api_key().unwrap(), None);
+        let err = dir.read_api_key().unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "{} is a symbolic link, which the agent never creates: replace it with the \
+                     file it points to",
+                    dir.path().join(KEY_FILE).display()
+                )
+            )
+        );
+        let fifo = dir.path().join(UUID_FILE);
+        mkfifo(&fifo);
+        let err = dir.read_uuid().unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "{} is a FIFO, which the agent never creates: remove it, or put the file \
+                     that belongs there in its place",
+                    fifo.display()
+                )
+            )
+        );
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn a_lock_file_that_is_a_fifo_or_a_directory_is_a_configuration_error() {
+        let t = TempDir::new("lockkind");
+        let dir = StateDir::create(&t.0).unwrap();
+        let lock = dir.path().join(LOCK_FILE);
+        let mut seen = Vec::new();
+        for make in [mkfifo as fn(&Path), |p: &Path| fs::create_dir(p).unwrap()] {
+            make(&lock);
+            let err = dir.lock(Duration::ZERO).unwrap_err();
+            seen.push((err.exit_code(), err.to_string()));
+            let _ = fs::remove_file(&lock).or_else(|_| fs::remove_dir(&lock));
+        }
+        let expected = (
+            2,
+            format!(
+                "{} is not a regular file, which the agent never creates: remove it",
+                lock.display()
+            ),
+        );
+        assert_eq!(seen, [expected.clone(), expected]);
     }
 
     fn names(dir: &StateDir) -> Vec<String> {
@@ -790,6 +1049,8 @@ mod tests {
         // Not ours: kept.
         fs::write(dir.path().join("notes.tmp-1"), "x").unwrap();
         let _lock = dir.lock(Duration::ZERO).unwrap().unwrap();
+        assert_eq!(names(&dir).len(), 6, "taking the lock removes nothing");
+        dir.tidy().unwrap();
         assert_eq!(names(&dir), ["agent.lock", "notes.tmp-1", "state.json"]);
     }
 
@@ -826,8 +1087,137 @@ mod tests {
         let mut text = "gpak_0123456789abcdef\n".to_string();
         text.push_str(&"\n".repeat(100));
         fs::write(dir.path().join(KEY_RESERVATION), &text).unwrap();
-        let _lock = dir.lock(Duration::ZERO).unwrap().unwrap();
-        assert_eq!(names(&dir), ["agent.lock", KEY_FILE]);
+        assert!(dir.key_waiting(), "--status sees it");
+        dir.tidy().unwrap();
+        assert_eq!(names(&dir), [KEY_FILE]);
+        assert_eq!(
+            dir.read_api_key().unwrap().as_deref(),
+            Some("gpak_0123456789abcdef")
+        );
+        assert!(!dir.key_waiting());
+    }
+
+    #[test]
+    fn a_reservation_is_deleted_only_when_it_holds_nothing_but_padding() {
+        let t = TempDir::new("reserved");
+        let dir = StateDir::create(&t.0).unwrap();
+        let reservation = dir.path().join(KEY_RESERVATION);
+        // Padding only, newlines or the zeros a crash can leave: no key ever arrived.
+        fs::write(&reservation, b"\n\0\n\0\0\n").unwrap();
+        dir.tidy().unwrap();
+        assert_eq!(names(&dir), Vec::<String>::new());
+        // A key followed by zeros: installed, cut to the key.
+        let mut bytes = b"gpak_0123456789abcdef\n".to_vec();
+        bytes.extend([0u8; 100]);
+        fs::write(&reservation, &bytes).unwrap();
+        dir.tidy().unwrap();
+        assert_eq!(names(&dir), [KEY_FILE]);
+        assert_eq!(
+            fs::read(dir.path().join(KEY_FILE)).unwrap(),
+            b"gpak_0123456789abcdef\n"
+        );
+        // Anything else is moved aside, never deleted.
+        fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
+        fs::write(&reservation, b"short\n\n").unwrap();
+        dir.tidy().unwrap();
+        let moved = names(&dir);
+        assert_eq!(moved.len(), 1);
+        assert!(moved[0].starts_with("api_key.unrecognised-"), "{moved:?}");
+        assert_eq!(fs::read(dir.path().join(&moved[0])).unwrap(), b"short\n\n");
+        // A FIFO in its place is reported, not read.
+        mkfifo(&reservation);
+        let err = dir.tidy().unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "{} is a FIFO, which the agent never creates: remove it, or put the file \
+                     that belongs there in its place",
+                    reservation.display()
+                )
+            )
+        );
+    }
+
+    #[test]
+    fn a_key_that_cannot_be_renamed_stays_in_its_reservation() {
+        let t = TempDir::new("norename");
+        let dir = StateDir::create(&t.0).unwrap();
+        let slot = dir.reserve_api_key().unwrap();
+        // A directory where api_key goes: the rename fails.
+        fs::create_dir(dir.path().join(KEY_FILE)).unwrap();
+        let err = slot.store("gpak_0123456789abcdef").unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                1,
+                format!(
+                    "the API key was received and written to {}, but it cannot be put in place \
+                     as {} (Is a directory (os error 21)); it is kept there and the next run \
+                     installs it",
+                    dir.path().join(KEY_RESERVATION).display(),
+                    dir.path().join(KEY_FILE).display()
+                )
+            )
+        );
+        assert_eq!(
+            fs::read(dir.path().join(KEY_RESERVATION)).unwrap(),
+            b"gpak_0123456789abcdef\n"
+        );
+    }
+
+    /// A tmpfs of 64 KiB on a new directory, unmounted on drop (needs root, as CI runs).
+    struct SmallDisk(TempDir);
+    impl SmallDisk {
+        fn new(tag: &str) -> SmallDisk {
+            require_root();
+            let t = TempDir::new(tag);
+            fs::create_dir_all(&t.0).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
+                .arg(&t.0)
+                .status()
+                .expect("run mount")
+                .success();
+            assert!(ok, "mount -t tmpfs failed");
+            SmallDisk(t)
+        }
+        /// Takes every free block.
+        fn fill(&self) {
+            let mut f = File::create(self.0 .0.join("filler")).unwrap();
+            while f.write_all(&[7u8; 4096]).is_ok() {}
+            let _ = f.write_all(&[7u8; 1]);
+        }
+    }
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(&self.0 .0)
+                .status();
+        }
+    }
+
+    fn require_root() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root (CI runs as root)"
+        );
+    }
+
+    #[test]
+    fn a_reservation_that_cannot_take_the_key_gives_its_room_to_the_plain_write() {
+        let disk = SmallDisk::new("cow");
+        let dir = StateDir::create(&disk.0 .0.join("state")).unwrap();
+        let mut slot = dir.reserve_api_key().unwrap();
+        disk.fill();
+        // As on a copy-on-write filesystem, overwriting the reservation fails; here because
+        // the descriptor is read-only.
+        slot.file = Some(File::open(dir.path().join(KEY_RESERVATION)).unwrap());
+        slot.store("gpak_0123456789abcdef").unwrap();
+        assert_eq!(names(&dir), [KEY_FILE]);
         assert_eq!(
             dir.read_api_key().unwrap().as_deref(),
             Some("gpak_0123456789abcdef")

@@ -259,17 +259,93 @@ fn a_table_no_source_could_read_is_flagged_and_keeps_its_records() {
     assert!(get(third, "metadata.failed_tables").is_none());
 }
 
+/// Replaces the stand-in `ss` with one printing a listener on every IPv4 address and one
+/// established connection.
+fn ss_with_a_wildcard_listener(tools: &Path) {
+    let ss = "#!/bin/sh\n\
+              echo 'tcp LISTEN 0 128 0.0.0.0:22 0.0.0.0:* users:((\"sshd\",pid=1,fd=3))'\n\
+              echo 'tcp ESTAB 0 0 198.51.100.1:22 198.51.100.2:50000 users:((\"sshd\",pid=2,fd=4))'\n";
+    fs::write(tools.join("ss"), ss).unwrap();
+}
+
+#[test]
+fn wildcard_listeners_are_kept_when_the_addresses_cannot_be_read() {
+    let srv = server(true);
+    let mut agent = Agent::new("wildcards", &srv.url());
+    let tools = agent.root.0.join("bin");
+    fs::create_dir(&tools).unwrap();
+    stand_in_tools(&tools);
+    ss_with_a_wildcard_listener(&tools);
+    agent.set_env("PATH", &format!("{}:/usr/bin:/bin", tools.display()));
+    agent.set_env("GRAPHEON_AGENT_COLLECTOR", "commands");
+    fs::write(tools.join("broken-addr"), "").unwrap();
+
+    // No addresses now and none accepted before: the listener has nothing to be reported
+    // under and is left out (counted); the other connections still go.
+    let run = run_bounded(agent.command(&["--dry-run"]));
+    assert_code(&run, 0);
+    let body = support::json::parse(run.stdout.lines().next().unwrap());
+    assert_eq!(
+        (
+            get(&body, "metadata.failed_tables.connections").is_some(),
+            u64_at(&body, "metadata.records_left_out"),
+            len_at(&body, "connections"),
+        ),
+        (false, Some(1), Some(1)),
+        "{}",
+        run.stderr
+    );
+
+    fs::remove_file(tools.join("broken-addr")).unwrap();
+    assert_code(&agent.run(&["--force"]), 0);
+    let first = len_at(&srv.checkins()[0].json, "connections").unwrap();
+    assert!(
+        first > 2,
+        "the listener is expanded over the addresses: {first}"
+    );
+
+    // Addresses failing now: the listener is expanded over the addresses last accepted, so
+    // nothing counts as removed and nothing is resent as new.
+    fs::write(tools.join("broken-addr"), "").unwrap();
+    let run = agent.run(&["--force"]);
+    assert_code(&run, 0);
+    let second = &srv.checkins()[1].json;
+    assert_eq!(
+        (
+            get(second, "metadata.failed_tables.connections").is_some(),
+            u64_at(second, "metadata.records_left_out"),
+            u64_at(second, "metadata.removed_since_last_report.connections"),
+            len_at(second, "connections"),
+            len_at(&agent.state(), "last_snapshot.connections"),
+        ),
+        (false, Some(0), Some(0), Some(0), Some(first)),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn a_tool_flooding_nested_json_fails_its_table_and_sees_no_secret() {
     let root = TempDir::new("flood");
     let tools = root.0.join("bin");
     fs::create_dir(&tools).unwrap();
     stand_in_tools(&tools);
-    // 60 MB of `[` for the addresses, under the 64 MiB output cap.
-    let ip = fs::read_to_string(tools.join("ip")).unwrap().replace(
-        "addr) exec cat",
-        "addr) head -c 62914560 /dev/zero | tr '\\0' '[' ; exit 0 ; cat",
-    );
+    // 60 MB of `[` for the addresses, under the 64 MiB output cap; for the neighbours, 2 MiB of
+    // 63-deep chains side by side, which pass a depth limit but took 150 MB to parse.
+    let chain = format!("{}{}", "[".repeat(63), "]".repeat(63));
+    let ip = fs::read_to_string(tools.join("ip"))
+        .unwrap()
+        .replace(
+            "addr) exec cat",
+            "addr) head -c 62914560 /dev/zero | tr '\\0' '[' ; exit 0 ; cat",
+        )
+        .replace(
+            "neigh) exec cat",
+            &format!(
+                "neigh) printf '['; yes '{chain}' | head -n 16384 | paste -sd, -; printf ']'; \
+                 exit 0; cat"
+            ),
+        );
     fs::write(tools.join("ip"), ip).unwrap();
     let mut agent = Agent::new("flood", "https://grapheon.invalid");
     agent.set_env("PATH", &format!("{}:/usr/bin:/bin", tools.display()));
@@ -283,6 +359,13 @@ fn a_tool_flooding_nested_json_fails_its_table_and_sees_no_secret() {
         Some(
             "ip -json addr show: ip -json addr show printed unusable output: JSON nested deeper \
              than 64 levels"
+        )
+    );
+    assert_eq!(
+        str_at(&body, "metadata.failed_tables.neighbors"),
+        Some(
+            "ip -json neigh show: ip -json neigh show printed unusable output: JSON with too \
+             many values (parsing it would take more than 32768 KiB)"
         )
     );
     assert!(len_at(&body, "routes").unwrap() > 0);
@@ -321,10 +404,20 @@ fn fifos_and_devices_named_as_files_fail_at_once() {
         run.stderr
     );
 
-    // A proc tree whose socket tables and comm files are FIFOs: skipped, not waited on.
+    // A proc tree whose comm file is a FIFO, for a process that owns a real socket (so the
+    // owner lookup reads it): skipped, not waited on. (The socket tables as FIFOs are tested
+    // in procfs: sock_diag answers first here.)
     let proc_root = root.0.join("proc");
     fs::create_dir_all(proc_root.join("net")).unwrap();
-    fs::create_dir_all(proc_root.join("1")).unwrap();
+    fs::create_dir_all(proc_root.join("1/fd")).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let inode = {
+        use std::os::unix::io::AsRawFd;
+        fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+            .unwrap()
+            .ino()
+    };
+    std::os::unix::fs::symlink(format!("socket:[{inode}]"), proc_root.join("1/fd/3")).unwrap();
     for path in ["net/tcp", "net/tcp6", "net/udp", "net/udp6", "1/comm"] {
         let c = std::ffi::CString::new(proc_root.join(path).to_str().unwrap()).unwrap();
         // SAFETY: as above.
@@ -338,6 +431,15 @@ fn fifos_and_devices_named_as_files_fail_at_once() {
         "--dry-run",
     ]));
     assert_code(&run, 0);
+    let port = listener.local_addr().unwrap().port();
+    assert!(
+        run.stderr.contains(&format!(
+            "cannot read {}: not a regular file (it is a FIFO)",
+            proc_root.join("1/comm").display()
+        )),
+        "the owner of port {port} was looked up: {}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -494,6 +596,30 @@ fn misleading_messages_are_fixed() {
          not a usable URL: an IPv6 address in brackets lacks its closing ']' (see --help)\n"
     );
 
+    // What the HTTP client refuses is refused now, not retried on every run.
+    agent.set_env("GRAPHEON_AGENT_SERVER_URL", "http://127.0.0.1:9/a<b>");
+    let run = agent.run(&["--register-only"]);
+    assert_code(&run, 2);
+    assert_eq!(
+        run.stderr,
+        "grapheon-agent error: GRAPHEON_AGENT_SERVER_URL in the environment: \
+         'http://127.0.0.1:9/a<b>' is not a usable URL: the HTTP client refuses it (invalid uri \
+         character) (see --help)\n"
+    );
+    // A password in the URL is never shown.
+    agent.set_env(
+        "GRAPHEON_AGENT_SERVER_URL",
+        "https://user:secret@127.0.0.1:9",
+    );
+    let run = agent.run(&["--register-only"]);
+    assert_code(&run, 2);
+    assert_eq!(
+        run.stderr,
+        "grapheon-agent error: GRAPHEON_AGENT_SERVER_URL in the environment: \
+         'https://***@127.0.0.1:9' is not a usable URL: user names or passwords in the URL are \
+         not supported (see --help)\n"
+    );
+
     // Nothing listens on the port of a server that was just stopped.
     let gone = ContractServer::start();
     let url = gone.url();
@@ -523,6 +649,8 @@ fn misleading_messages_are_fixed() {
     )
     .unwrap();
     fs::set_permissions(&env_file, fs::Permissions::from_mode(0o644)).unwrap();
+    // Another user's file could point the agent at their server.
+    std::os::unix::fs::chown(&env_file, Some(65534), None).unwrap();
     agent
         .env
         .retain(|(k, _)| k != "GRAPHEON_AGENT_ENROLLMENT_KEY" && k != "GRAPHEON_AGENT_SERVER_URL");
@@ -532,6 +660,16 @@ fn misleading_messages_are_fixed() {
     assert!(
         run.stderr.contains(&format!(
             "env file {} is accessible to every user (mode 0644) and may hold the enrollment key",
+            env_file.display()
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(&format!(
+            "env file {} belongs to user 65534, who can point the agent at another server and so \
+             receive its keys: chown 0 {}",
+            env_file.display(),
             env_file.display()
         )),
         "{}",

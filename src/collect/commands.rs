@@ -643,7 +643,7 @@ fn json_array(text: &str, what: &str) -> Result<Vec<Value>, SourceError> {
     }
     // The parser needs about a hundred bytes per level: a runaway tool printing megabytes of
     // `[` would take the host's memory before any record could be read.
-    crate::input::check_json_depth(trimmed, crate::input::MAX_JSON_DEPTH)
+    crate::input::check_json(trimmed, crate::input::COMMAND_JSON)
         .map_err(|why| SourceError(format!("{what} printed unusable output: {why}")))?;
     match json::from_str::<Value>(trimmed) {
         Ok(Value::Array(items)) => Ok(items.into_iter().collect()),

@@ -204,20 +204,26 @@ pub struct Collected {
     pub failed: [Option<String>; 4],
 }
 
-/// Collects every table the policy enables and applies the shared normalisation.
-pub fn collect(opts: &Options) -> Collected {
+/// Collects every table the policy enables and applies the shared normalisation. `known`
+/// are the addresses the server last accepted: when no source can read the addresses now,
+/// wildcard listeners are expanded over those rather than left out (left out, they would count
+/// as removed and come back as new).
+pub fn collect(opts: &Options, known: &[Address]) -> Collected {
     let t = opts.command_timeout;
     let proc_root = opts.proc_root.as_path();
     let on = opts.tables;
     let mut failed: [Option<String>; 4] = Default::default();
     // Wildcard listeners are expanded over the addresses, so they are read even when the
     // policy does not report them.
+    let mut addresses_failed = false;
     let addresses = if on.addresses || on.connections {
-        match addresses_or_why(opts) {
-            Ok(list) => list,
-            Err(why) if on.addresses => served(&mut failed, 0, Err(why)),
-            Err(_) => Vec::new(),
-        }
+        addresses_or_why(opts).unwrap_or_else(|why| {
+            if on.addresses {
+                failed[0] = Some(why);
+            }
+            addresses_failed = true;
+            Vec::new()
+        })
     } else {
         Vec::new()
     };
@@ -270,7 +276,19 @@ pub fn collect(opts: &Options) -> Collected {
     } else {
         Vec::new()
     };
-    let (connections, unexpanded) = expand_wildcards(sockets, &addresses);
+    // With no addresses accepted either (a first run), such listeners are left out and
+    // counted in `left_out`: freezing the whole table instead would hold back every other
+    // connection for as long as the addresses fail.
+    let over = if addresses_failed && !known.is_empty() {
+        debug!(
+            "listeners on every address expanded over the {} addresses last accepted",
+            known.len()
+        );
+        known
+    } else {
+        &addresses
+    };
+    let (connections, unexpanded) = expand_wildcards(sockets, over);
     let mut snapshot = Snapshot {
         connections,
         addresses: if on.addresses { addresses } else { Vec::new() },

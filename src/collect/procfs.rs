@@ -40,7 +40,7 @@ pub fn sockets(proc_root: &Path) -> Result<Vec<Socket>, SourceError> {
     for (name, protocol, v6) in TABLES {
         let path = proc_root.join("net").join(name);
         let start = out.len();
-        match read_table(&path, protocol, v6, &mut line, &mut out) {
+        match read_table(&path, protocol, v6, MAX_TABLE_BYTES, &mut line, &mut out) {
             Ok(()) => readable += 1,
             Err(err) => {
                 out.truncate(start);
@@ -59,25 +59,28 @@ pub fn sockets(proc_root: &Path) -> Result<Vec<Socket>, SourceError> {
     Ok(out)
 }
 
-/// Streams one table into `out`, reusing `line` so that 100,000 sockets cost no text copy.
+/// Streams one table of at most `cap` bytes into `out`, reusing `line` so that 100,000
+/// sockets cost no text copy.
 fn read_table(
     path: &Path,
     protocol: Protocol,
     v6: bool,
+    cap: u64,
     line: &mut Vec<u8>,
     out: &mut Vec<Socket>,
 ) -> io::Result<()> {
     // A regular file only (a FIFO would block, /dev/zero never end), and bounded: a real table
-    // of a million sockets is about 150 MB.
-    let file = crate::input::open_regular(path)?;
-    let mut reader = BufReader::with_capacity(64 * 1024, file.take(MAX_TABLE_BYTES));
+    // of a million sockets is about 150 MB. One byte past the cap tells a table of exactly
+    // `cap` bytes from a larger one.
+    let file = crate::input::open_regular(path, crate::input::Links::Follow)?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file.take(cap + 1));
     loop {
         line.clear();
         if (&mut reader).take(MAX_LINE).read_until(b'\n', line)? == 0 {
             if reader.get_ref().limit() == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("larger than {MAX_TABLE_BYTES} bytes"),
+                    format!("larger than {cap} bytes"),
                 ));
             }
             return Ok(());
@@ -283,7 +286,7 @@ fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
     let path = proc_root.join(pid.to_string()).join("comm");
     let mut bytes = Vec::with_capacity(32);
     // comm is at most 16 bytes; the bound keeps a strange file from costing memory.
-    crate::input::open_regular(&path)
+    crate::input::open_regular(&path, crate::input::Links::Follow)
         .and_then(|f| f.take(256).read_to_end(&mut bytes))
         .map_err(|err| debug!("cannot read {}: {err}", path.display()))
         .ok()?;
@@ -546,5 +549,65 @@ mod tests {
             }
             let _ = socket_inode(&bytes);
         }
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    fn temp_root(tag: &str) -> PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("grapheon-procfs-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("net")).unwrap();
+        root
+    }
+
+    #[test]
+    fn fifo_tables_and_comm_are_refused_without_waiting() {
+        let root = temp_root("fifo");
+        for (name, _, _) in TABLES {
+            mkfifo(&root.join("net").join(name));
+        }
+        std::fs::create_dir_all(root.join("1")).unwrap();
+        mkfifo(&root.join("1/comm"));
+        let started = std::time::Instant::now();
+        let err = sockets(&root).unwrap_err();
+        let comm = read_comm(&root, 1);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        let fifo = "not a regular file (it is a FIFO)";
+        assert_eq!(
+            (err.0, comm),
+            (
+                format!(
+                    "cannot read {}/net/{{tcp,tcp6,udp,udp6}} (tcp: {fifo}; tcp6: {fifo}; udp: \
+                     {fifo}; udp6: {fifo})",
+                    root.display()
+                ),
+                None
+            )
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_table_of_exactly_the_cap_is_read_and_one_byte_more_is_refused() {
+        let root = temp_root("cap");
+        let path = root.join("net/tcp");
+        let line = "0: 0100007F:0016 00000000:0000 0A 0:0 0:0 0 0 0 77\n";
+        std::fs::write(&path, line).unwrap();
+        let cap = line.len() as u64;
+        let (mut buf, mut out) = (Vec::new(), Vec::new());
+        let read = read_table(&path, Protocol::Tcp, false, cap, &mut buf, &mut out);
+        assert_eq!((read.map_err(|e| e.to_string()), out.len()), (Ok(()), 1));
+        out.clear();
+        let err = read_table(&path, Protocol::Tcp, false, cap - 1, &mut buf, &mut out);
+        assert_eq!(
+            err.map_err(|e| e.to_string()),
+            Err(format!("larger than {} bytes", cap - 1))
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

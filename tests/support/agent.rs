@@ -26,6 +26,8 @@ impl TempDir {
         ));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).expect("create temp dir");
+        // Whatever the umask: the agent refuses a state directory inside one others can write.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
         TempDir(path)
     }
 }
