@@ -108,7 +108,8 @@ pub struct Client {
 impl Client {
     /// Builds the client; a CA file that cannot be used is a configuration error.
     pub fn new(cfg: &Config, base: &str) -> Result<Client> {
-        let mut tls = TlsConfig::builder();
+        let mut tls =
+            TlsConfig::builder().unversioned_rustls_crypto_provider(crate::tls::crypto_provider());
         if let Some(path) = &cfg.ca_file {
             let pem = std::fs::read(path).map_err(|e| {
                 Error::Config(format!("cannot read CA file {}: {e}", path.display()))

@@ -18,3 +18,4 @@ pub mod report;
 pub mod run;
 pub mod state;
 pub mod timefmt;
+pub mod tls;
