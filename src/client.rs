@@ -172,7 +172,8 @@ pub struct Client {
 impl Client {
     /// Builds the client; a CA file that cannot be used is a configuration error.
     pub fn new(cfg: &Config, base: &str) -> Result<Client> {
-        let mut tls = TlsConfig::builder();
+        let mut tls =
+            TlsConfig::builder().unversioned_rustls_crypto_provider(crate::tls::crypto_provider());
         if let Some(path) = &cfg.ca_file {
             // A CA bundle is a few hundred kilobytes (the whole web PKI is about 200 KB).
             let pem = input::read_regular(path, input::Links::Follow, MAX_CA_FILE_BYTES).map_err(

@@ -3,7 +3,8 @@
 //!
 //! Proves which certificates the agent trusts (the built-in web PKI roots, or exactly the
 //! `--ca-file` bundle), that an untrusted certificate is a configuration error (exit 2) that is
-//! neither retried nor sent anything, and that `--insecure-skip-verify` works and warns.
+//! neither retried nor sent anything, that `--insecure-skip-verify` works and warns, and that
+//! every protocol version, cipher suite and key exchange the agent offers completes a handshake.
 
 mod support;
 
@@ -17,9 +18,11 @@ use std::time::{Duration, Instant};
 
 use grapheon_agent::client::VERSION;
 use miniserde::json::Value;
+use rustls::crypto::ring::{cipher_suite, default_provider, kx_group};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ServerConfig, ServerConnection, StreamOwned};
+use rustls::{ServerConfig, ServerConnection, StreamOwned, SupportedProtocolVersion};
 
 use support::agent::{Agent, Run};
 use support::json::str_at;
@@ -69,6 +72,8 @@ struct Shared {
     requests: Mutex<Vec<Request>>,
     /// Why handshakes failed (rustls' wording), in order.
     handshake_errors: Mutex<Vec<String>>,
+    /// "<version> <cipher suite> <key exchange group>" of each completed handshake, in order.
+    negotiated: Mutex<Vec<String>>,
 }
 
 /// A minimal HTTPS server for the two agent endpoints: one thread per connection, one request
@@ -82,19 +87,26 @@ struct TlsServer {
 impl TlsServer {
     /// Serves `server.pem` (signed by the test CA) on an ephemeral port of 127.0.0.1.
     fn start() -> TlsServer {
+        // The provider ureq itself would pick: the tests build nothing the agent does not.
+        TlsServer::start_with(default_provider(), rustls::DEFAULT_VERSIONS)
+    }
+
+    /// Like [`TlsServer::start`], accepting only what `provider` and `versions` allow.
+    fn start_with(
+        provider: CryptoProvider,
+        versions: &[&'static SupportedProtocolVersion],
+    ) -> TlsServer {
         let certs = CertificateDer::pem_file_iter(fixture("server.pem"))
             .expect("server.pem")
             .collect::<Result<Vec<_>, _>>()
             .expect("server.pem certificates");
         let key = PrivateKeyDer::from_pem_file(fixture("server.key")).expect("server.key");
-        // The provider ureq itself uses: the tests build nothing the agent does not.
-        let config =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("protocol versions")
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .expect("server certificate and key");
+        let config = ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server certificate and key");
         let config = Arc::new(config);
 
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -145,6 +157,15 @@ impl TlsServer {
             .clone()
     }
 
+    /// What each completed handshake so far agreed on.
+    fn negotiated(&self) -> Vec<String> {
+        self.shared
+            .negotiated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Handshake failures so far, as rustls words them on the server side.
     fn handshake_errors(&self) -> Vec<String> {
         self.shared
@@ -180,6 +201,17 @@ fn serve(shared: &Shared, config: Arc<ServerConfig>, tcp: TcpStream) {
             .push(e.to_string());
         return;
     }
+    let agreed = format!(
+        "{:?} {:?} {:?}",
+        tls.conn.protocol_version(),
+        tls.conn.negotiated_cipher_suite().map(|s| s.suite()),
+        tls.conn.negotiated_key_exchange_group().map(|g| g.name()),
+    );
+    shared
+        .negotiated
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(agreed);
     let Some(request) = read_request(&mut tls) else {
         return;
     };
@@ -420,4 +452,53 @@ fn user_agent_over_tls_is_the_agent_version_of_the_binary() {
         .map(|r| r.header("user-agent").map(str::to_string))
         .collect();
     assert_eq!(agents, [Some(format!("grapheon-agent/{VERSION}"))]);
+}
+
+/// The server's certificate is ECDSA P-256, so TLS 1.2 runs the ECDHE-ECDSA suites; TLS 1.3
+/// suites do not depend on the key.
+#[test]
+fn every_offered_version_suite_and_key_exchange_completes_a_handshake() {
+    let suites = [
+        (
+            &rustls::version::TLS13,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ),
+        (
+            &rustls::version::TLS13,
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ),
+        (
+            &rustls::version::TLS12,
+            cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ];
+    let groups = [kx_group::SECP256R1, kx_group::SECP384R1];
+    let ca = fixture("ca.pem");
+    let mut expected = Vec::new();
+    let mut agreed = Vec::new();
+    for (version, suite) in suites {
+        for group in groups {
+            let provider = CryptoProvider {
+                cipher_suites: vec![suite],
+                kx_groups: vec![group],
+                ..default_provider()
+            };
+            let srv = TlsServer::start_with(provider, &[version]);
+            let agent = Agent::new("tls-suites", &srv.url());
+            let run = agent.run(&["--register-only", "--ca-file", ca.to_str().unwrap()]);
+            assert_code(&run, 0);
+            expected.push(format!(
+                "Some({:?}) Some({:?}) Some({:?})",
+                version.version,
+                suite.suite(),
+                group.name()
+            ));
+            agreed.extend(srv.negotiated());
+        }
+    }
+    assert_eq!(agreed, expected);
 }

@@ -435,7 +435,8 @@ fn seconds(d: Duration) -> String {
     if d.subsec_millis() == 0 {
         format!("{} s", d.as_secs())
     } else {
-        format!("{:.3} s", d.as_secs_f64())
+        // Integer digits: `{:.3}` of an f64 would link float formatting for this one message.
+        format!("{}.{:03} s", d.as_secs(), d.subsec_millis())
     }
 }
 
