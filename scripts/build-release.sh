@@ -4,7 +4,8 @@
 #   scripts/build-release.sh [--targets "T1 T2"] [--out DIR] [--strict] [--no-smoke] [--no-pack]
 #                            [--no-install]
 #
-# For each target: add it with rustup, build `cargo build --release --locked`, check the binary is
+# For each target: add it with rustup, build `cargo build --release --locked` (into cargo's target
+# directory: CARGO_TARGET_DIR and .cargo/config.toml are honoured), check the binary is
 # static (no ELF interpreter, no NEEDED entry), run it (natively or under qemu user-mode
 # emulation) with --version, --help and --dry-run, and pack
 # DIR/grapheon-agent-<version>-<target>.tar.gz (binary, VERSION, deploy/, lifecycle scripts,
@@ -19,7 +20,8 @@
 #                    armv7-unknown-linux-musleabihf
 #   --out DIR        default: dist
 #   --strict         every target, README.md and CHANGELOG.md are required
-#   --no-smoke       do not run the binaries (image builds: no qemu there)
+#   --no-smoke       run no emulator and no --dry-run (image builds); a binary that runs
+#                    natively is still asked its --version, which must be VERSION
 #   --no-pack        only build; leaves DIR/<target>/grapheon-agent
 #   --no-install     never run apt-get; fail if a tool is missing
 set -euo pipefail
@@ -61,6 +63,8 @@ out=$(cd "$out" && pwd)
 
 # shellcheck source=scripts/lib/packages.sh
 . "$repo/scripts/lib/packages.sh"
+# shellcheck source=scripts/lib/target-dir.sh
+. "$repo/scripts/lib/target-dir.sh"
 
 host_arch=$(uname -m)
 
@@ -71,18 +75,18 @@ toolchain_for() {
 		if [ "$host_arch" = x86_64 ]; then
 			echo "musl-tools|musl-gcc||"
 		else
-			echo "gcc-x86-64-linux-gnu libc6-dev-amd64-cross qemu-user|x86_64-linux-gnu-gcc|x86_64-linux-gnu-gcc|qemu-x86_64"
+			echo "gcc-x86-64-linux-gnu libc6-dev-amd64-cross|x86_64-linux-gnu-gcc|x86_64-linux-gnu-gcc|qemu-x86_64"
 		fi
 		;;
 	aarch64-unknown-linux-musl)
 		if [ "$host_arch" = aarch64 ]; then
 			echo "musl-tools|musl-gcc||"
 		else
-			echo "gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user|aarch64-linux-gnu-gcc|aarch64-linux-gnu-gcc|qemu-aarch64"
+			echo "gcc-aarch64-linux-gnu libc6-dev-arm64-cross|aarch64-linux-gnu-gcc|aarch64-linux-gnu-gcc|qemu-aarch64"
 		fi
 		;;
 	armv7-unknown-linux-musleabihf)
-		echo "gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user|arm-linux-gnueabihf-gcc|arm-linux-gnueabihf-gcc|qemu-arm"
+		echo "gcc-arm-linux-gnueabihf libc6-dev-armhf-cross|arm-linux-gnueabihf-gcc|arm-linux-gnueabihf-gcc|qemu-arm"
 		;;
 	*) die "unknown target $1 (known: $ALL_TARGETS)" ;;
 	esac
@@ -122,9 +126,7 @@ smoke_test() {
 		fi
 		case $args in
 		--version)
-			if [ -z "$output" ]; then
-				say "warning: --version printed nothing (a development stub?); check-version.sh is the strict check"
-			elif [ "$output" != "$version" ]; then
+			if [ "$output" != "$version" ]; then
 				rm -rf "$scratch"
 				die "$bin --version printed '$output', VERSION is '$version'"
 			fi
@@ -169,10 +171,20 @@ pack_target() {
 	say "packed $out/$name.tar.gz ($(stat -c %s "$out/$name.tar.gz") bytes)"
 }
 
+# A binary that runs here must print exactly this release's version: a stale binary of another
+# version is never packed (even with --no-smoke, which only skips the emulator and --dry-run).
+check_binary_version() {
+	local printed
+	printed=$("$1" --version 2>/dev/null) || die "$1 --version failed"
+	[ "$printed" = "$version" ] || die "$1 --version printed '$printed', VERSION is '$version'"
+	say "$1 --version: $printed"
+}
+
 source_date_epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
 command -v rustup >/dev/null || die "rustup is not installed: it provides the musl targets"
 need_packages file binutils
+target_dir=$(cargo_target_dir "$repo") || die "cargo metadata failed: cannot tell where cargo builds"
 
 built=()
 skipped=()
@@ -201,11 +213,22 @@ for target in $targets; do
 		cargo_env+=("CARGO_TARGET_${env_name^^}_LINKER=$linker")
 	fi
 	say "building $target (${cargo_env[*]})"
-	env "${cargo_env[@]}" cargo build --release --locked --target "$target"
-	bin="target/$target/release/grapheon-agent"
+	# The binary cargo reports having built, wherever its target directory is.
+	bin=$(env "${cargo_env[@]}" cargo build --release --locked --target "$target" \
+		--message-format=json-render-diagnostics |
+		sed -n 's/.*"executable":"\([^"]*\/grapheon-agent\)".*/\1/p' | tail -n1)
+	if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+		die "cargo did not report a grapheon-agent binary for $target"
+	fi
+	[ "$bin" = "$target_dir/$target/release/grapheon-agent" ] ||
+		die "cargo built $bin, expected $target_dir/$target/release/grapheon-agent"
 	check_static "$bin"
 	if [ "$smoke" = yes ]; then
 		smoke_test "$bin" "$qemu"
+	elif [ -z "$qemu" ]; then
+		check_binary_version "$bin"
+	else
+		say "not run: $target binaries need an emulator here, and --no-smoke runs none"
 	fi
 	if [ "$pack" = yes ]; then
 		pack_target "$target" "$bin"
@@ -224,7 +247,7 @@ if [ "$pack" = yes ]; then
 fi
 say "binary sizes:"
 for target in "${built[@]}"; do
-	size=$(stat -c %s "target/$target/release/grapheon-agent")
+	size=$(stat -c %s "$target_dir/$target/release/grapheon-agent")
 	printf '    %-34s %9d bytes (%d KiB)\n' "$target" "$size" $(((size + 1023) / 1024))
 done
 for target in "${skipped[@]}"; do

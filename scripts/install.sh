@@ -258,6 +258,19 @@ unpack_release() {
 		[ -f "$src/$f" ] || die "$tar_name lacks $f"
 	done
 	[ "$(cat "$src/VERSION")" = "$version" ] || die "$tar_name holds VERSION $(cat "$src/VERSION")"
+	check_release_binary
+}
+
+# Never point current at a binary that cannot start on this host, or that is another version
+# than the release it came in (a stale binary packed by mistake would run under a wrong name).
+check_release_binary() {
+	if [ "$tar_target" != "$(detect_target 2>/dev/null || true)" ]; then
+		say "not run: the $tar_target binary cannot run on this machine ($(uname -m)), so its version is unchecked"
+		return 0
+	fi
+	out=$("$src/grapheon-agent" --version 2>&1) || die "the $version binary does not run here: $out"
+	[ "$out" = "$version" ] ||
+		die "$tar_name holds a binary that says it is version '$out', not $version: refusing to install it"
 }
 
 # Copies the unpacked release to releases/<version>, next to any other installed one.
@@ -304,22 +317,49 @@ write_env_file() {
 		-rw-------* | -r--------*) ;;
 		*) warn "$env_file can be read by other users and may hold the enrollment key: chmod 600 it" ;;
 		esac
+		check_env_state_dir
 		return 0
 	fi
 	mkdir -p "$(dirname "$root$env_file")"
 	(
 		umask 077
-		GRAPHEON_SET_URL=$server_url GRAPHEON_SET_KEY=$enrollment_key awk '
+		GRAPHEON_SET_URL=$server_url GRAPHEON_SET_KEY=$enrollment_key GRAPHEON_SET_STATE=$state_dir awk '
 			/^#GRAPHEON_AGENT_SERVER_URL=/ && ENVIRON["GRAPHEON_SET_URL"] != "" {
 				print "GRAPHEON_AGENT_SERVER_URL=" ENVIRON["GRAPHEON_SET_URL"]; next }
 			/^#GRAPHEON_AGENT_ENROLLMENT_KEY=/ && ENVIRON["GRAPHEON_SET_KEY"] != "" {
 				print "GRAPHEON_AGENT_ENROLLMENT_KEY=" ENVIRON["GRAPHEON_SET_KEY"]; next }
+			/^#GRAPHEON_AGENT_STATE_DIR=/ && ENVIRON["GRAPHEON_SET_STATE"] != "/var/lib/grapheon-agent" {
+				print "GRAPHEON_AGENT_STATE_DIR=" ENVIRON["GRAPHEON_SET_STATE"]; next }
 			{ print }' "$opt/releases/$version/deploy/grapheon-agent.env.example" >"$root$env_file.tmp.$$"
 	)
 	chmod 0600 "$root$env_file.tmp.$$"
 	mv -f "$root$env_file.tmp.$$" "$root$env_file"
 	changed=yes
 	say "wrote $env_file (mode 0600)"
+}
+
+# The value of KEY in the env file, as the agent reads it (last assignment wins; optional
+# `export`, quotes and spaces around the value removed); empty when the file does not set it.
+env_file_value() {
+	awk -v k="$1" '
+		{ line = $0; sub(/^[ \t]*/, "", line); sub(/^export[ \t]+/, "", line) }
+		index(line, k "=") == 1 {
+			v = substr(line, length(k) + 2); sub(/^[ \t]*/, "", v); sub(/[ \t]*$/, "", v)
+			if (v ~ /^".*"$/ || v ~ /^\047.*\047$/) v = substr(v, 2, length(v) - 2)
+			found = v
+		}
+		END { print found }' "$root$env_file" 2>/dev/null
+}
+
+# An env file written earlier (or by hand) that names another state directory than this install
+# would make manual runs (--status, --set-api-key) and the service disagree: say so.
+check_env_state_dir() {
+	file_state_dir=$(env_file_value GRAPHEON_AGENT_STATE_DIR)
+	if [ -n "$file_state_dir" ] && [ "$file_state_dir" != "$state_dir" ]; then
+		warn "$env_file sets GRAPHEON_AGENT_STATE_DIR=$file_state_dir but this install uses $state_dir: the service uses $state_dir (set in its unit); edit $env_file so that both agree"
+	elif [ -z "$file_state_dir" ] && [ "$state_dir" != /var/lib/grapheon-agent ]; then
+		warn "$env_file does not set GRAPHEON_AGENT_STATE_DIR, so runs by hand use /var/lib/grapheon-agent while the service uses $state_dir: add GRAPHEON_AGENT_STATE_DIR=$state_dir to $env_file"
+	fi
 }
 
 env_file_has_server() {
@@ -343,7 +383,9 @@ render_unit() {
 	sed -e "s|/opt/grapheon/agent/|$prefix/|g" \
 		-e "s|/etc/grapheon-agent\\.env|$env_file|g" "$1" >"$2.sed"
 	if [ "$state_dir" != /var/lib/grapheon-agent ]; then
-		sed -e "s|^StateDirectory=grapheon-agent\$|ReadWritePaths=$state_dir|" \
+		# The agent must be told the directory too: the environment wins over the env file.
+		sed -e "s|^StateDirectory=grapheon-agent\$|ReadWritePaths=$state_dir\\
+Environment=GRAPHEON_AGENT_STATE_DIR=$state_dir|" \
 			-e "/^StateDirectoryMode=/d" "$2.sed" >"$2"
 	else
 		mv "$2.sed" "$2"
@@ -405,11 +447,6 @@ do_install() {
 	fi
 	changed=no
 	install_release
-	if [ "$tar_target" = "$(detect_target 2>/dev/null || true)" ]; then
-		# Never point current at a binary that cannot start on this host.
-		out=$("$opt/releases/$version/grapheon-agent" --version 2>&1) ||
-			die "the $version binary does not run here: $out"
-	fi
 	set_symlink "releases/$version" "$opt/current"
 	if [ "$link_changed" = yes ]; then
 		changed=yes
@@ -507,7 +544,7 @@ main() {
 	root=${GRAPHEON_INSTALL_ROOT:-}
 	prefix=${GRAPHEON_INSTALL_PREFIX:-/opt/grapheon/agent}
 	env_file=${GRAPHEON_INSTALL_ENV_FILE:-/etc/grapheon-agent.env}
-	state_dir=${GRAPHEON_INSTALL_STATE_DIR:-/var/lib/grapheon-agent}
+	state_dir=${GRAPHEON_INSTALL_STATE_DIR:-}
 	unit_dir=${GRAPHEON_INSTALL_UNIT_DIR:-/etc/systemd/system}
 	bin_link=${GRAPHEON_INSTALL_BIN_LINK:-/usr/local/bin/grapheon-agent}
 	systemctl=${GRAPHEON_INSTALL_SYSTEMCTL:-systemctl}
@@ -577,6 +614,12 @@ main() {
 	*) usage_error "unknown mode $mode" ;;
 	esac
 	root=${root%/}
+	if [ -z "$state_dir" ]; then
+		# Upgrades, rollbacks and uninstalls keep the directory an earlier --state-dir chose.
+		state_dir=$(sed -n 's/^Environment=GRAPHEON_AGENT_STATE_DIR=//p' \
+			"$root$unit_dir/grapheon-agent.service" 2>/dev/null | tail -n1)
+		[ -n "$state_dir" ] || state_dir=/var/lib/grapheon-agent
+	fi
 	# The paths are written into the units with sed: keep them plain.
 	for p in "$prefix" "$env_file" "$state_dir" "$unit_dir" "$bin_link" "${root:-/}"; do
 		case $p in

@@ -9,6 +9,10 @@
 PACKAGING_RESULTS=${PACKAGING_RESULTS:-$(mktemp)}
 PACKAGING_LOGS=${PACKAGING_LOGS:-$(mktemp -d)}
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# shellcheck source=scripts/lib/target-dir.sh
+. "$REPO/scripts/lib/target-dir.sh"
+# Where cargo put the binaries build-release.sh packed (CARGO_TARGET_DIR honoured).
+TARGET_DIR=${TARGET_DIR:-$(cargo_target_dir "$REPO")}
 
 run_test() {
 	local name=$1 log status

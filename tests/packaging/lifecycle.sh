@@ -32,14 +32,25 @@ FAKE_BIN="$scratch/fake-bin"
 mkdir -p "$FAKE_BIN"
 cp "$REPO/tests/packaging/fake-systemctl" "$FAKE_BIN/systemctl"
 
-# A release with the real tarball's layout and binary under another version; "variant" changes a
-# unit, as a release that ships an updated unit would.
+# A release with the real tarball's layout under another version; its binary reports that version
+# (a wrapper around the real one) unless binary=stale keeps the real binary, as a release packed
+# from a stale target directory would. "variant" changes a unit, as a release that ships an
+# updated unit would.
 make_release() {
-	local version=$1 out=$2 variant=${3:-} work name
+	local version=$1 out=$2 variant=${3:-} binary=${4:-matching} work name
 	work=$(mktemp -d "$scratch/mk.XXXXXX")
 	gzip -dc "$REAL_TARBALL" | tar -xf - -C "$work"
 	name="grapheon-agent-$version-$X86"
-	[ "$version" = "$VERSION" ] || mv "$work/grapheon-agent-$VERSION-$X86" "$work/$name"
+	if [ "$version" != "$VERSION" ]; then
+		mv "$work/grapheon-agent-$VERSION-$X86" "$work/$name"
+		if [ "$binary" = matching ]; then
+			mv "$work/$name/grapheon-agent" "$work/$name/grapheon-agent.real"
+			# shellcheck disable=SC2016 # expanded by the wrapper, not here
+			printf '#!/bin/sh\n[ "$1" = --version ] && { echo %s; exit 0; }\nexec "$(dirname "$0")/grapheon-agent.real" "$@"\n' \
+				"$version" >"$work/$name/grapheon-agent"
+			chmod 755 "$work/$name/grapheon-agent"
+		fi
+	fi
 	echo "$version" >"$work/$name/VERSION"
 	if [ -n "$variant" ]; then
 		echo "# $variant" >>"$work/$name/deploy/grapheon-agent.service"
@@ -52,6 +63,7 @@ make_release() {
 
 make_release 0.2.0 "$scratch/rel-0.2.0" "release 0.2.0 unit"
 make_release "$VERSION" "$scratch/rel-$VERSION-rebuilt" "rebuilt with another unit"
+make_release 0.3.0 "$scratch/rel-0.3.0-stale" "" stale
 # What a download directory holds: only SHA256SUMS and the tarballs.
 mkdir -p "$scratch/www"
 cp "$scratch/rel-0.2.0"/* "$scratch/www/"
@@ -112,7 +124,7 @@ test_install_creates_layout_config_state_and_units() {
 		--tarball "$REAL_TARBALL" --server-url https://grapheon.test)
 	echo "$out"
 	assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
-	assert_same_file "$REPO/target/$X86/release/grapheon-agent" "$R/$OPT/releases/$VERSION/grapheon-agent"
+	assert_same_file "$TARGET_DIR/$X86/release/grapheon-agent" "$R/$OPT/releases/$VERSION/grapheon-agent"
 	assert_mode "$R/$OPT/releases/$VERSION/grapheon-agent" 755
 	assert_eq "command link" /opt/grapheon/agent/current/grapheon-agent "$(readlink "$R/usr/local/bin/grapheon-agent")"
 	assert_eq "env file" "$(expected_env_file https://grapheon.test enroll-EXAMPLEonly)" "$(cat "$R/etc/grapheon-agent.env")"
@@ -172,6 +184,56 @@ is-enabled --quiet grapheon-agent.timer
 is-active --quiet grapheon-agent.timer" "$(systemctl_calls)"
 	assert_contains_line output "upgraded grapheon-agent $VERSION -> 0.2.0 (release $VERSION is kept)" "$out"
 	assert_contains_line output "to roll back: sh /opt/grapheon/agent/current/scripts/rollback.sh $VERSION" "$out"
+}
+
+test_tarball_whose_binary_is_another_version_is_refused() {
+	new_root
+	tarball="$scratch/rel-0.3.0-stale/grapheon-agent-0.3.0-$X86.tar.gz"
+	expect_failure installer "$REPO/scripts/install.sh" --tarball "$tarball" --server-url https://grapheon.test
+	assert_contains_line output "grapheon-agent install: error: $(basename "$tarball") holds a binary that says it is version '$VERSION', not 0.3.0: refusing to install it" "$out"
+	assert_eq "files written" "$(printf '%s\n' '. -> ' './run -> ' './run/systemd -> ' './run/systemd/system -> ' | sort)" \
+		"$(cd "$R" && find . -printf '%p -> %l\n' | sort)"
+	assert_eq "systemctl calls" "" "$(systemctl_calls)"
+}
+
+test_state_dir_reaches_the_agent_through_unit_and_env_file() {
+	new_root
+	installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --state-dir /srv/ga-state \
+		--server-url https://grapheon.test >/dev/null
+	unit="$R/etc/systemd/system/grapheon-agent.service"
+	assert_eq "unit lines naming the state directory" "ReadWritePaths=/srv/ga-state
+Environment=GRAPHEON_AGENT_STATE_DIR=/srv/ga-state" "$(grep -E '^(ReadWritePaths|Environment|StateDirectory)' "$unit")"
+	assert_eq "env file" "$(sed -e 's|^#GRAPHEON_AGENT_SERVER_URL=.*|GRAPHEON_AGENT_SERVER_URL=https://grapheon.test|' \
+		-e 's|^#GRAPHEON_AGENT_STATE_DIR=.*|GRAPHEON_AGENT_STATE_DIR=/srv/ga-state|' \
+		"$REPO/deploy/grapheon-agent.env.example")" "$(cat "$R/etc/grapheon-agent.env")"
+	assert_mode "$R/srv/ga-state" 700
+	systemctl_calls >/dev/null
+	# An upgrade without --state-dir keeps the directory of the installed unit.
+	installer "$R/$OPT/current/scripts/upgrade.sh" --tarball "$scratch/rel-0.2.0/grapheon-agent-0.2.0-$X86.tar.gz" >/dev/null
+	assert_eq "unit lines after the upgrade" "ReadWritePaths=/srv/ga-state
+Environment=GRAPHEON_AGENT_STATE_DIR=/srv/ga-state" "$(grep -E '^(ReadWritePaths|Environment|StateDirectory)' "$unit")"
+	out=$(installer "$R/$OPT/current/scripts/uninstall.sh" --purge-state)
+	assert_contains_line output "removed the state directory /srv/ga-state" "$out"
+	assert_absent "$R/srv/ga-state"
+}
+
+test_env_file_naming_another_state_dir_is_reported() {
+	new_root
+	mkdir -p "$R/etc"
+	(umask 077 && printf '%s\n' GRAPHEON_AGENT_SERVER_URL=https://earlier.test \
+		"export GRAPHEON_AGENT_STATE_DIR='/var/lib/elsewhere'" >"$R/etc/grapheon-agent.env")
+	out=$(installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --state-dir /srv/ga-state 2>&1)
+	echo "$out"
+	assert_contains_line output "grapheon-agent install: warning: /etc/grapheon-agent.env sets GRAPHEON_AGENT_STATE_DIR=/var/lib/elsewhere but this install uses /srv/ga-state: the service uses /srv/ga-state (set in its unit); edit /etc/grapheon-agent.env so that both agree" "$out"
+	echo GRAPHEON_AGENT_SERVER_URL=https://earlier.test >"$R/etc/grapheon-agent.env"
+	out=$(installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --state-dir /srv/ga-state 2>&1)
+	assert_contains_line output "grapheon-agent install: warning: /etc/grapheon-agent.env does not set GRAPHEON_AGENT_STATE_DIR, so runs by hand use /var/lib/grapheon-agent while the service uses /srv/ga-state: add GRAPHEON_AGENT_STATE_DIR=/srv/ga-state to /etc/grapheon-agent.env" "$out"
+	echo GRAPHEON_AGENT_STATE_DIR=/srv/ga-state >>"$R/etc/grapheon-agent.env"
+	out=$(installer "$REPO/scripts/install.sh" --tarball "$REAL_TARBALL" --state-dir /srv/ga-state 2>&1)
+	if grep -q warning <<<"$out"; then
+		printf '%s\n' "$out" >&2
+		fail "a warning for an env file that agrees"
+	fi
 }
 
 test_upgrade_requires_an_installed_agent() {
@@ -355,6 +417,8 @@ test_custom_paths_are_honoured() {
 	grep -qx 'ExecStart=/srv/ga/current/grapheon-agent --config /etc/ga.env' "$R/run/systemd/system/grapheon-agent.service" ||
 		fail "ExecStart not rewritten"
 	grep -qx 'ReadWritePaths=/srv/ga-state' "$R/run/systemd/system/grapheon-agent.service" || fail "state dir not writable"
+	grep -qx 'Environment=GRAPHEON_AGENT_STATE_DIR=/srv/ga-state' "$R/run/systemd/system/grapheon-agent.service" ||
+		fail "the agent is not told the state dir"
 	! grep -q '^StateDirectory' "$R/run/systemd/system/grapheon-agent.service" || fail "StateDirectory left in"
 }
 

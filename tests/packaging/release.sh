@@ -43,7 +43,7 @@ test_tarballs_hold_the_release_layout_and_the_built_binary() {
 		mkdir -p "$scratch/$target"
 		tar -xzf "$tarball" -C "$scratch/$target"
 		dir="$scratch/$target/grapheon-agent-$VERSION-$target"
-		assert_same_file "$REPO/target/$target/release/grapheon-agent" "$dir/grapheon-agent"
+		assert_same_file "$TARGET_DIR/$target/release/grapheon-agent" "$dir/grapheon-agent"
 		assert_mode "$dir/grapheon-agent" 755
 		assert_mode "$dir/scripts/install.sh" 755
 		assert_eq "VERSION in the tarball" "$VERSION" "$(cat "$dir/VERSION")"
@@ -54,17 +54,17 @@ test_tarballs_hold_the_release_layout_and_the_built_binary() {
 
 test_binaries_are_static() {
 	for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
-		bin="$REPO/target/$target/release/grapheon-agent"
+		bin="$TARGET_DIR/$target/release/grapheon-agent"
 		file -b "$bin"
 		! readelf -lW "$bin" | grep -q INTERP || fail "$target binary has an ELF interpreter"
 		! readelf -dW "$bin" | grep -q '(NEEDED)' || fail "$target binary needs shared libraries"
 	done
-	file -b "$REPO/target/aarch64-unknown-linux-musl/release/grapheon-agent" | grep -q 'ARM aarch64' ||
+	file -b "$TARGET_DIR/aarch64-unknown-linux-musl/release/grapheon-agent" | grep -q 'ARM aarch64' ||
 		fail "the aarch64 binary is not an aarch64 ELF"
 }
 
 test_aarch64_binary_runs_under_qemu() {
-	bin="$REPO/target/aarch64-unknown-linux-musl/release/grapheon-agent"
+	bin="$TARGET_DIR/aarch64-unknown-linux-musl/release/grapheon-agent"
 	version_out=$(qemu-aarch64 "$bin" --version)
 	if [ -n "$version_out" ]; then
 		assert_eq "qemu-aarch64 grapheon-agent --version" "$VERSION" "$version_out"
@@ -98,9 +98,20 @@ test_image_build_context_is_complete() {
 		mkdir -p "$ctx/$(dirname "$f")"
 		cp -r "$REPO/$f" "$ctx/$f"
 	done < <(awk '/^FROM scratch/ { exit } /^COPY / && !/--from/ { for (i = 2; i < NF; i++) print $i }' "$REPO/Dockerfile")
-	(cd "$ctx" && scripts/build-release.sh --targets x86_64-unknown-linux-musl --strict --no-smoke --no-pack \
-		--out "$scratch/image-out") >/dev/null
-	[ -x "$scratch/image-out/x86_64-unknown-linux-musl/grapheon-agent" ] || fail "no binary from the image context"
+	# A stale binary of another version where a script assuming target/ would look; cargo builds
+	# into CARGO_TARGET_DIR, and that binary is the one packed.
+	mkdir -p "$ctx/target/x86_64-unknown-linux-musl/release"
+	printf '#!/bin/sh\necho 0.0.1\n' >"$ctx/target/x86_64-unknown-linux-musl/release/grapheon-agent"
+	chmod 755 "$ctx/target/x86_64-unknown-linux-musl/release/grapheon-agent"
+	(cd "$ctx" && CARGO_TARGET_DIR="$scratch/image-target" scripts/build-release.sh --targets x86_64-unknown-linux-musl \
+		--strict --no-smoke --no-pack --out "$scratch/image-out") >"$scratch/image-build.log" 2>&1 || {
+		cat "$scratch/image-build.log"
+		fail "build-release.sh failed in the image context"
+	}
+	assert_contains_line "build log" "build-release: $scratch/image-target/x86_64-unknown-linux-musl/release/grapheon-agent --version: $VERSION" \
+		"$(cat "$scratch/image-build.log")"
+	assert_same_file "$scratch/image-target/x86_64-unknown-linux-musl/release/grapheon-agent" \
+		"$scratch/image-out/x86_64-unknown-linux-musl/grapheon-agent"
 }
 
 for t in $(declare -F | awk '$3 ~ /^test_/ { print $3 }'); do
