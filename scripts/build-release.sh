@@ -24,6 +24,10 @@
 #                    natively is still asked its --version, which must be VERSION
 #   --no-pack        only build; leaves DIR/<target>/grapheon-agent
 #   --no-install     never run apt-get; fail if a tool is missing
+#   --signing-key F  sign SHA256SUMS into SHA256SUMS.sig with this ed25519 key (scripts/sign-release.sh;
+#                    its public half must be the one pinned in scripts/install.sh)
+#   --test-key       tests only: the signing key is a test key; the installers packed in the
+#                    tarballs trust it instead of the release key and warn so on every run
 set -euo pipefail
 
 ALL_TARGETS="x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf"
@@ -33,6 +37,8 @@ strict=no
 smoke=yes
 pack=yes
 install_tools=yes
+signing_key=''
+test_key=no
 
 say() { printf 'build-release: %s\n' "$*"; }
 die() {
@@ -48,6 +54,8 @@ while [ $# -gt 0 ]; do
 	--no-smoke) smoke=no ;;
 	--no-pack) pack=no ;;
 	--no-install) install_tools=no ;;
+	--signing-key) signing_key=${2:?--signing-key needs a value}; shift ;;
+	--test-key) test_key=yes ;;
 	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) die "unknown option $1" ;;
 	esac
@@ -65,6 +73,14 @@ out=$(cd "$out" && pwd)
 . "$repo/scripts/lib/packages.sh"
 # shellcheck source=scripts/lib/target-dir.sh
 . "$repo/scripts/lib/target-dir.sh"
+# shellcheck source=scripts/lib/signing.sh
+. "$repo/scripts/lib/signing.sh"
+[ "$test_key" = no ] || [ -n "$signing_key" ] || die "--test-key needs --signing-key"
+if [ -n "$signing_key" ]; then
+	[ -f "$signing_key" ] || die "no signing key $signing_key"
+	signing_key=$(cd "$(dirname "$signing_key")" && pwd)/$(basename "$signing_key")
+	test_public_key=$(public_key_b64 "$signing_key") || die "cannot read the signing key $signing_key"
+fi
 
 host_arch=$(uname -m)
 
@@ -155,6 +171,10 @@ pack_target() {
 		deploy/grapheon-agent.env.example "$stage/$name/deploy/"
 	install -m 0755 scripts/install.sh scripts/upgrade.sh scripts/rollback.sh scripts/uninstall.sh \
 		"$stage/$name/scripts/"
+	if [ "$test_key" = yes ]; then
+		# upgrade.sh, rollback.sh and uninstall.sh source install.sh: one stamp covers them.
+		stamp_test_key scripts/install.sh "$stage/$name/scripts/install.sh" "$test_public_key"
+	fi
 	for f in README.md CHANGELOG.md LICENSE; do
 		if [ -f "$f" ]; then
 			install -m 0644 "$f" "$stage/$name/$f"
@@ -244,6 +264,14 @@ if [ "$pack" = yes ]; then
 	(cd "$out" && sha256sum grapheon-agent-"$version"-*.tar.gz >SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
 	say "wrote $out/SHA256SUMS:"
 	sed 's/^/    /' "$out/SHA256SUMS"
+	rm -f "$out/SHA256SUMS.sig"
+	if [ -n "$signing_key" ]; then
+		sign_args=(--key "$signing_key")
+		[ "$test_key" = no ] || sign_args+=(--test-key)
+		bash "$repo/scripts/sign-release.sh" "${sign_args[@]}" "$out"
+	else
+		say "SHA256SUMS is not signed (no --signing-key): installers refuse it without --allow-unsigned"
+	fi
 fi
 say "binary sizes:"
 for target in "${built[@]}"; do

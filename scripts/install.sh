@@ -23,11 +23,17 @@ Usage: install.sh [options]                 install (or upgrade to) a release
        rollback.sh [options] VERSION        switch back to an installed release
        uninstall.sh [options] [--purge-state] [--purge-config]
 
-Where the release comes from (its SHA-256 must match the SHA256SUMS file, or nothing is installed):
+Where the release comes from (its SHA-256 must match the SHA256SUMS file, whose ed25519
+signature SHA256SUMS.sig must match the release key pinned in this script, or nothing is
+installed; without OpenSSL 3 only the sums can be checked, and the installer says so):
   --tarball FILE        local grapheon-agent-<version>-<target>.tar.gz (SHA256SUMS beside it)
   --sha256sums FILE     SHA256SUMS to check against (default: beside the tarball / from the base URL)
-  --base-url URL        release download directory holding SHA256SUMS and the tarballs
+  --signature FILE      its signature (default: SHA256SUMS.sig beside it / from the base URL)
+  --base-url URL        release download directory holding SHA256SUMS and the tarballs, https://
                         (env GRAPHEON_INSTALL_BASE_URL)
+  --allow-http          also download over plain http:// (a local mirror); the signature check
+                        is then all that protects the download
+  --allow-unsigned      install a release that has no SHA256SUMS.sig, on its checksums alone
   --version VERSION     pick this version from the base URL (default: the one SHA256SUMS lists)
   --target TRIPLE       x86_64-unknown-linux-musl | aarch64-unknown-linux-musl |
                         armv7-unknown-linux-musleabihf (default: detected from uname -m)
@@ -87,17 +93,63 @@ sha256_of() {
 	fi
 }
 
+# Downloads over https only (redirects included), unless --allow-http.
 fetch() {
+	protocols='=https'
 	case $1 in
 	https://*) ;;
-	*) warn "$1 is not HTTPS" ;;
+	http://*)
+		[ "$allow_http" = yes ] ||
+			die "refusing to download $1 over plain http (use an https:// URL, or --allow-http for a local mirror)"
+		protocols='=https,http'
+		;;
+	*) die "not an https:// URL: $1" ;;
 	esac
 	if command -v curl >/dev/null 2>&1; then
-		curl -fsSL --retry 3 -o "$2" "$1" || die "download failed: $1"
+		curl -fsSL --proto "$protocols" --proto-redir "$protocols" --retry 3 -o "$2" "$1" ||
+			die "download failed: $1"
 	elif command -v wget >/dev/null 2>&1; then
-		wget -q -O "$2" "$1" || die "download failed: $1"
+		if wget --help 2>&1 | grep -q -- --https-only; then
+			if [ "$allow_http" = yes ]; then
+				wget -q -O "$2" "$1" || die "download failed: $1"
+			else
+				wget -q --https-only -O "$2" "$1" || die "download failed: $1"
+			fi
+		else
+			# BusyBox wget: no --https-only, and it does not check certificates either.
+			if [ "$wget_warned" = no ]; then
+				warn "this wget (BusyBox?) neither checks the server's certificate nor refuses a redirect to http: only the signature check protects the download"
+				wget_warned=yes
+			fi
+			wget -q -O "$2" "$1" || die "download failed: $1"
+		fi
 	else
 		die "need curl or wget to download $1"
+	fi
+}
+
+# Checks the ed25519 signature of SHA256SUMS ($1) in $2 against the pinned release key. Refuses a
+# bad signature; without OpenSSL 3 (ed25519 verification) it says that only the sums were checked.
+verify_signature() {
+	if [ "$release_key_kind" = test ]; then
+		warn "this installer trusts a TEST signing key, not the release key: never use it outside tests"
+	fi
+	if ! command -v openssl >/dev/null 2>&1; then
+		signature_checked=no
+		say "openssl not found: checked the SHA-256 sums only, not the signature of SHA256SUMS"
+		return 0
+	fi
+	printf '%s\n%s\n%s\n' '-----BEGIN PUBLIC KEY-----' "$release_public_key" '-----END PUBLIC KEY-----' \
+		>"$work/release-key.pem"
+	if openssl pkeyutl -verify -pubin -inkey "$work/release-key.pem" -rawin -in "$1" -sigfile "$2" \
+		>"$work/openssl.out" 2>&1; then
+		signature_checked=yes
+		say "verified the signature of SHA256SUMS (ed25519 release key $release_public_key)"
+	elif openssl pkeyutl -help 2>&1 | grep -q -- -rawin; then
+		die "the signature of SHA256SUMS does not match the release key pinned in this installer: refusing to install (a tampered or foreign release)"
+	else
+		signature_checked=no
+		say "this openssl ($(openssl version 2>/dev/null)) cannot verify ed25519 signatures: checked the SHA-256 sums only"
 	fi
 }
 
@@ -203,6 +255,7 @@ obtain_release() {
 		[ -f "$tarball" ] || die "no such tarball: $tarball"
 		[ -n "$sums" ] || sums="$(dirname "$tarball")/SHA256SUMS"
 		[ -f "$sums" ] || die "no SHA256SUMS for $tarball (looked for $sums; pass --sha256sums)"
+		[ -n "$sig" ] || sig="$sums.sig"
 		tar_name=$(basename "$tarball")
 	else
 		[ -n "$base_url" ] || usage_error "say where the release is: --tarball FILE or --base-url URL"
@@ -210,6 +263,10 @@ obtain_release() {
 		if [ -z "$sums" ]; then
 			fetch "$base_url/SHA256SUMS" "$work/SHA256SUMS"
 			sums="$work/SHA256SUMS"
+		fi
+		if [ -z "$sig" ] && [ "$allow_unsigned" = no ]; then
+			fetch "$base_url/SHA256SUMS.sig" "$work/SHA256SUMS.sig"
+			sig="$work/SHA256SUMS.sig"
 		fi
 		if [ -n "$want_version" ]; then
 			tar_name="grapheon-agent-$want_version-$target.tar.gz"
@@ -220,6 +277,14 @@ obtain_release() {
 		fi
 		check_name "tarball name" "$tar_name"
 	fi
+	if [ -n "$sig" ] && [ -f "$sig" ]; then
+		verify_signature "$sums" "$sig"
+	elif [ "$allow_unsigned" = yes ]; then
+		signature_checked=no
+		warn "no signature checked (--allow-unsigned): only the SHA-256 sums protect this install"
+	else
+		die "no signature ${sig:+($sig) }for $sums: releases are signed; refusing to install (--allow-unsigned installs on checksums alone)"
+	fi
 	expected=$(expected_sha256 "$sums" "$tar_name")
 	[ -n "$expected" ] || die "$tar_name is not listed in $sums: refusing to install it"
 	if [ -z "$tarball" ]; then
@@ -229,7 +294,11 @@ obtain_release() {
 	actual=$(sha256_of "$tarball")
 	[ "$expected" = "$actual" ] ||
 		die "checksum mismatch for $tar_name (expected $expected, got $actual): refusing to install it"
-	say "verified $tar_name (sha256 $actual)"
+	if [ "$signature_checked" = yes ]; then
+		say "verified $tar_name (sha256 $actual, listed in the signed SHA256SUMS)"
+	else
+		say "verified $tar_name (sha256 $actual; the signature of SHA256SUMS was NOT checked)"
+	fi
 }
 
 # Unpacks the verified tarball and checks it is the release its name says.
@@ -552,11 +621,16 @@ main() {
 	[ -n "${GRAPHEON_INSTALL_SYSTEMCTL:-}" ] && systemctl_overridden=yes
 	systemd_mode=${GRAPHEON_INSTALL_SYSTEMD:-auto}
 	default_base_url='' # set by the release workflow in the copy it publishes
+	# The public half of the release signing key (ed25519, base64 DER). build-release.sh --test-key
+	# replaces both lines in the copies it packs; see docs/operating.md, "Signed releases".
+	release_public_key='MCowBQYDK2VwAyEAgyfDOdCgu5Mi1+Yb1RsAosNuawkZlpX74yKGQ59/lQM='
+	release_key_kind=release
 	base_url=${GRAPHEON_INSTALL_BASE_URL:-$default_base_url}
 	server_url=${GRAPHEON_AGENT_SERVER_URL:-}
 	enrollment_key=${GRAPHEON_AGENT_ENROLLMENT_KEY:-}
-	tarball='' sums='' want_version='' target=''
+	tarball='' sums='' sig='' want_version='' target=''
 	no_start=no force=no purge_state=no purge_config=no
+	allow_http=no allow_unsigned=no signature_checked=no wget_warned=no
 
 	while [ $# -gt 0 ]; do
 		case $1 in
@@ -574,7 +648,9 @@ main() {
 		--force) force=yes ;;
 		--purge-state) purge_state=yes ;;
 		--purge-config) purge_config=yes ;;
-		--mode | --tarball | --sha256sums | --base-url | --version | --target | --server-url | \
+		--allow-http) allow_http=yes ;;
+		--allow-unsigned) allow_unsigned=yes ;;
+		--mode | --tarball | --sha256sums | --signature | --base-url | --version | --target | --server-url | \
 			--enrollment-key | --root | --prefix | --env-file | --state-dir | --unit-dir | \
 			--bin-link | --systemctl | --systemd)
 			[ $# -ge 2 ] || usage_error "$1 needs a value"
@@ -582,6 +658,7 @@ main() {
 			--mode) mode=$2 ;;
 			--tarball) tarball=$2 ;;
 			--sha256sums) sums=$2 ;;
+			--signature) sig=$2 ;;
 			--base-url) base_url=$2 ;;
 			--version) want_version=$2 ;;
 			--target) target=$2 ;;

@@ -34,7 +34,7 @@ die() {
 . "$repo/scripts/lib/packages.sh"
 
 need_packages busybox dash shellcheck qemu-user file binutils
-need_packages debootstrap systemd-container
+need_packages debootstrap systemd-container openssl
 command -v systemd-analyze >/dev/null || need_packages systemd
 command -v python3 >/dev/null || need_packages python3
 command -v curl >/dev/null || command -v wget >/dev/null || need_packages curl
@@ -51,8 +51,18 @@ if ! [ -x "$tools_dir/venv/bin/hadolint" ] || ! [ -x "$tools_dir/venv/bin/action
 fi
 export PATH="$tools_dir/venv/bin:$PATH"
 
+# Test releases are signed with a test key made here once (never the release key, which only
+# the release workflow has); the installers packed with --test-key trust it and say so.
+test_key="$tools_dir/test-release-signing-key.pem"
+if [ ! -s "$test_key" ]; then
+	mkdir -p "$tools_dir"
+	(umask 077 && openssl genpkey -algorithm ed25519 -out "$test_key.tmp" && mv "$test_key.tmp" "$test_key")
+	say "made the test signing key $test_key"
+fi
+export GRAPHEON_TEST_SIGNING_KEY=$test_key
+
 if [ "$build" = yes ]; then
-	bash scripts/build-release.sh --out dist
+	bash scripts/build-release.sh --out dist --signing-key "$test_key" --test-key
 fi
 
 export REPO=$repo DIST=$repo/dist PACKAGING_TOOLS_DIR=$tools_dir

@@ -13,6 +13,29 @@ REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 . "$REPO/scripts/lib/target-dir.sh"
 # Where cargo put the binaries build-release.sh packed (CARGO_TARGET_DIR honoured).
 TARGET_DIR=${TARGET_DIR:-$(cargo_target_dir "$REPO")}
+# shellcheck source=scripts/lib/signing.sh
+. "$REPO/scripts/lib/signing.sh"
+# The ed25519 key test releases are signed with: made by test-packaging.sh on its first run and
+# kept with the other tools. It is a test key: only installers stamped by stamp_test_key (or
+# build-release.sh --test-key) trust it, and they warn about it on every run.
+TEST_SIGNING_KEY=${GRAPHEON_TEST_SIGNING_KEY:-${PACKAGING_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/grapheon-packaging-tools}/test-release-signing-key.pem}
+
+die() {
+	fail "$@"
+}
+
+# make_test_scripts DIR: the four lifecycle scripts in DIR, install.sh trusting the test key.
+make_test_scripts() {
+	mkdir -p "$1"
+	cp "$REPO/scripts/upgrade.sh" "$REPO/scripts/rollback.sh" "$REPO/scripts/uninstall.sh" "$1/"
+	stamp_test_key "$REPO/scripts/install.sh" "$1/install.sh" "$(public_key_b64 "$TEST_SIGNING_KEY")"
+	chmod 755 "$1"/*.sh
+}
+
+# sign_test_release DIR: DIR/SHA256SUMS.sig made with the test key.
+sign_test_release() {
+	bash "$REPO/scripts/sign-release.sh" --key "$TEST_SIGNING_KEY" --test-key "$1" >/dev/null
+}
 
 run_test() {
 	local name=$1 log status

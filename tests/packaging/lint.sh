@@ -17,7 +17,7 @@ test_posix_lifecycle_scripts_pass_shellcheck_as_sh() {
 
 test_bash_scripts_pass_shellcheck() {
 	shellcheck -x -s bash scripts/build-release.sh scripts/check-version.sh scripts/check-self-contained.sh scripts/test-packaging.sh scripts/lib/packages.sh \
-		scripts/lib/target-dir.sh .ci/run tests/packaging/*.sh
+		scripts/lib/target-dir.sh scripts/lib/signing.sh scripts/sign-release.sh .ci/run tests/packaging/*.sh
 }
 
 # A copy of the tracked files, so that the probe lines below never touch the work tree.

@@ -52,6 +52,33 @@ test_tarballs_hold_the_release_layout_and_the_built_binary() {
 	done
 }
 
+test_sha256sums_is_signed_by_the_test_key_the_packed_installers_trust() {
+	local pub
+	pub=$(public_key_b64 "$TEST_SIGNING_KEY")
+	printf '%s\n%s\n%s\n' '-----BEGIN PUBLIC KEY-----' "$pub" '-----END PUBLIC KEY-----' >"$scratch/test-key.pub.pem"
+	openssl pkeyutl -verify -pubin -inkey "$scratch/test-key.pub.pem" -rawin -in "$DIST/SHA256SUMS" \
+		-sigfile "$DIST/SHA256SUMS.sig"
+	stamp_test_key "$REPO/scripts/install.sh" "$scratch/expected-install.sh" "$pub"
+	for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+		tar -xzf "$DIST/grapheon-agent-$VERSION-$target.tar.gz" -C "$scratch" "grapheon-agent-$VERSION-$target/scripts/install.sh"
+		assert_same_file "$scratch/expected-install.sh" "$scratch/grapheon-agent-$VERSION-$target/scripts/install.sh"
+	done
+	# Nothing but the key and its kind differ from the committed installer.
+	assert_eq "changed lines" "< 	release_public_key='$(pinned_public_key "$REPO/scripts/install.sh")'
+< 	release_key_kind=release
+---
+> 	release_public_key='$pub'
+> 	release_key_kind=test" "$(diff "$REPO/scripts/install.sh" "$scratch/expected-install.sh" | sed 1d)"
+}
+
+test_sign_release_refuses_a_key_the_installers_do_not_pin() {
+	mkdir -p "$scratch/to-sign"
+	cp "$DIST/SHA256SUMS" "$scratch/to-sign/"
+	expect_failure bash "$REPO/scripts/sign-release.sh" --key "$TEST_SIGNING_KEY" "$scratch/to-sign"
+	assert_eq "output" "sign-release: error: the key's public half ($(public_key_b64 "$TEST_SIGNING_KEY")) is not the one pinned in scripts/install.sh: the installers would refuse this release" "$out"
+	assert_absent "$scratch/to-sign/SHA256SUMS.sig"
+}
+
 test_binaries_are_static() {
 	for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
 		bin="$TARGET_DIR/$target/release/grapheon-agent"

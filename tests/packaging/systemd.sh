@@ -131,6 +131,7 @@ boot_container() {
 	mkdir -p "$C/srv/www/latest/download" "$C/srv/www/download/v$VERSION" "$C/srv/contract" &&
 		cp "$TARBALL" "$C/srv/www/download/v$VERSION/" &&
 		(cd "$DIST" && grep -F " $(basename "$TARBALL")" SHA256SUMS) >"$C/srv/www/download/v$VERSION/SHA256SUMS" &&
+		sign_test_release "$C/srv/www/download/v$VERSION" &&
 		published_installer "$BASE/download/v$VERSION" >"$C/srv/www/latest/download/install.sh" &&
 		make_upgrade_release "$C/srv/www/download/v$UPGRADE_VERSION" &&
 		install -m 0644 "$REPO/tests/fixtures/tls/ca.pem" "$C/usr/local/share/ca-certificates/grapheon-test-ca.crt" &&
@@ -197,7 +198,8 @@ published_installer() {
 	stamp=$(grep -F "sed \"s|^" "$REPO/.github/workflows/release.yml" | sed 's/^ *//')
 	work=$(mktemp -d "$scratch/stamp.XXXXXX")
 	mkdir -p "$work/scripts" "$work/dist"
-	cp "$REPO/scripts/install.sh" "$work/scripts/"
+	# Trusting the test key this test release is signed with (the one change a test release has).
+	stamp_test_key "$REPO/scripts/install.sh" "$work/scripts/install.sh" "$(public_key_b64 "$TEST_SIGNING_KEY")"
 	(cd "$work" && BASE_URL=$1 eval "$stamp")
 	cat "$work/dist/install.sh"
 }
@@ -219,6 +221,7 @@ make_upgrade_release() {
 	mkdir -p "$out"
 	tar --sort=name --owner=0 --group=0 --format=ustar -C "$work" -cf - "$name" | gzip -n >"$out/$name.tar.gz"
 	(cd "$out" && sha256sum "$name.tar.gz" >SHA256SUMS)
+	sign_test_release "$out"
 	rm -rf "$work"
 }
 
@@ -278,7 +281,8 @@ journal_since() {
 test_readme_install_under_systemd_enables_the_timer() {
 	out=$(INSIDE_TIMEOUT=300 inside sh -c "$(readme_install_command)" 2>&1)
 	echo "$out"
-	assert_contains_line "installer output" "verified grapheon-agent-$VERSION-$X86.tar.gz (sha256 $(sha256sum "$TARBALL" | cut -d' ' -f1))" "$out"
+	assert_contains_line "installer output" "verified the signature of SHA256SUMS (ed25519 release key $(public_key_b64 "$TEST_SIGNING_KEY"))" "$out"
+	assert_contains_line "installer output" "verified grapheon-agent-$VERSION-$X86.tar.gz (sha256 $(sha256sum "$TARBALL" | cut -d' ' -f1), listed in the signed SHA256SUMS)" "$out"
 	assert_contains_line "installer output" "enabled grapheon-agent.timer" "$out"
 	assert_eq "timer" "enabled
 active" "$(inside systemctl is-enabled grapheon-agent.timer; inside systemctl is-active grapheon-agent.timer)"
