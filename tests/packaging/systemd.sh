@@ -4,7 +4,8 @@
 # loopback, runs the README's curl-and-run install, and runs the service against the fake
 # Graphēon server (tests/serve_contract.rs, also on the container's loopback only). Asserts
 # registration, approval, a check-in accepted with socket owners, the journal, the exposure
-# score, upgrade, rollback, uninstall with and without purge, and the --state-dir variant.
+# score, upgrade, rollback, uninstall with and without purge, the --state-dir variant, and the
+# .deb (timer enabled on install, the service checking in, state kept on remove, gone on purge).
 #
 #   DIST=dist bash tests/packaging/systemd.sh
 #
@@ -38,6 +39,7 @@ for tool in debootstrap systemd-nspawn nsenter; do
 	command -v "$tool" >/dev/null || { echo "systemd.sh: $tool is missing (test-packaging.sh installs it)" >&2; exit 1; }
 done
 [ -f "$TARBALL" ] || { echo "no $TARBALL: run scripts/build-release.sh first" >&2; exit 1; }
+DEB=$(ls "$DIST"/grapheon-agent_"${VERSION//-/\~}"-1_amd64.deb)
 
 scratch=$(mktemp -d "${TMPDIR:-/var/tmp}/grapheon-systemd.XXXXXX")
 nspawn_pid=''
@@ -390,6 +392,49 @@ test_uninstall_with_purge_removes_state_and_config() {
 	assert_absent "$C/opt/grapheon"
 }
 
+# The .deb on the same container: it reuses the identity the first install left in
+# /var/lib/grapheon-agent (kept by the uninstall without purge), so it checks in at once.
+test_deb_enables_the_timer_and_its_service_checks_in() {
+	local deb uuid before
+	deb=$(basename "$DEB")
+	cp "$DEB" "$C/srv/$deb"
+	uuid=$(cat "$C/var/lib/grapheon-agent/agent_uuid")
+	out=$(INSIDE_TIMEOUT=300 inside dpkg -i "/srv/$deb" 2>&1)
+	echo "$out"
+	assert_eq "timer" "enabled
+active" "$(inside systemctl is-enabled grapheon-agent.timer; inside systemctl is-active grapheon-agent.timer)"
+	assert_contains_line "dpkg output" "grapheon-agent: set GRAPHEON_AGENT_SERVER_URL and GRAPHEON_AGENT_ENROLLMENT_KEY in /etc/grapheon-agent.env;" "$out"
+	assert_mode "$C/etc/grapheon-agent.env" 600
+	assert_eq "ExecStart" "ExecStart=/usr/bin/grapheon-agent --config /etc/grapheon-agent.env" \
+		"$(inside systemctl cat grapheon-agent.service | grep '^ExecStart=')"
+	# What an operator does next: the server URL in the env file, then the timer (or a run now).
+	sed -i "s|^#GRAPHEON_AGENT_SERVER_URL=.*|GRAPHEON_AGENT_SERVER_URL=$SERVER_URL|" "$C/etc/grapheon-agent.env"
+	before=$(grep -c "^checkin $uuid " "$C/srv/contract/checkins")
+	run_service
+	for _ in $(seq 100); do
+		[ "$(grep -c "^checkin $uuid " "$C/srv/contract/checkins")" -gt "$before" ] && break
+		sleep 0.1
+	done
+	assert_eq "check-ins of the kept identity" $((before + 1)) "$(grep -c "^checkin $uuid " "$C/srv/contract/checkins")"
+	score=$(inside systemd-analyze security --no-pager grapheon-agent.service |
+		sed -n 's/.*Overall exposure level for grapheon-agent.service: \([0-9.]*\).*/\1/p')
+	awk -v s="$score" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s != "" && s <= m) }' || fail "exposure '$score' of the .deb's unit"
+}
+
+test_deb_remove_keeps_state_and_purge_removes_it() {
+	state_before=$(tree_snapshot "$C/var/lib/grapheon-agent")
+	INSIDE_TIMEOUT=300 inside dpkg -r grapheon-agent
+	assert_eq "grapheon units left" "" "$(inside systemctl list-unit-files --no-legend 'grapheon-agent*')"
+	assert_absent "$C/usr/bin/grapheon-agent"
+	assert_eq "state after remove" "$state_before" "$(tree_snapshot "$C/var/lib/grapheon-agent")"
+	assert_mode "$C/etc/grapheon-agent.env" 600
+	INSIDE_TIMEOUT=300 inside dpkg -P grapheon-agent
+	assert_absent "$C/var/lib/grapheon-agent"
+	assert_absent "$C/etc/grapheon-agent.env"
+	# shellcheck disable=SC2016 # a dpkg-query format, not a shell expansion
+	assert_eq "dpkg status" "" "$(inside dpkg-query -W -f='${Status}' grapheon-agent 2>/dev/null || true)"
+}
+
 # The fake server: the test binary of tests/serve_contract.rs, as cargo built it.
 CONTRACT_SERVER=$(cd "$REPO" && cargo test --locked --test serve_contract --no-run --message-format=json 2>/dev/null |
 	grep -F '"name":"serve_contract"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
@@ -409,6 +454,7 @@ fi
 for t in readme_install_under_systemd_enables_the_timer \
 	service_registers_then_checks_in_with_socket_owners_once_approved service_exposure_is_at_most_2_5 \
 	upgrade_then_rollback_keep_the_service_working uninstall_keeps_state_and_config \
-	state_dir_variant_runs_under_protect_system_strict uninstall_with_purge_removes_state_and_config; do
+	state_dir_variant_runs_under_protect_system_strict uninstall_with_purge_removes_state_and_config \
+	deb_enables_the_timer_and_its_service_checks_in deb_remove_keeps_state_and_purge_removes_it; do
 	run_test "systemd/$t" "test_$t"
 done
