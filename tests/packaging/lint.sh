@@ -16,7 +16,7 @@ test_posix_lifecycle_scripts_pass_shellcheck_as_sh() {
 }
 
 test_bash_scripts_pass_shellcheck() {
-	shellcheck -x -s bash scripts/build-release.sh scripts/check-version.sh scripts/check-self-contained.sh scripts/test-packaging.sh scripts/lib/packages.sh \
+	shellcheck -x -s bash scripts/build-release.sh scripts/check-version.sh scripts/check-self-contained.sh scripts/lib/os-packages.sh scripts/test-packaging.sh scripts/lib/packages.sh \
 		scripts/lib/target-dir.sh scripts/lib/signing.sh scripts/sign-release.sh .ci/run tests/packaging/*.sh
 }
 

@@ -79,6 +79,33 @@ test_sign_release_refuses_a_key_the_installers_do_not_pin() {
 	assert_absent "$scratch/to-sign/SHA256SUMS.sig"
 }
 
+# cargo auditable's .dep-v0 section (zlib-compressed JSON, what cargo audit, trivy and syft read)
+# names the crates linked in; the SBOM beside the release must list exactly those as required.
+test_binary_carries_its_dependency_list_and_the_sbom_lists_the_same_crates() {
+	local bin="$TARGET_DIR/x86_64-unknown-linux-musl/release/grapheon-agent"
+	local sbom="$DIST/grapheon-agent-$VERSION-x86_64-unknown-linux-musl.cdx.json"
+	objcopy --dump-section .dep-v0="$scratch/dep-v0" "$bin" "$scratch/unused-copy"
+	embedded=$(python3 -c '
+import json, sys, zlib
+d = json.loads(zlib.decompress(open(sys.argv[1], "rb").read()))
+print("\n".join(sorted(p["name"] + "@" + p["version"] for p in d["packages"]
+                        if p.get("kind", "runtime") == "runtime" and not p.get("root"))))' "$scratch/dep-v0")
+	listed=$(python3 -c '
+import json, sys
+b = json.load(open(sys.argv[1]))
+assert b["bomFormat"] == "CycloneDX" and b["specVersion"] == "1.5", "not a CycloneDX 1.5 document"
+assert b["metadata"]["component"]["purl"] == "pkg:cargo/grapheon-agent@" + sys.argv[2], b["metadata"]["component"]
+print("\n".join(sorted(c["name"] + "@" + c["version"] for c in b["components"] if c["scope"] == "required")))' "$sbom" "$VERSION")
+	[ -n "$embedded" ] || fail "the .dep-v0 section lists no crates"
+	assert_eq "crates linked in (.dep-v0) and required in the SBOM" "$embedded" "$listed"
+	# The runtime dependencies the project allows are among them, checksums from Cargo.lock.
+	for crate in pico-args miniserde ureq miniz_oxide getrandom libc; do
+		grep -q "^$crate@" <<<"$listed" || fail "the SBOM lacks $crate"
+	done
+	assert_eq "same SBOM when made again" "$(cat "$sbom")" \
+		"$(cd "$REPO" && SOURCE_DATE_EPOCH=$(git log -1 --format=%ct) python3 scripts/sbom.py --target x86_64-unknown-linux-musl)"
+}
+
 test_binaries_are_static() {
 	for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
 		bin="$TARGET_DIR/$target/release/grapheon-agent"
