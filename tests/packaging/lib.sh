@@ -32,6 +32,15 @@ make_test_scripts() {
 	chmod 755 "$1"/*.sh
 }
 
+# doc_block FILE REGEX: the fenced code block of FILE (without its fences) holding a line that
+# matches REGEX, so that tests run the commands the documentation shows, as written there.
+doc_block() {
+	awk -v re="$2" '
+		/^```/ { if (inside) { if (hit) { printf "%s", block; found = 1; exit } inside = 0 } else { inside = 1; block = ""; hit = 0 } next }
+		inside { block = block $0 "\n"; if ($0 ~ re) hit = 1 }
+		END { if (!found) exit 1 }' "$1" || fail "no code block matching '$2' in $1"
+}
+
 # sign_test_release DIR: DIR/SHA256SUMS.sig made with the test key.
 sign_test_release() {
 	bash "$REPO/scripts/sign-release.sh" --key "$TEST_SIGNING_KEY" --test-key "$1" >/dev/null

@@ -456,6 +456,22 @@ test_unsigned_release_needs_allow_unsigned() {
 	assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
 }
 
+# docs/operating.md's offline install, run as written there (for this version and target).
+test_offline_install_from_the_docs_writes_the_enrollment_key() {
+	new_root
+	dir=$(mktemp -d "$scratch/offline.XXXXXX")
+	cp "$DIST/SHA256SUMS" "$DIST/SHA256SUMS.sig" "$REAL_TARBALL" "$dir/"
+	block=$(doc_block "$REPO/docs/operating.md" 'scripts/install.sh')
+	block=${block//0.1.0-aarch64-unknown-linux-musl/$VERSION-$X86}
+	block=${block//<key>/enroll-EXAMPLEonly}
+	block=${block//https:\/\/grapheon.example.net/https:\/\/grapheon.test}
+	echo "$block"
+	(cd "$dir" && GRAPHEON_INSTALL_ROOT=$R GRAPHEON_INSTALL_SYSTEMCTL=systemctl FAKE_SYSTEMCTL_LOG="$R.systemctl.log" \
+		FAKE_SYSTEMCTL_STATE="$R.systemctl.state" PATH="$FAKE_BIN:$PATH" sh -c "$block")
+	assert_eq "env file" "$(expected_env_file https://grapheon.test enroll-EXAMPLEonly)" "$(cat "$R/etc/grapheon-agent.env")"
+	assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
+}
+
 test_foreign_tarball_needs_target_flag() {
 	new_root
 	tarball="$DIST/grapheon-agent-$VERSION-$ARM64.tar.gz"

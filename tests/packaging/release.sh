@@ -71,6 +71,29 @@ test_sha256sums_is_signed_by_the_test_key_the_packed_installers_trust() {
 > 	release_key_kind=test" "$(diff "$REPO/scripts/install.sh" "$scratch/expected-install.sh" | sed 1d)"
 }
 
+# docs/operating.md's check by hand, as written there, beside a tarball's install.sh.
+test_signature_check_by_hand_from_the_docs_passes() {
+	mkdir -p "$scratch/by-hand"
+	cp "$DIST"/SHA256SUMS "$DIST"/SHA256SUMS.sig "$DIST"/*.tar.gz "$scratch/by-hand/"
+	tar -xzf "$DIST/grapheon-agent-$VERSION-x86_64-unknown-linux-musl.tar.gz" -O \
+		"grapheon-agent-$VERSION-x86_64-unknown-linux-musl/scripts/install.sh" >"$scratch/by-hand/install.sh"
+	(cd "$scratch/by-hand" && bash -euo pipefail -c "$(doc_block "$REPO/docs/operating.md" 'pkeyutl -verify')")
+	# A SHA256SUMS changed after signing fails the same commands.
+	echo "0000000000000000000000000000000000000000000000000000000000000000  extra" >>"$scratch/by-hand/SHA256SUMS"
+	! (cd "$scratch/by-hand" && bash -euo pipefail -c "$(doc_block "$REPO/docs/operating.md" 'pkeyutl -verify')") ||
+		fail "a changed SHA256SUMS passed the check by hand"
+}
+
+# docs/operating.md's key commands make a key sign-release.sh accepts once it is pinned.
+test_release_key_commands_from_the_docs_make_a_pinnable_key() {
+	local block pub
+	block=$(doc_block "$REPO/docs/operating.md" 'genpkey -algorithm ed25519')
+	mkdir -p "$scratch/newkey"
+	pub=$(cd "$scratch/newkey" && bash -euo pipefail -c "$block")
+	[[ $pub =~ ^MCowBQYDK2VwAyEA[A-Za-z0-9+/]{43}=$ ]] || fail "not an ed25519 public key: $pub"
+	assert_eq "public half" "$(public_key_b64 "$scratch/newkey/release-signing-key.pem")" "$pub"
+}
+
 test_sign_release_refuses_a_key_the_installers_do_not_pin() {
 	mkdir -p "$scratch/to-sign"
 	cp "$DIST/SHA256SUMS" "$scratch/to-sign/"

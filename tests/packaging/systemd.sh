@@ -230,8 +230,10 @@ make_upgrade_release() {
 # The README's install command with this test's release URL, key and server.
 readme_install_command() {
 	local cmd
-	cmd=$(awk '/^curl -fsSL https:\/\/github.com\// { on = 1 } on { print } on && !/\\$/ { exit }' "$REPO/README.md")
-	[ -n "$cmd" ] || fail "no curl-and-run install command in README.md"
+	cmd=$(doc_block "$REPO/README.md" '^curl -fsSL https://github.com/')
+	# docs/operating.md shows the same command.
+	[ "$cmd" = "$(doc_block "$REPO/docs/operating.md" '^curl -fsSL https://github.com/')" ] ||
+		fail "README.md and docs/operating.md show different install commands"
 	cmd=${cmd//https:\/\/github.com\/<owner>\/grapheon-agent\/releases/$BASE}
 	cmd=${cmd//<key>/$ENROLLMENT_KEY}
 	cmd=${cmd//https:\/\/grapheon.example.net/$SERVER_URL}
