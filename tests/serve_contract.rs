@@ -189,7 +189,8 @@ fn served_fake_registers_approves_on_command_and_stops() {
         }
     };
     let sample = fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/contract/registration-request.json"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/contract/registration-request.json"),
     )
     .expect("registration sample");
     let uuid = j::str_at(&j::parse(&sample), "agent_uuid")
@@ -197,7 +198,10 @@ fn served_fake_registers_approves_on_command_and_stops() {
         .to_string();
 
     let (status, body) = post(&url, "/api/agents/register", &sample);
-    assert_eq!((status, j::str_at(&j::parse(&body), "status")), (200, Some("pending")));
+    assert_eq!(
+        (status, j::str_at(&j::parse(&body), "status")),
+        (200, Some("pending"))
+    );
     assert_eq!(
         wait_for_file(&dir, "agents", &format!("{uuid} pending\n")),
         format!("{uuid} pending\n")
@@ -208,7 +212,10 @@ fn served_fake_registers_approves_on_command_and_stops() {
         wait_for_file(&dir, "agents", &format!("{uuid} active\n")),
         format!("{uuid} active\n")
     );
-    assert!(!dir.join("approve").exists(), "the approve file was not consumed");
+    assert!(
+        !dir.join("approve").exists(),
+        "the approve file was not consumed"
+    );
     let (status, body) = post(&url, "/api/agents/register", &sample);
     let reply = j::parse(&body);
     assert_eq!((status, j::str_at(&reply, "status")), (200, Some("active")));
