@@ -327,19 +327,30 @@ unpack_release() {
 		[ -f "$src/$f" ] || die "$tar_name lacks $f"
 	done
 	[ "$(cat "$src/VERSION")" = "$version" ] || die "$tar_name holds VERSION $(cat "$src/VERSION")"
-	check_release_binary
+	check_release_binary "$src/grapheon-agent"
 }
 
 # Never point current at a binary that cannot start on this host, or that is another version
 # than the release it came in (a stale binary packed by mistake would run under a wrong name).
+# Checked on the unpacked copy, before anything is written; where the temporary directory does not
+# allow running programs (noexec), on the installed copy before current is switched.
 check_release_binary() {
+	version_checked=no
 	if [ "$tar_target" != "$(detect_target 2>/dev/null || true)" ]; then
+		version_checked=yes
 		say "not run: the $tar_target binary cannot run on this machine ($(uname -m)), so its version is unchecked"
 		return 0
 	fi
-	out=$("$src/grapheon-agent" --version 2>&1) || die "the $version binary does not run here: $out"
+	status=0
+	out=$("$1" --version 2>&1) || status=$?
+	if [ "$status" = 126 ] && [ "$1" = "$src/grapheon-agent" ]; then
+		say "cannot run programs in ${TMPDIR:-/tmp} (noexec?): checking the version once installed"
+		return 0
+	fi
+	[ "$status" = 0 ] || die "the $version binary does not run here: $out"
 	[ "$out" = "$version" ] ||
 		die "$tar_name holds a binary that says it is version '$out', not $version: refusing to install it"
+	version_checked=yes
 }
 
 # Copies the unpacked release to releases/<version>, next to any other installed one.
@@ -515,7 +526,15 @@ do_install() {
 		die "grapheon-agent is not installed in $prefix: use install.sh"
 	fi
 	changed=no
+	release_was_installed=no
+	[ ! -d "$opt/releases/$version" ] || release_was_installed=yes
 	install_release
+	if [ "$version_checked" = no ]; then
+		if ! (check_release_binary "$opt/releases/$version/grapheon-agent"); then
+			[ "$release_was_installed" = yes ] || rm -rf "$opt/releases/$version"
+			exit 1
+		fi
+	fi
 	set_symlink "releases/$version" "$opt/current"
 	if [ "$link_changed" = yes ]; then
 		changed=yes
@@ -630,7 +649,7 @@ main() {
 	enrollment_key=${GRAPHEON_AGENT_ENROLLMENT_KEY:-}
 	tarball='' sums='' sig='' want_version='' target=''
 	no_start=no force=no purge_state=no purge_config=no
-	allow_http=no allow_unsigned=no signature_checked=no wget_warned=no
+	allow_http=no allow_unsigned=no signature_checked=no wget_warned=no version_checked=no
 
 	while [ $# -gt 0 ]; do
 		case $1 in

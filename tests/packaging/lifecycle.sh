@@ -200,6 +200,27 @@ test_tarball_whose_binary_is_another_version_is_refused() {
 	assert_eq "systemctl calls" "" "$(systemctl_calls)"
 }
 
+# Hardened hosts mount /tmp noexec: the version is then checked on the installed copy.
+test_version_is_checked_after_installing_where_tmp_is_noexec() {
+	new_root
+	noexec=$(mktemp -d "$scratch/noexec.XXXXXX")
+	mount -t tmpfs -o noexec,size=64m tmpfs "$noexec"
+	status=0
+	(
+		out=$(TMPDIR=$noexec installer "$SCRIPTS/install.sh" --tarball "$REAL_TARBALL" --server-url https://grapheon.test 2>&1)
+		echo "$out"
+		assert_contains_line output "cannot run programs in $noexec (noexec?): checking the version once installed" "$out"
+		assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
+		tarball="$scratch/rel-0.3.0-stale/grapheon-agent-0.3.0-$X86.tar.gz"
+		TMPDIR=$noexec expect_failure installer "$SCRIPTS/install.sh" --tarball "$tarball"
+		assert_contains_line output "grapheon-agent install: error: $(basename "$tarball") holds a binary that says it is version '$VERSION', not 0.3.0: refusing to install it" "$out"
+		assert_absent "$R/$OPT/releases/0.3.0"
+		assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
+	) || status=$?
+	umount "$noexec"
+	return $status
+}
+
 test_state_dir_reaches_the_agent_through_unit_and_env_file() {
 	new_root
 	installer "$SCRIPTS/install.sh" --tarball "$REAL_TARBALL" --state-dir /srv/ga-state \
