@@ -143,12 +143,14 @@ boot_container() {
 		return 1
 	}
 
-	systemd-nspawn --quiet --register=no --keep-unit --private-network --directory="$C" \
-		--machine="grapheon-test-$$" --boot --console=passive >"$scratch/nspawn.log" 2>&1 &
+	# Under timeout too: should this script be killed outright (no cleanup), the container still
+	# stops by itself (timeout passes the SIGTERM of cleanup() on to nspawn as well).
+	timeout --kill-after=30 1800 systemd-nspawn --quiet --register=no --keep-unit --private-network \
+		--directory="$C" --machine="grapheon-test-$$" --boot --console=passive >"$scratch/nspawn.log" 2>&1 &
 	nspawn_pid=$!
 	leader=''
 	for _ in $(seq 150); do
-		leader=$(pgrep -P "$nspawn_pid" -x systemd || true)
+		leader=$(pgrep -P "$(pgrep -P "$nspawn_pid" -x systemd-nspawn || echo 0)" -x systemd || true)
 		[ -n "$leader" ] && break
 		kill -0 "$nspawn_pid" 2>/dev/null || break
 		sleep 0.2
