@@ -136,7 +136,7 @@ test_binary_is_looked_up_in_cargo_target_dir() {
 	chmod 755 "$F/target/release/grapheon-agent" "$scratch/shared-target/release/grapheon-agent"
 	out=$(CARGO_TARGET_DIR=$scratch/shared-target bash "$REPO/scripts/check-version.sh" --repo "$F" 2>&1)
 	assert_contains_line output "check-version: ok   grapheon-agent --version prints 1.2.3" "$out"
-	expect_failure bash "$REPO/scripts/check-version.sh" --repo "$F"
+	expect_failure env -u CARGO_TARGET_DIR bash "$REPO/scripts/check-version.sh" --repo "$F"
 	# The message quotes the output with its newline.
 	assert_contains_line output "check-version: FAIL grapheon-agent --version printed '0.9.0" "$out"
 	assert_contains_line output "' and exited 0, expected '1.2.3', a newline and 0" "$out"
