@@ -6,8 +6,9 @@
 #
 #   scripts/check-version.sh [--repo DIR] [--binary PATH | --no-binary]
 #
-# Without --binary it runs the first of target/x86_64-unknown-linux-musl/release/grapheon-agent
-# and target/release/grapheon-agent that exists. Prints one line per check; exit 1 on any mismatch.
+# Without --binary it runs the first of <target>/x86_64-unknown-linux-musl/release/grapheon-agent
+# and <target>/release/grapheon-agent that exists, <target> being cargo's target directory
+# (CARGO_TARGET_DIR or .cargo/config.toml honoured; target/ of --repo otherwise). Prints one line per check; exit 1 on any mismatch.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -84,9 +85,12 @@ fi
 
 if [ "$check_binary" = yes ]; then
 	if [ -z "$binary" ]; then
-		for candidate in target/x86_64-unknown-linux-musl/release/grapheon-agent target/release/grapheon-agent; do
-			if [ -x "$repo/$candidate" ]; then
-				binary=$repo/$candidate
+		# shellcheck source=scripts/lib/target-dir.sh
+		. "$(dirname "$0")/lib/target-dir.sh"
+		target_dir=$(cargo_target_dir "$repo" 2>/dev/null) || target_dir=${CARGO_TARGET_DIR:-$repo/target}
+		for candidate in x86_64-unknown-linux-musl/release/grapheon-agent release/grapheon-agent; do
+			if [ -x "$target_dir/$candidate" ]; then
+				binary=$target_dir/$candidate
 				break
 			fi
 		done

@@ -23,11 +23,17 @@ Usage: install.sh [options]                 install (or upgrade to) a release
        rollback.sh [options] VERSION        switch back to an installed release
        uninstall.sh [options] [--purge-state] [--purge-config]
 
-Where the release comes from (its SHA-256 must match the SHA256SUMS file, or nothing is installed):
+Where the release comes from (its SHA-256 must match the SHA256SUMS file, whose ed25519
+signature SHA256SUMS.sig must match the release key pinned in this script, or nothing is
+installed; without OpenSSL 3 only the sums can be checked, and the installer says so):
   --tarball FILE        local grapheon-agent-<version>-<target>.tar.gz (SHA256SUMS beside it)
   --sha256sums FILE     SHA256SUMS to check against (default: beside the tarball / from the base URL)
-  --base-url URL        release download directory holding SHA256SUMS and the tarballs
+  --signature FILE      its signature (default: SHA256SUMS.sig beside it / from the base URL)
+  --base-url URL        release download directory holding SHA256SUMS and the tarballs, https://
                         (env GRAPHEON_INSTALL_BASE_URL)
+  --allow-http          also download over plain http:// (a local mirror); the signature check
+                        is then all that protects the download
+  --allow-unsigned      install a release that has no SHA256SUMS.sig, on its checksums alone
   --version VERSION     pick this version from the base URL (default: the one SHA256SUMS lists)
   --target TRIPLE       x86_64-unknown-linux-musl | aarch64-unknown-linux-musl |
                         armv7-unknown-linux-musleabihf (default: detected from uname -m)
@@ -87,17 +93,63 @@ sha256_of() {
 	fi
 }
 
+# Downloads over https only (redirects included), unless --allow-http.
 fetch() {
+	protocols='=https'
 	case $1 in
 	https://*) ;;
-	*) warn "$1 is not HTTPS" ;;
+	http://*)
+		[ "$allow_http" = yes ] ||
+			die "refusing to download $1 over plain http (use an https:// URL, or --allow-http for a local mirror)"
+		protocols='=https,http'
+		;;
+	*) die "not an https:// URL: $1" ;;
 	esac
 	if command -v curl >/dev/null 2>&1; then
-		curl -fsSL --retry 3 -o "$2" "$1" || die "download failed: $1"
+		curl -fsSL --proto "$protocols" --proto-redir "$protocols" --retry 3 -o "$2" "$1" ||
+			die "download failed: $1"
 	elif command -v wget >/dev/null 2>&1; then
-		wget -q -O "$2" "$1" || die "download failed: $1"
+		if wget --help 2>&1 | grep -q -- --https-only; then
+			if [ "$allow_http" = yes ]; then
+				wget -q -O "$2" "$1" || die "download failed: $1"
+			else
+				wget -q --https-only -O "$2" "$1" || die "download failed: $1"
+			fi
+		else
+			# BusyBox wget: no --https-only, and it does not check certificates either.
+			if [ "$wget_warned" = no ]; then
+				warn "this wget (BusyBox?) neither checks the server's certificate nor refuses a redirect to http: only the signature check protects the download"
+				wget_warned=yes
+			fi
+			wget -q -O "$2" "$1" || die "download failed: $1"
+		fi
 	else
 		die "need curl or wget to download $1"
+	fi
+}
+
+# Checks the ed25519 signature of SHA256SUMS ($1) in $2 against the pinned release key. Refuses a
+# bad signature; without OpenSSL 3 (ed25519 verification) it says that only the sums were checked.
+verify_signature() {
+	if [ "$release_key_kind" = test ]; then
+		warn "this installer trusts a TEST signing key, not the release key: never use it outside tests"
+	fi
+	if ! command -v openssl >/dev/null 2>&1; then
+		signature_checked=no
+		say "openssl not found: checked the SHA-256 sums only, not the signature of SHA256SUMS"
+		return 0
+	fi
+	printf '%s\n%s\n%s\n' '-----BEGIN PUBLIC KEY-----' "$release_public_key" '-----END PUBLIC KEY-----' \
+		>"$work/release-key.pem"
+	if openssl pkeyutl -verify -pubin -inkey "$work/release-key.pem" -rawin -in "$1" -sigfile "$2" \
+		>"$work/openssl.out" 2>&1; then
+		signature_checked=yes
+		say "verified the signature of SHA256SUMS (ed25519 release key $release_public_key)"
+	elif openssl pkeyutl -help 2>&1 | grep -q -- -rawin; then
+		die "the signature of SHA256SUMS does not match the release key pinned in this installer: refusing to install (a tampered or foreign release)"
+	else
+		signature_checked=no
+		say "this openssl ($(openssl version 2>/dev/null)) cannot verify ed25519 signatures: checked the SHA-256 sums only"
 	fi
 }
 
@@ -203,6 +255,7 @@ obtain_release() {
 		[ -f "$tarball" ] || die "no such tarball: $tarball"
 		[ -n "$sums" ] || sums="$(dirname "$tarball")/SHA256SUMS"
 		[ -f "$sums" ] || die "no SHA256SUMS for $tarball (looked for $sums; pass --sha256sums)"
+		[ -n "$sig" ] || sig="$sums.sig"
 		tar_name=$(basename "$tarball")
 	else
 		[ -n "$base_url" ] || usage_error "say where the release is: --tarball FILE or --base-url URL"
@@ -210,6 +263,10 @@ obtain_release() {
 		if [ -z "$sums" ]; then
 			fetch "$base_url/SHA256SUMS" "$work/SHA256SUMS"
 			sums="$work/SHA256SUMS"
+		fi
+		if [ -z "$sig" ] && [ "$allow_unsigned" = no ]; then
+			fetch "$base_url/SHA256SUMS.sig" "$work/SHA256SUMS.sig"
+			sig="$work/SHA256SUMS.sig"
 		fi
 		if [ -n "$want_version" ]; then
 			tar_name="grapheon-agent-$want_version-$target.tar.gz"
@@ -220,6 +277,14 @@ obtain_release() {
 		fi
 		check_name "tarball name" "$tar_name"
 	fi
+	if [ -n "$sig" ] && [ -f "$sig" ]; then
+		verify_signature "$sums" "$sig"
+	elif [ "$allow_unsigned" = yes ]; then
+		signature_checked=no
+		warn "no signature checked (--allow-unsigned): only the SHA-256 sums protect this install"
+	else
+		die "no signature ${sig:+($sig) }for $sums: releases are signed; refusing to install (--allow-unsigned installs on checksums alone)"
+	fi
 	expected=$(expected_sha256 "$sums" "$tar_name")
 	[ -n "$expected" ] || die "$tar_name is not listed in $sums: refusing to install it"
 	if [ -z "$tarball" ]; then
@@ -229,7 +294,11 @@ obtain_release() {
 	actual=$(sha256_of "$tarball")
 	[ "$expected" = "$actual" ] ||
 		die "checksum mismatch for $tar_name (expected $expected, got $actual): refusing to install it"
-	say "verified $tar_name (sha256 $actual)"
+	if [ "$signature_checked" = yes ]; then
+		say "verified $tar_name (sha256 $actual, listed in the signed SHA256SUMS)"
+	else
+		say "verified $tar_name (sha256 $actual; the signature of SHA256SUMS was NOT checked)"
+	fi
 }
 
 # Unpacks the verified tarball and checks it is the release its name says.
@@ -258,6 +327,30 @@ unpack_release() {
 		[ -f "$src/$f" ] || die "$tar_name lacks $f"
 	done
 	[ "$(cat "$src/VERSION")" = "$version" ] || die "$tar_name holds VERSION $(cat "$src/VERSION")"
+	check_release_binary "$src/grapheon-agent"
+}
+
+# Never point current at a binary that cannot start on this host, or that is another version
+# than the release it came in (a stale binary packed by mistake would run under a wrong name).
+# Checked on the unpacked copy, before anything is written; where the temporary directory does not
+# allow running programs (noexec), on the installed copy before current is switched.
+check_release_binary() {
+	version_checked=no
+	if [ "$tar_target" != "$(detect_target 2>/dev/null || true)" ]; then
+		version_checked=yes
+		say "not run: the $tar_target binary cannot run on this machine ($(uname -m)), so its version is unchecked"
+		return 0
+	fi
+	status=0
+	out=$("$1" --version 2>&1) || status=$?
+	if [ "$status" = 126 ] && [ "$1" = "$src/grapheon-agent" ]; then
+		say "cannot run programs in ${TMPDIR:-/tmp} (noexec?): checking the version once installed"
+		return 0
+	fi
+	[ "$status" = 0 ] || die "the $version binary does not run here: $out"
+	[ "$out" = "$version" ] ||
+		die "$tar_name holds a binary that says it is version '$out', not $version: refusing to install it"
+	version_checked=yes
 }
 
 # Copies the unpacked release to releases/<version>, next to any other installed one.
@@ -304,22 +397,49 @@ write_env_file() {
 		-rw-------* | -r--------*) ;;
 		*) warn "$env_file can be read by other users and may hold the enrollment key: chmod 600 it" ;;
 		esac
+		check_env_state_dir
 		return 0
 	fi
 	mkdir -p "$(dirname "$root$env_file")"
 	(
 		umask 077
-		GRAPHEON_SET_URL=$server_url GRAPHEON_SET_KEY=$enrollment_key awk '
+		GRAPHEON_SET_URL=$server_url GRAPHEON_SET_KEY=$enrollment_key GRAPHEON_SET_STATE=$state_dir awk '
 			/^#GRAPHEON_AGENT_SERVER_URL=/ && ENVIRON["GRAPHEON_SET_URL"] != "" {
 				print "GRAPHEON_AGENT_SERVER_URL=" ENVIRON["GRAPHEON_SET_URL"]; next }
 			/^#GRAPHEON_AGENT_ENROLLMENT_KEY=/ && ENVIRON["GRAPHEON_SET_KEY"] != "" {
 				print "GRAPHEON_AGENT_ENROLLMENT_KEY=" ENVIRON["GRAPHEON_SET_KEY"]; next }
+			/^#GRAPHEON_AGENT_STATE_DIR=/ && ENVIRON["GRAPHEON_SET_STATE"] != "/var/lib/grapheon-agent" {
+				print "GRAPHEON_AGENT_STATE_DIR=" ENVIRON["GRAPHEON_SET_STATE"]; next }
 			{ print }' "$opt/releases/$version/deploy/grapheon-agent.env.example" >"$root$env_file.tmp.$$"
 	)
 	chmod 0600 "$root$env_file.tmp.$$"
 	mv -f "$root$env_file.tmp.$$" "$root$env_file"
 	changed=yes
 	say "wrote $env_file (mode 0600)"
+}
+
+# The value of KEY in the env file, as the agent reads it (last assignment wins; optional
+# `export`, quotes and spaces around the value removed); empty when the file does not set it.
+env_file_value() {
+	awk -v k="$1" '
+		{ line = $0; sub(/^[ \t]*/, "", line); sub(/^export[ \t]+/, "", line) }
+		index(line, k "=") == 1 {
+			v = substr(line, length(k) + 2); sub(/^[ \t]*/, "", v); sub(/[ \t]*$/, "", v)
+			if (v ~ /^".*"$/ || v ~ /^\047.*\047$/) v = substr(v, 2, length(v) - 2)
+			found = v
+		}
+		END { print found }' "$root$env_file" 2>/dev/null
+}
+
+# An env file written earlier (or by hand) that names another state directory than this install
+# would make manual runs (--status, --set-api-key) and the service disagree: say so.
+check_env_state_dir() {
+	file_state_dir=$(env_file_value GRAPHEON_AGENT_STATE_DIR)
+	if [ -n "$file_state_dir" ] && [ "$file_state_dir" != "$state_dir" ]; then
+		warn "$env_file sets GRAPHEON_AGENT_STATE_DIR=$file_state_dir but this install uses $state_dir: the service uses $state_dir (set in its unit); edit $env_file so that both agree"
+	elif [ -z "$file_state_dir" ] && [ "$state_dir" != /var/lib/grapheon-agent ]; then
+		warn "$env_file does not set GRAPHEON_AGENT_STATE_DIR, so runs by hand use /var/lib/grapheon-agent while the service uses $state_dir: add GRAPHEON_AGENT_STATE_DIR=$state_dir to $env_file"
+	fi
 }
 
 env_file_has_server() {
@@ -343,7 +463,9 @@ render_unit() {
 	sed -e "s|/opt/grapheon/agent/|$prefix/|g" \
 		-e "s|/etc/grapheon-agent\\.env|$env_file|g" "$1" >"$2.sed"
 	if [ "$state_dir" != /var/lib/grapheon-agent ]; then
-		sed -e "s|^StateDirectory=grapheon-agent\$|ReadWritePaths=$state_dir|" \
+		# The agent must be told the directory too: the environment wins over the env file.
+		sed -e "s|^StateDirectory=grapheon-agent\$|ReadWritePaths=$state_dir\\
+Environment=GRAPHEON_AGENT_STATE_DIR=$state_dir|" \
 			-e "/^StateDirectoryMode=/d" "$2.sed" >"$2"
 	else
 		mv "$2.sed" "$2"
@@ -404,11 +526,14 @@ do_install() {
 		die "grapheon-agent is not installed in $prefix: use install.sh"
 	fi
 	changed=no
+	release_was_installed=no
+	[ ! -d "$opt/releases/$version" ] || release_was_installed=yes
 	install_release
-	if [ "$tar_target" = "$(detect_target 2>/dev/null || true)" ]; then
-		# Never point current at a binary that cannot start on this host.
-		out=$("$opt/releases/$version/grapheon-agent" --version 2>&1) ||
-			die "the $version binary does not run here: $out"
+	if [ "$version_checked" = no ]; then
+		if ! (check_release_binary "$opt/releases/$version/grapheon-agent"); then
+			[ "$release_was_installed" = yes ] || rm -rf "$opt/releases/$version"
+			exit 1
+		fi
 	fi
 	set_symlink "releases/$version" "$opt/current"
 	if [ "$link_changed" = yes ]; then
@@ -507,7 +632,7 @@ main() {
 	root=${GRAPHEON_INSTALL_ROOT:-}
 	prefix=${GRAPHEON_INSTALL_PREFIX:-/opt/grapheon/agent}
 	env_file=${GRAPHEON_INSTALL_ENV_FILE:-/etc/grapheon-agent.env}
-	state_dir=${GRAPHEON_INSTALL_STATE_DIR:-/var/lib/grapheon-agent}
+	state_dir=${GRAPHEON_INSTALL_STATE_DIR:-}
 	unit_dir=${GRAPHEON_INSTALL_UNIT_DIR:-/etc/systemd/system}
 	bin_link=${GRAPHEON_INSTALL_BIN_LINK:-/usr/local/bin/grapheon-agent}
 	systemctl=${GRAPHEON_INSTALL_SYSTEMCTL:-systemctl}
@@ -515,11 +640,16 @@ main() {
 	[ -n "${GRAPHEON_INSTALL_SYSTEMCTL:-}" ] && systemctl_overridden=yes
 	systemd_mode=${GRAPHEON_INSTALL_SYSTEMD:-auto}
 	default_base_url='' # set by the release workflow in the copy it publishes
+	# The public half of the release signing key (ed25519, base64 DER). build-release.sh --test-key
+	# replaces both lines in the copies it packs; see docs/operating.md, "Signed releases".
+	release_public_key='MCowBQYDK2VwAyEAgyfDOdCgu5Mi1+Yb1RsAosNuawkZlpX74yKGQ59/lQM='
+	release_key_kind=release
 	base_url=${GRAPHEON_INSTALL_BASE_URL:-$default_base_url}
 	server_url=${GRAPHEON_AGENT_SERVER_URL:-}
 	enrollment_key=${GRAPHEON_AGENT_ENROLLMENT_KEY:-}
-	tarball='' sums='' want_version='' target=''
+	tarball='' sums='' sig='' want_version='' target=''
 	no_start=no force=no purge_state=no purge_config=no
+	allow_http=no allow_unsigned=no signature_checked=no wget_warned=no version_checked=no
 
 	while [ $# -gt 0 ]; do
 		case $1 in
@@ -537,7 +667,9 @@ main() {
 		--force) force=yes ;;
 		--purge-state) purge_state=yes ;;
 		--purge-config) purge_config=yes ;;
-		--mode | --tarball | --sha256sums | --base-url | --version | --target | --server-url | \
+		--allow-http) allow_http=yes ;;
+		--allow-unsigned) allow_unsigned=yes ;;
+		--mode | --tarball | --sha256sums | --signature | --base-url | --version | --target | --server-url | \
 			--enrollment-key | --root | --prefix | --env-file | --state-dir | --unit-dir | \
 			--bin-link | --systemctl | --systemd)
 			[ $# -ge 2 ] || usage_error "$1 needs a value"
@@ -545,6 +677,7 @@ main() {
 			--mode) mode=$2 ;;
 			--tarball) tarball=$2 ;;
 			--sha256sums) sums=$2 ;;
+			--signature) sig=$2 ;;
 			--base-url) base_url=$2 ;;
 			--version) want_version=$2 ;;
 			--target) target=$2 ;;
@@ -577,6 +710,12 @@ main() {
 	*) usage_error "unknown mode $mode" ;;
 	esac
 	root=${root%/}
+	if [ -z "$state_dir" ]; then
+		# Upgrades, rollbacks and uninstalls keep the directory an earlier --state-dir chose.
+		state_dir=$(sed -n 's/^Environment=GRAPHEON_AGENT_STATE_DIR=//p' \
+			"$root$unit_dir/grapheon-agent.service" 2>/dev/null | tail -n1)
+		[ -n "$state_dir" ] || state_dir=/var/lib/grapheon-agent
+	fi
 	# The paths are written into the units with sed: keep them plain.
 	for p in "$prefix" "$env_file" "$state_dir" "$unit_dir" "$bin_link" "${root:-/}"; do
 		case $p in

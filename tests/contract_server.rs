@@ -24,15 +24,11 @@ const ENROLLMENT_KEY: &str = "gaek_EXAMPLEonlyEXAMPLEonlyEXAMPLEonly000000";
 const REGISTER: &str = "/api/agents/register";
 const CHECK_IN: &str = "/api/agents/check-in";
 
-/// A sample body captured from the real server.
+/// A sample body captured from the real server (copied into `tests/fixtures/contract/`).
 fn sample(name: &str) -> String {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/contract/samples");
-    assert!(
-        Path::new(dir).is_dir(),
-        "contract samples not found at {dir}: these tests need a copy of shared/ next to the \
-         repository (../shared/contract/samples)"
-    );
-    let path = Path::new(dir).join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/contract")
+        .join(name);
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read sample {}: {e}", path.display()))
 }

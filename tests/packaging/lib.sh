@@ -9,6 +9,42 @@
 PACKAGING_RESULTS=${PACKAGING_RESULTS:-$(mktemp)}
 PACKAGING_LOGS=${PACKAGING_LOGS:-$(mktemp -d)}
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# shellcheck source=scripts/lib/target-dir.sh
+. "$REPO/scripts/lib/target-dir.sh"
+# Where cargo put the binaries build-release.sh packed (CARGO_TARGET_DIR honoured).
+TARGET_DIR=${TARGET_DIR:-$(cargo_target_dir "$REPO")}
+# shellcheck source=scripts/lib/signing.sh
+. "$REPO/scripts/lib/signing.sh"
+# The ed25519 key test releases are signed with: made by test-packaging.sh on its first run and
+# kept with the other tools. It is a test key: only installers stamped by stamp_test_key (or
+# build-release.sh --test-key) trust it, and they warn about it on every run.
+TEST_SIGNING_KEY=${GRAPHEON_TEST_SIGNING_KEY:-${PACKAGING_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/grapheon-packaging-tools}/test-release-signing-key.pem}
+
+die() {
+	fail "$@"
+}
+
+# make_test_scripts DIR: the four lifecycle scripts in DIR, install.sh trusting the test key.
+make_test_scripts() {
+	mkdir -p "$1"
+	cp "$REPO/scripts/upgrade.sh" "$REPO/scripts/rollback.sh" "$REPO/scripts/uninstall.sh" "$1/"
+	stamp_test_key "$REPO/scripts/install.sh" "$1/install.sh" "$(public_key_b64 "$TEST_SIGNING_KEY")"
+	chmod 755 "$1"/*.sh
+}
+
+# doc_block FILE REGEX: the fenced code block of FILE (without its fences) holding a line that
+# matches REGEX, so that tests run the commands the documentation shows, as written there.
+doc_block() {
+	awk -v re="$2" '
+		/^```/ { if (inside) { if (hit) { printf "%s", block; found = 1; exit } inside = 0 } else { inside = 1; block = ""; hit = 0 } next }
+		inside { block = block $0 "\n"; if ($0 ~ re) hit = 1 }
+		END { if (!found) exit 1 }' "$1" || fail "no code block matching '$2' in $1"
+}
+
+# sign_test_release DIR: DIR/SHA256SUMS.sig made with the test key.
+sign_test_release() {
+	bash "$REPO/scripts/sign-release.sh" --key "$TEST_SIGNING_KEY" --test-key "$1" >/dev/null
+}
 
 run_test() {
 	local name=$1 log status

@@ -18,6 +18,8 @@ TARBALL="$DIST/grapheon-agent-$VERSION-x86_64-unknown-linux-musl.tar.gz"
 MAX_EXPOSURE=2.5
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+SCRIPTS="$scratch/scripts"
+make_test_scripts "$SCRIPTS"
 
 system_unit_dir() {
 	local d
@@ -33,7 +35,7 @@ installed_root() {
 	mkdir -p "$R/run/systemd/system" "$R/usr/lib/systemd"
 	cp -R "$(system_unit_dir)" "$R/usr/lib/systemd/system"
 	FAKE_SYSTEMCTL_LOG="$R.log" FAKE_SYSTEMCTL_STATE="$R.state" \
-		dash "$REPO/scripts/install.sh" --root "$R" --systemctl "$REPO/tests/packaging/fake-systemctl" \
+		dash "$SCRIPTS/install.sh" --root "$R" --systemctl "$REPO/tests/packaging/fake-systemctl" \
 		--tarball "$TARBALL" --server-url https://grapheon.test "$@" >/dev/null
 }
 

@@ -126,9 +126,25 @@ test_entry_without_date_fails() {
 	assert_contains_line output "check-version: FAIL CHANGELOG.md newest entry '## [1.2.3]' is not '## [X.Y.Z] - YYYY-MM-DD'" "$out"
 }
 
+# With a shared target directory, target/ of the tree may hold a stale binary: the one cargo
+# builds is in CARGO_TARGET_DIR, and that is the one asked.
+test_binary_is_looked_up_in_cargo_target_dir() {
+	fixture
+	mkdir -p "$F/target/release" "$scratch/shared-target/release"
+	printf '#!/bin/sh\necho 0.9.0\n' >"$F/target/release/grapheon-agent"
+	printf '#!/bin/sh\necho 1.2.3\n' >"$scratch/shared-target/release/grapheon-agent"
+	chmod 755 "$F/target/release/grapheon-agent" "$scratch/shared-target/release/grapheon-agent"
+	out=$(CARGO_TARGET_DIR=$scratch/shared-target bash "$REPO/scripts/check-version.sh" --repo "$F" 2>&1)
+	assert_contains_line output "check-version: ok   grapheon-agent --version prints 1.2.3" "$out"
+	expect_failure env -u CARGO_TARGET_DIR bash "$REPO/scripts/check-version.sh" --repo "$F"
+	# The message quotes the output with its newline.
+	assert_contains_line output "check-version: FAIL grapheon-agent --version printed '0.9.0" "$out"
+	assert_contains_line output "' and exited 0, expected '1.2.3', a newline and 0" "$out"
+}
+
 test_this_repository_agrees_with_its_binary() {
 	[ -f "$REPO/CHANGELOG.md" ] || skip "this tree has no CHANGELOG.md yet: the full check runs once it has"
-	bash "$REPO/scripts/check-version.sh" --binary "$REPO/target/x86_64-unknown-linux-musl/release/grapheon-agent"
+	bash "$REPO/scripts/check-version.sh" --binary "$TARGET_DIR/x86_64-unknown-linux-musl/release/grapheon-agent"
 }
 
 for t in $(declare -F | awk '$3 ~ /^test_/ { print $3 }'); do
