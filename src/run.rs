@@ -120,6 +120,7 @@ fn collect_options(cfg: &Config, policy: &Policy) -> collect::Options {
         proc_root: cfg.proc_root.clone(),
         command_timeout: policy.command_timeout(),
         tables: policy.tables,
+        namespaces: cfg.namespaces,
     }
 }
 
@@ -383,7 +384,17 @@ fn plan(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
     }
 }
 
-fn header(cfg: &Config, uuid: &str, host: &Host, now: i64, left_out: usize) -> Header {
+/// `namespaces` is rendered into at most an eighth of a part, so the metadata repeated in
+/// every part never crowds out the records.
+fn header(
+    cfg: &Config,
+    uuid: &str,
+    host: &Host,
+    now: i64,
+    left_out: usize,
+    namespaces: &collect::namespaces::Namespaces,
+    policy: &Policy,
+) -> Header {
     Header {
         agent_uuid: uuid.to_string(),
         observed_at: now,
@@ -393,6 +404,7 @@ fn header(cfg: &Config, uuid: &str, host: &Host, now: i64, left_out: usize) -> H
         platform_release: host.release.clone(),
         collector: cfg.collector.as_str(),
         records_left_out: left_out,
+        namespaces: namespaces.metadata(report::part_budget(policy.max_report_bytes) / 8),
     }
 }
 
@@ -420,6 +432,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
     let collect::Collected {
         snapshot: current,
         left_out,
+        namespaces,
     } = collect::collect(&collect_options(cfg, &policy));
     let now = timefmt::now();
     let Plan {
@@ -428,7 +441,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
         mut kept,
         mut pending,
     } = plan(state, current, cfg, now);
-    let header = header(cfg, uuid, host, now, left_out);
+    let header = header(cfg, uuid, host, now, left_out, &namespaces, &policy);
     let mut budget = report::part_budget(policy.max_report_bytes);
     let (mut sent, mut done) = (0, 0);
     'split: loop {
@@ -595,10 +608,19 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let collect::Collected {
         snapshot: current,
         left_out,
+        namespaces,
     } = collect::collect(&collect_options(cfg, &state.policy()));
     let now = timefmt::now();
     let p = plan(&state, current, cfg, now);
-    let header = header(cfg, &uuid, &host, now, left_out);
+    let header = header(
+        cfg,
+        &uuid,
+        &host,
+        now,
+        left_out,
+        &namespaces,
+        &state.policy(),
+    );
     let parts = report::split(
         &header,
         &p.pending,

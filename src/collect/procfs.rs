@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::fs::File;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::ffi::OsStrExt;
@@ -160,19 +161,133 @@ fn parse_endpoint(text: &str, v6: bool) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
+/// A hasher for the owner map's keys (socket inodes, pids): one multiply folded on itself.
+/// std's default SipHash costs several times more per `u64` and its protection against
+/// chosen keys is not needed for numbers the kernel hands out.
+#[derive(Default, Clone, Copy)]
+pub struct InodeHasher(u64);
+
+impl Hasher for InodeHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        const K: u64 = 0x9e37_79b9_7f4a_7c15;
+        let p = u128::from(self.0 ^ n) * u128::from(K);
+        // Folding the high half in spreads every input bit over the bits the table uses.
+        self.0 = (p as u64) ^ ((p >> 64) as u64);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Builds [`InodeHasher`]s for the maps of the `/proc` walk.
+pub type FastHash = BuildHasherDefault<InodeHasher>;
+
+/// No owner found yet.
+const NOBODY: u32 = u32::MAX;
+
+/// The owners of the sockets a run reports: socket inode → lowest pid holding it, and the
+/// process names of those pids.
+#[derive(Debug, Default)]
+pub struct Owners {
+    wanted: HashMap<u64, u32, FastHash>,
+    names: HashMap<u32, Option<String>, FastHash>,
+    /// Socket descriptors not wanted when their process was scanned: a namespace found later
+    /// in the walk may want them (a process holding a socket of another namespace).
+    stray: Option<Vec<(u64, u32)>>,
+}
+
+impl Owners {
+    /// Owners wanted for `sockets`. `late` keeps unwanted descriptors for sockets that
+    /// become wanted during the walk ([`Owners::want`]).
+    pub fn new(sockets: &[Socket], late: bool) -> Owners {
+        let mut owners = Owners {
+            stray: late.then(Vec::new),
+            ..Owners::default()
+        };
+        owners.want(sockets);
+        owners
+    }
+
+    /// Adds the inodes of `sockets` (0, time-wait and request sockets, has no owner).
+    pub fn want(&mut self, sockets: &[Socket]) {
+        self.wanted.reserve(sockets.len());
+        for s in sockets.iter().filter(|s| s.inode != 0) {
+            self.wanted.entry(s.inode).or_insert(NOBODY);
+        }
+    }
+
+    /// True when no socket wants an owner and none can be added later.
+    fn is_idle(&self) -> bool {
+        self.wanted.is_empty() && self.stray.is_none()
+    }
+
+    /// Fills `pid` and `process_name` of the sockets whose owner was found.
+    pub fn attach(&self, sockets: &mut [Socket]) {
+        if self.wanted.is_empty() {
+            return;
+        }
+        for socket in sockets {
+            match self.wanted.get(&socket.inode) {
+                Some(&pid) if pid != NOBODY => {
+                    socket.connection.pid = Some(pid);
+                    socket.connection.process_name = self.names.get(&pid).cloned().flatten();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Gives the strays their chance now that every namespace is known, and names their pids.
+    fn settle(&mut self, proc_root: &Path) {
+        let Some(stray) = self.stray.take() else {
+            return;
+        };
+        for (inode, pid) in stray {
+            if let Some(owner) = self.wanted.get_mut(&inode) {
+                if pid < *owner {
+                    *owner = pid;
+                    self.names
+                        .entry(pid)
+                        .or_insert_with(|| read_comm(proc_root, pid));
+                }
+            }
+        }
+    }
+}
+
 /// Fills `pid` and `process_name` of the sockets whose inode some process holds: scans
 /// `<proc_root>/<pid>/fd/*` for `socket:[inode]` links and reads `<proc_root>/<pid>/comm`.
 /// When several processes hold a socket the lowest pid wins. Processes that vanish or deny
 /// access are skipped; this never fails.
 pub fn attach_owners(proc_root: &Path, mut sockets: Vec<Socket>) -> Vec<Socket> {
-    // Only the inodes we report; 0 (time-wait, request sockets) has no owner.
-    let mut owners: HashMap<u64, u32> = sockets
-        .iter()
-        .filter(|s| s.inode != 0)
-        .map(|s| (s.inode, u32::MAX))
-        .collect();
-    if owners.is_empty() {
-        return sockets;
+    let mut owners = Owners::new(&sockets, false);
+    walk(proc_root, &mut owners, |_, _, _| {});
+    owners.attach(&mut sockets);
+    sockets
+}
+
+/// The one walk over `<proc_root>/<pid>`: `visit(root_fd, pid, owners)` runs first for each
+/// process (namespace discovery reads there and adds wanted sockets), then the process's
+/// `socket:[inode]` descriptors are matched against the wanted inodes. Processes that vanish
+/// or deny access are skipped; this never fails.
+pub fn walk(
+    proc_root: &Path,
+    owners: &mut Owners,
+    mut visit: impl FnMut(libc::c_int, u32, &mut Owners),
+) {
+    if owners.is_idle() {
+        return;
     }
     let mut root = match Dir::open(proc_root) {
         Ok(dir) => dir,
@@ -181,11 +296,10 @@ pub fn attach_owners(proc_root: &Path, mut sockets: Vec<Socket>) -> Vec<Socket> 
                 "cannot list {}: {err}; sockets keep no owner",
                 proc_root.display()
             );
-            return sockets;
+            return;
         }
     };
     let root_fd = root.fd();
-    let mut names: HashMap<u32, Option<String>> = HashMap::new();
     let mut path = Vec::with_capacity(32);
     let mut link = [0u8; LINK_BUFFER];
     loop {
@@ -199,6 +313,7 @@ pub fn attach_owners(proc_root: &Path, mut sockets: Vec<Socket>) -> Vec<Socket> 
             path.extend_from_slice(b"/fd\0");
             pid
         };
+        visit(root_fd, pid, owners);
         let Ok(fd_path) = CStr::from_bytes_with_nul(&path) else {
             continue;
         };
@@ -224,28 +339,26 @@ pub fn attach_owners(proc_root: &Path, mut sockets: Vec<Socket>) -> Vec<Socket> 
             let Some(inode) = link.get(..len).and_then(socket_inode) else {
                 continue;
             };
-            if let Some(owner) = owners.get_mut(&inode) {
-                if pid < *owner {
-                    *owner = pid;
-                    holds = true;
+            match owners.wanted.get_mut(&inode) {
+                Some(owner) => {
+                    if pid < *owner {
+                        *owner = pid;
+                        holds = true;
+                    }
+                }
+                None => {
+                    if let Some(stray) = &mut owners.stray {
+                        stray.push((inode, pid));
+                    }
                 }
             }
         }
-        if holds && !names.contains_key(&pid) {
+        if holds && !owners.names.contains_key(&pid) {
             // Read now, while the process most likely still exists.
-            names.insert(pid, read_comm(proc_root, pid));
+            owners.names.insert(pid, read_comm(proc_root, pid));
         }
     }
-    for socket in &mut sockets {
-        match owners.get(&socket.inode) {
-            Some(&pid) if pid != u32::MAX => {
-                socket.connection.pid = Some(pid);
-                socket.connection.process_name = names.get(&pid).cloned().flatten();
-            }
-            _ => {}
-        }
-    }
-    sockets
+    owners.settle(proc_root);
 }
 
 /// A `/proc` entry name that is a process id.
@@ -269,7 +382,7 @@ fn socket_inode(target: &[u8]) -> Option<u64> {
 }
 
 /// `<proc_root>/<pid>/comm`, trimmed; `None` when unreadable or empty.
-fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
+pub fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
     let path = proc_root.join(pid.to_string()).join("comm");
     let mut bytes = Vec::with_capacity(32);
     // comm is at most 16 bytes; the bound keeps a strange file from costing memory.

@@ -29,6 +29,8 @@ pub struct Header {
     pub collector: &'static str,
     /// Records the server would have refused (no valid address), left out of the report.
     pub records_left_out: usize,
+    /// `metadata.namespaces` as JSON (other network namespaces); empty: no such key.
+    pub namespaces: String,
 }
 
 /// One check-in's records: a slice of each table of the delta.
@@ -248,6 +250,9 @@ pub fn render(
         .num("parts", which.1)
         .raw("removed_since_last_report", &gone)
         .num("records_left_out", header.records_left_out);
+    if !header.namespaces.is_empty() {
+        m.raw("namespaces", &header.namespaces);
+    }
     m.end();
     let mut o = Object::new(&mut out);
     o.str("agent_uuid", &header.agent_uuid)
@@ -330,6 +335,7 @@ mod tests {
             platform_release: "6.1.0".into(),
             collector: "native",
             records_left_out: 0,
+            namespaces: String::new(),
         }
     }
 
