@@ -279,7 +279,7 @@ pub fn collect(opts: &Options) -> Collected {
 /// namespaces with their sockets and owners, all from one walk over `/proc`.
 fn owned_sockets(
     opts: &Options,
-    mut sockets: Vec<Socket>,
+    sockets: Vec<Socket>,
 ) -> (Vec<Socket>, Option<namespaces::Discovery>) {
     let proc_root = opts.proc_root.as_path();
     let own = match (opts.namespaces, opts.tables.connections) {
@@ -291,18 +291,8 @@ fn owned_sockets(
             "cannot read this process's network namespace (/proc/self/ns/net); only its own sockets are reported"
         );
     }
-    let mut owners = procfs::Owners::new(&sockets, own.is_some());
-    let mut discovery = own.map(namespaces::Discovery::new);
-    procfs::walk(proc_root, &mut owners, |root_fd, pid, owners| {
-        if let Some(d) = &mut discovery {
-            d.visit(proc_root, root_fd, pid, owners);
-        }
-    });
-    owners.attach(&mut sockets);
-    if let Some(d) = &mut discovery {
-        for ns in &mut d.found {
-            owners.attach(&mut ns.sockets);
-        }
+    let (sockets, discovery) = namespaces::walk(proc_root, sockets, own);
+    if let Some(d) = &discovery {
         let over_cap = d.over_cap();
         if over_cap > 0 {
             warn!(
@@ -313,7 +303,7 @@ fn owned_sockets(
         debug!(
             "other network namespaces: {} collected, {} with unreadable socket tables, {} processes whose namespace could not be read",
             d.found.len(),
-            d.failed,
+            d.failed(),
             d.unreadable
         );
     }

@@ -45,7 +45,8 @@ impl Scope {
 /// Most namespaces collected in one run. At 0.5 ms and a few dozen records each this bounds
 /// a run's cost on hosts with thousands of them; the rest are counted and warned about.
 pub const MAX_NAMESPACES: usize = 1000;
-/// Processes whose cgroup is read to attribute a namespace whose first process had none.
+/// Processes whose cgroup is read to attribute a namespace whose first process had none, and
+/// whose tables are tried when the first could not be read.
 const ATTRIBUTION_TRIES: u8 = 4;
 /// Addresses listed per namespace in the metadata.
 const LISTED_ADDRESSES: usize = 16;
@@ -79,8 +80,10 @@ pub struct Discovery {
     seen: HashMap<u64, Option<usize>, FastHash>,
     /// Processes whose `ns/net` link could not be read (permissions, exited).
     pub unreadable: usize,
-    /// Namespaces whose socket tables could not be read at all.
-    pub failed: usize,
+    /// Namespaces given up on after [`ATTRIBUTION_TRIES`] failed reads.
+    failed: usize,
+    /// Failed reads of a namespace not collected yet.
+    attempts: HashMap<u64, u8, FastHash>,
 }
 
 /// What one other namespace contributed to the report, for `metadata.namespaces`.
@@ -105,6 +108,32 @@ pub struct Namespaces {
     pub list: Vec<Summary>,
     /// Namespaces seen but not collected because of [`MAX_NAMESPACES`].
     pub over_cap: usize,
+}
+
+/// Owners for `sockets` (the agent's own namespace) and, when `own` names the agent's
+/// namespace, every other namespace with its sockets and their owners: one walk over
+/// `<proc_root>/<pid>`.
+pub fn walk(
+    proc_root: &Path,
+    mut sockets: Vec<Socket>,
+    own: Option<u64>,
+) -> (Vec<Socket>, Option<Discovery>) {
+    let mut owners = Owners::new(&sockets, own.is_some());
+    let mut discovery = own.map(Discovery::new);
+    procfs::walk(proc_root, &mut owners, |root_fd, pid, owners| {
+        if let Some(d) = &mut discovery {
+            d.visit(proc_root, root_fd, pid, owners);
+        }
+    });
+    owners.attach(&mut sockets);
+    if let Some(d) = &mut discovery {
+        for ns in &mut d.found {
+            owners.attach(&mut ns.sockets);
+        }
+        // Report order does not depend on the order the directory was listed in.
+        d.found.sort_by_key(|ns| ns.pid);
+    }
+    (sockets, discovery)
 }
 
 /// The inode of the agent's own network namespace: from the proc root when it shows this
@@ -151,6 +180,16 @@ impl Discovery {
         match self.seen.get(&inode) {
             Some(Some(i)) => {
                 let ns = &mut self.found[*i];
+                // /proc lists pids in order; another root (a copy, a fixture) may not: the
+                // lowest pid represents the namespace either way.
+                if pid < ns.pid {
+                    ns.pid = pid;
+                    ns.process_name = procfs::read_comm(proc_root, pid);
+                    let lower = read_attribution(proc_root, pid);
+                    if lower.runtime.is_some() || lower.pod_uid.is_some() {
+                        ns.attribution = lower;
+                    }
+                }
                 // The first process had no telling cgroup (a helper joined first): ask a few more.
                 if ns.attribution.runtime.is_none() && ns.tries < ATTRIBUTION_TRIES {
                     ns.tries += 1;
@@ -172,9 +211,15 @@ impl Discovery {
         let sockets = match procfs::sockets(&dir) {
             Ok(sockets) => sockets,
             Err(e) => {
+                // The process may have exited while being read: the namespace's next
+                // processes get a few more chances.
                 debug!("network namespace {inode} of pid {pid}: {e}");
-                self.failed += 1;
-                self.seen.insert(inode, None);
+                let tries = self.attempts.entry(inode).or_insert(0);
+                *tries += 1;
+                if *tries >= ATTRIBUTION_TRIES {
+                    self.failed += 1;
+                    self.seen.insert(inode, None);
+                }
                 return;
             }
         };
@@ -198,6 +243,14 @@ impl Discovery {
     /// Namespaces seen but not collected because of the cap.
     pub fn over_cap(&self) -> usize {
         self.seen.values().filter(|v| v.is_none()).count() - self.failed
+    }
+
+    /// Namespaces whose tables could not be read, whether or not their last chance came.
+    pub fn failed(&self) -> usize {
+        self.attempts
+            .keys()
+            .filter(|inode| !matches!(self.seen.get(inode), Some(Some(_))))
+            .count()
     }
 }
 
