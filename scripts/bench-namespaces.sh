@@ -14,11 +14,14 @@
 # The agent runs `--dry-run --collector native` in the scene's "host" namespace. CPU is
 # user+sys from wait4 and peak RSS is ru_maxrss (scripts/bench/helper.rs measure).
 #
-# 1. Owner map: N loopback connections in the agent's own namespace, GRAPHEON_AGENT_NAMESPACES
+# 1. Namespaces: BENCH_NAMESPACES namespaces, one process each holding BENCH_SOCKETS sockets
+#    on its own address (a veth of its own; all reported); the agent with `own` and with
+#    `all`. The difference divided by the number of namespaces is the cost of one extra
+#    namespace. Listing a TCP table walks the kernel's hash of every namespace's sockets,
+#    so this part runs first, before the owner map's connections leave time-wait sockets.
+#    User and kernel CPU are the kernel's tick-sampled split of the run's CPU: indicative.
+# 2. Owner map: N loopback connections in the agent's own namespace, GRAPHEON_AGENT_NAMESPACES
 #    =own, this build against BENCH_BASELINE (when given; earlier binaries ignore the variable).
-# 2. Namespaces: BENCH_NAMESPACES namespaces, one process each holding BENCH_SOCKETS sockets
-#    on its own address (a veth of its own; all reported); the agent with `own` and with `all`. The difference
-#    divided by the number of namespaces is the cost of one extra namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,11 +72,15 @@ holder=$work/ns-holder
 rustc -O --edition 2021 -o "$helper" scripts/bench/helper.rs
 rustc -O --edition 2021 -o "$holder" scripts/bench/ns-holder.rs
 
-host=ga-bnh-$$
-ip netns add "$host"
-made+=("$host")
-ip -n "$host" link set lo up
-ip netns exec "$host" sh -c 'echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range'
+# A fresh namespace for the agent for each scene: time-wait sockets of the last one would
+# stay in the report and hold its addresses.
+new_host() {
+  host=ga-bnh-$$-$1
+  ip netns add "$host"
+  made+=("$host")
+  ip -n "$host" link set lo up
+  ip netns exec "$host" sh -c 'echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range'
+}
 
 # Starts "$@" as init of a new pid namespace inside $host; sets $scene (unshare) and $init.
 start_scene() {
@@ -124,40 +131,10 @@ col() { awk -v i="$2" '{ print $i }' "$work/$1" | median; }
 ms() { awk -v x="$1" 'BEGIN { printf "%.1f", x * 1000 }'; }
 mib() { awk -v x="$1" 'BEGIN { printf "%.1f", x / 1024 }'; }
 
-# ---- 1. the owner map ----
-owner_rows=()
-for n in "${sizes[@]}"; do
-  echo "== owner map: $n connections" >&2
-  start_scene "$helper" hold "$n" "$work/ready"
-  : >"$work/new" && : >"$work/old"
-  for r in $(seq 0 "$runs"); do
-    a=$(measure own "$agent")
-    b=""
-    [ -n "$baseline" ] && b=$(measure own "$baseline")
-    if [ "$r" -gt 0 ]; then # run 0 warms the caches
-      echo "$a" >>"$work/new"
-      [ -n "$b" ] && echo "$b" >>"$work/old"
-    fi
-  done
-  row="| $n | $(records own "$agent")"
-  if [ -n "$baseline" ]; then
-    oc=$(col old 2) nc=$(col new 2)
-    row+=" | $(ms "$oc") | $(ms "$nc") | $(awk -v a="$nc" -v b="$oc" 'BEGIN { printf "%.2f", a / b }')"
-    row+=" | $(mib "$(col old 3)") | $(mib "$(col new 3)") |"
-  else
-    row+=" | - | $(ms "$(col new 2)") | - | - | $(mib "$(col new 3)") |"
-  fi
-  owner_rows+=("$row")
-  stop_scene
-done
-
-# ---- 2. other namespaces ----
+# ---- 1. other namespaces (first: time-wait sockets left by the owner-map scenes would
+# lengthen every TCP table listing for a minute) ----
 echo "== $count namespaces of $per sockets" >&2
-# A fresh host namespace: the first table's connections left time-wait sockets behind.
-host=ga-bnh2-$$
-ip netns add "$host"
-made+=("$host")
-ip -n "$host" link set lo up
+new_host ns
 names=()
 for i in $(seq 1 "$count"); do
   ns=ga-bn-$$-$i
@@ -192,6 +169,53 @@ per_user=$(awk -v a="$(col all 4)" -v o="$(col own 4)" -v n="$count" 'BEGIN { pr
 per_sys=$(awk -v a="$(col all 5)" -v o="$(col own 5)" -v n="$count" 'BEGIN { printf "%.3f", (a - o) * 1000 / n }')
 stop_scene
 
+# The same namespaces made with net.ipv4.tcp_child_ehash_entries=1024 in their parent
+# (Linux 6.1+): each gets a TCP hash of its own, which its /proc listing walks instead.
+echo "== $count namespaces of $per sockets, own TCP hash tables" >&2
+new_host own-ehash
+parent=ga-bnp-$$
+ip netns add "$parent"
+made+=("$parent")
+ip netns exec "$parent" sysctl -qw net.ipv4.tcp_child_ehash_entries=1024
+start_scene "$holder" "$work/ready" "$per" --fresh "$parent" "$count"
+: >"$work/small"
+for r in $(seq 0 "$runs"); do
+  b=$(measure all "$agent")
+  [ "$r" -gt 0 ] && echo "$b" >>"$work/small"
+done
+small_records=$(records all "$agent")
+sc=$(col small 2)
+per_small=$(awk -v a="$sc" -v o="$oc" -v n="$count" 'BEGIN { printf "%.3f", (a - o) * 1000 / n }')
+stop_scene
+
+# ---- 2. the owner map ----
+owner_rows=()
+for n in "${sizes[@]}"; do
+  echo "== owner map: $n connections" >&2
+  new_host "$n"
+  start_scene "$helper" hold "$n" "$work/ready"
+  : >"$work/new" && : >"$work/old"
+  for r in $(seq 0 "$runs"); do
+    a=$(measure own "$agent")
+    b=""
+    [ -n "$baseline" ] && b=$(measure own "$baseline")
+    if [ "$r" -gt 0 ]; then # run 0 warms the caches
+      echo "$a" >>"$work/new"
+      [ -n "$b" ] && echo "$b" >>"$work/old"
+    fi
+  done
+  row="| $n | $(records own "$agent")"
+  if [ -n "$baseline" ]; then
+    oc=$(col old 2) nc=$(col new 2)
+    row+=" | $(ms "$oc") | $(ms "$nc") | $(awk -v a="$nc" -v b="$oc" 'BEGIN { printf "%.2f", a / b }')"
+    row+=" | $(mib "$(col old 3)") | $(mib "$(col new 3)") |"
+  else
+    row+=" | - | $(ms "$(col new 2)") | - | - | $(mib "$(col new 3)") |"
+  fi
+  owner_rows+=("$row")
+  stop_scene
+done
+
 cat <<EOF
 
 grapheon-agent $("$agent" --version 2>/dev/null | head -1), $(nproc) CPUs, Linux $(uname -r). Median of $runs runs; CPU = user+sys.
@@ -210,7 +234,9 @@ Other namespaces ($count namespaces, $per sockets each, all reported):
 |---|---:|---:|---:|---:|---:|---:|
 | own | $own_records | $(ms "$oc") | $(ms "$(col own 4)") | $(ms "$(col own 5)") | $(ms "$(col own 1)") | $(mib "$(col own 3)") |
 | all | $all_records | $(ms "$ac") | $(ms "$(col all 4)") | $(ms "$(col all 5)") | $(ms "$(col all 1)") | $(mib "$(col all 3)") |
+| all, namespaces with their own TCP hash (tcp_child_ehash_entries=1024) | $small_records | $(ms "$sc") | $(ms "$(col small 4)") | $(ms "$(col small 5)") | $(ms "$(col small 1)") | $(mib "$(col small 3)") |
 
 CPU per extra namespace of $per sockets: $per_ns ms ($per_user ms user, $per_sys ms kernel; target: at most 0.5 ms)
+CPU per extra namespace with a TCP hash of its own: $per_small ms
 Kernel: TCP established hash of $(dmesg 2>/dev/null | sed -n 's/.*TCP established hash table entries: \([0-9]*\).*/\1/p' | head -1) buckets (each TCP table listing walks all of them)
 EOF

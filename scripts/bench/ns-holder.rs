@@ -5,6 +5,10 @@
 //!       Runs the command (output to /dev/null) and prints `<exit code> <wall s> <user s>
 //!       <sys s> <peak RSS KiB>` from the rusage of wait4: user and system CPU apart, since
 //!       listing another namespace's TCP table is mostly kernel time.
+//!   ns-holder <ready-file> <sockets> --fresh <parent-netns> <count>
+//!       The same in <count> namespaces each process makes itself as a child of the named
+//!       one (unshare after setns), so that they take the parent's sysctls such as
+//!       net.ipv4.tcp_child_ehash_entries; each gets a veth `d0` with 10.204.<i/200>.<i%200+1>.
 //!   ns-holder <ready-file> <sockets> <netns-name>...
 //!       Forks one process per named network namespace (/run/netns/<name>); each enters its
 //!       namespace (setns) and holds <sockets> sockets there: a TCP listener on the first
@@ -39,6 +43,7 @@ struct Rusage {
 extern "C" {
     fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut Rusage) -> i32;
     fn setns(fd: i32, nstype: i32) -> i32;
+    fn unshare(flags: i32) -> i32;
     fn fork() -> i32;
     fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
     fn pause() -> i32;
@@ -57,7 +62,14 @@ fn main() {
     let sockets: usize = sockets.parse().expect("a socket count");
     let marks = std::env::temp_dir().join(format!("ns-holder-{}", std::process::id()));
     std::fs::create_dir_all(&marks).expect("marks dir");
-    for (i, name) in names.iter().enumerate() {
+    let places: Vec<Place> = match names {
+        [flag, parent, count] if flag == "--fresh" => (0..count.parse().expect("a count"))
+            .map(|i| Place::Fresh(parent.clone(), i))
+            .collect(),
+        _ => names.iter().cloned().map(Place::Named).collect(),
+    };
+    let names = &places;
+    for (i, name) in places.iter().enumerate() {
         // SAFETY: fork in a single-threaded process; the child only makes plain calls.
         let pid = unsafe { fork() };
         assert!(pid >= 0, "fork failed");
@@ -82,10 +94,41 @@ fn main() {
     }
 }
 
-fn child(name: &str, sockets: usize, mark: &std::path::Path) -> ! {
+/// Where a holder process lives.
+enum Place {
+    Named(String),
+    /// A new namespace, child of the named one, with this index.
+    Fresh(String, usize),
+}
+
+fn child(place: &Place, sockets: usize, mark: &std::path::Path) -> ! {
+    let name = match place {
+        Place::Named(name) | Place::Fresh(name, _) => name,
+    };
     let ns = File::open(format!("/run/netns/{name}")).expect("open the namespace");
     // SAFETY: setns on a descriptor we own; single-threaded, so the whole process moves.
     assert_eq!(unsafe { setns(ns.as_raw_fd(), CLONE_NEWNET) }, 0, "setns {name}");
+    if let Place::Fresh(_, i) = place {
+        // SAFETY: unshare of the network namespace only; the process is single-threaded.
+        assert_eq!(unsafe { unshare(CLONE_NEWNET) }, 0, "unshare");
+        let script = format!(
+            "link set lo up\nlink add d0 type veth peer name d1\nlink set d0 addrgenmode none\n\
+             link set d1 addrgenmode none\naddr add 10.204.{}.{}/32 dev d0\nlink set d0 up\nlink set d1 up\n",
+            i / 200,
+            i % 200 + 1
+        );
+        let mut ip = std::process::Command::new("ip")
+            .args(["-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("start ip");
+        ip.stdin
+            .take()
+            .expect("ip stdin")
+            .write_all(script.as_bytes())
+            .expect("write to ip");
+        assert!(ip.wait().expect("wait for ip").success(), "ip -batch failed");
+    }
     let ip = first_address();
     let listener = TcpListener::bind(SocketAddr::new(ip, 7000)).expect("listen");
     let udp = UdpSocket::bind(SocketAddr::new(ip, 7001)).expect("udp");

@@ -363,12 +363,14 @@ fn loopback_only(c: &Connection) -> bool {
 /// (the kernel's default, `bindv6only=0`) unless the namespace also has a `0.0.0.0` socket of
 /// the same protocol and port, which could not have been bound next to a dual-stack one.
 pub fn report(ns: Namespace) -> (Vec<Connection>, Summary, usize) {
-    let v4_wildcards: Vec<(Protocol, u16)> = ns
+    let mut v4_wildcards: Vec<(Protocol, u16)> = ns
         .sockets
         .iter()
         .filter(|s| s.connection.local_ip == IpAddr::V4(Ipv4Addr::UNSPECIFIED))
         .map(|s| (s.connection.protocol, s.connection.local_port))
         .collect();
+    v4_wildcards.sort_unstable();
+    v4_wildcards.dedup();
     let total = ns.sockets.len();
     let mut loopback = 0;
     let sockets: Vec<Socket> = ns
@@ -382,7 +384,9 @@ pub fn report(ns: Namespace) -> (Vec<Connection>, Summary, usize) {
         .map(|mut s| {
             let c = &s.connection;
             if c.local_ip.is_ipv6() && c.local_ip.is_unspecified() {
-                s.dual_stack = !v4_wildcards.contains(&(c.protocol, c.local_port));
+                s.dual_stack = v4_wildcards
+                    .binary_search(&(c.protocol, c.local_port))
+                    .is_err();
             }
             s
         })
