@@ -5,7 +5,7 @@
 #   BENCH_RUNS=7              runs of each measurement; the median is reported
 #   BENCH_NAMESPACES=100      other network namespaces in the second table
 #   BENCH_SOCKETS=50          sockets held in each of them
-#   BENCH_SIZES="10000 100000"  connections of the owner-map table
+#   BENCH_SIZES="10000 100000"  connections of the owner-map table ("" for none)
 #   BENCH_BASELINE=path       an earlier grapheon-agent binary to compare the owner map with
 #   BENCH_TIMEOUT=3600        the whole script is stopped after this many seconds
 #
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 runs=${BENCH_RUNS:-7}
 count=${BENCH_NAMESPACES:-100}
 per=${BENCH_SOCKETS:-50}
-read -r -a sizes <<<"${BENCH_SIZES:-10000 100000}"
+read -r -a sizes <<<"${BENCH_SIZES-10000 100000}"
 baseline=${BENCH_BASELINE:-}
 limit=${BENCH_TIMEOUT:-3600}
 
@@ -206,8 +206,8 @@ for n in "${sizes[@]}"; do
   done
   row="| $n | $(records own "$agent")"
   if [ -n "$baseline" ]; then
-    oc=$(col old 2) nc=$(col new 2)
-    row+=" | $(ms "$oc") | $(ms "$nc") | $(awk -v a="$nc" -v b="$oc" 'BEGIN { printf "%.2f", a / b }')"
+    bc=$(col old 2) tc=$(col new 2)
+    row+=" | $(ms "$bc") | $(ms "$tc") | $(awk -v a="$tc" -v b="$bc" 'BEGIN { printf "%.2f", a / b }')"
     row+=" | $(mib "$(col old 3)") | $(mib "$(col new 3)") |"
   else
     row+=" | - | $(ms "$(col new 2)") | - | - | $(mib "$(col new 3)") |"
