@@ -70,7 +70,7 @@ fn fixture_namespaces_become_exactly_these_records_and_metadata() {
     let own = namespaces::own_inode(&root);
     assert_eq!(own, Some(4026531840), "self/ns/net of the fixture");
     let sockets = procfs::sockets(&root).expect("the agent's own tables");
-    let (sockets, found) = namespaces::walk(&root, sockets, own);
+    let (sockets, found) = namespaces::walk(&root, sockets, own, namespaces::MAX_NAMESPACES);
     let found = found.expect("discovery ran");
     assert_eq!(
         (found.unreadable, found.failed()),
@@ -107,7 +107,7 @@ fn fixture_namespaces_become_exactly_these_records_and_metadata() {
 fn without_a_namespace_of_its_own_nothing_else_is_collected() {
     let root = fixture();
     let sockets = procfs::sockets(&root).unwrap();
-    let (sockets, found) = namespaces::walk(&root, sockets, None);
+    let (sockets, found) = namespaces::walk(&root, sockets, None, namespaces::MAX_NAMESPACES);
     assert!(found.is_none());
     let (connections, _) = expand_wildcards(sockets, &[]);
     let json: Vec<String> = connections
@@ -169,4 +169,31 @@ fn the_binary_reports_other_namespaces_and_own_gives_the_old_report() {
     let (connections, meta) = dry_run("own");
     assert_eq!(connections, [OWN_LISTENER]);
     assert_eq!(meta, None, "no namespaces key at all");
+}
+
+#[test]
+fn namespaces_beyond_the_cap_are_counted_not_collected() {
+    let root = fixture();
+    let sockets = procfs::sockets(&root).unwrap();
+    let own = namespaces::own_inode(&root);
+    let (_, found) = namespaces::walk(&root, sockets, own, 1);
+    let found = found.unwrap();
+    // Which one comes first depends on how the directory lists its entries.
+    assert_eq!((found.found.len(), found.over_cap()), (1, 1));
+    let collected = found.found[0].inode;
+    assert!([4026532100, 4026532200].contains(&collected), "{collected}");
+    let mut list = namespaces::Namespaces {
+        over_cap: found.over_cap(),
+        ..Default::default()
+    };
+    for ns in found.found {
+        list.list.push(namespaces::report(ns).1);
+    }
+    let meta = list.metadata(30_000);
+    assert!(
+        meta.starts_with(&format!(
+            r#"{{"collected":1,"over_cap":1,"listed":1,"list":[{{"inode":{collected},"#
+        )),
+        "{meta}"
+    );
 }

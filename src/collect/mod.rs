@@ -291,7 +291,8 @@ fn owned_sockets(
             "cannot read this process's network namespace (/proc/self/ns/net); only its own sockets are reported"
         );
     }
-    let (sockets, discovery) = namespaces::walk(proc_root, sockets, own);
+    let (sockets, discovery) =
+        namespaces::walk(proc_root, sockets, own, namespaces::MAX_NAMESPACES);
     if let Some(d) = &discovery {
         let over_cap = d.over_cap();
         if over_cap > 0 {

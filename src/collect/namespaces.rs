@@ -75,6 +75,7 @@ pub struct Namespace {
 #[derive(Debug, Default)]
 pub struct Discovery {
     own: u64,
+    cap: usize,
     pub found: Vec<Namespace>,
     /// Namespace inode → index in `found`, or `None` for one over the cap.
     seen: HashMap<u64, Option<usize>, FastHash>,
@@ -106,20 +107,21 @@ pub struct Summary {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Namespaces {
     pub list: Vec<Summary>,
-    /// Namespaces seen but not collected because of [`MAX_NAMESPACES`].
+    /// Namespaces seen but not collected because of the cap ([`MAX_NAMESPACES`]).
     pub over_cap: usize,
 }
 
 /// Owners for `sockets` (the agent's own namespace) and, when `own` names the agent's
-/// namespace, every other namespace with its sockets and their owners: one walk over
-/// `<proc_root>/<pid>`.
+/// namespace, the other namespaces (at most `cap`, the first found) with their sockets and
+/// owners: one walk over `<proc_root>/<pid>`.
 pub fn walk(
     proc_root: &Path,
     mut sockets: Vec<Socket>,
     own: Option<u64>,
+    cap: usize,
 ) -> (Vec<Socket>, Option<Discovery>) {
     let mut owners = Owners::new(&sockets, own.is_some());
-    let mut discovery = own.map(Discovery::new);
+    let mut discovery = own.map(|own| Discovery::new(own, cap));
     procfs::walk(proc_root, &mut owners, |root_fd, pid, owners| {
         if let Some(d) = &mut discovery {
             d.visit(proc_root, root_fd, pid, owners);
@@ -158,10 +160,11 @@ pub fn namespace_inode(target: &[u8]) -> Option<u64> {
 }
 
 impl Discovery {
-    /// Discovery relative to the agent's own namespace `own`.
-    pub fn new(own: u64) -> Discovery {
+    /// Discovery relative to the agent's own namespace `own`, collecting at most `cap`.
+    pub fn new(own: u64, cap: usize) -> Discovery {
         Discovery {
             own,
+            cap,
             ..Discovery::default()
         }
     }
@@ -203,7 +206,7 @@ impl Discovery {
             Some(None) => return,
             None => {}
         }
-        if self.found.len() >= MAX_NAMESPACES {
+        if self.found.len() >= self.cap {
             self.seen.insert(inode, None);
             return;
         }
