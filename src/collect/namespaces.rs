@@ -541,7 +541,7 @@ fd000db80000000000000000000000 02 40 00 80     eth0
     fn random_and_mutated_namespace_files_never_panic() {
         use crate::collect::netlink::fuzz::{mutate, XorShift};
         let cgroup = "12:pids:/kubepods/besteffort/pod7c0c4a3e-5f0b-4e3a-9a6b-2d1c0e9f8b7a/3f1b1e8c0a5e4b0b9d7c6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b\n0::/system.slice/docker-3f1b1e8c0a5e4b0b9d7c6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b.scope\n0::/machine.slice/systemd-nspawn@a\\x2db.service\n";
-        let mut rng = XorShift(0x5eed_0f4a_11);
+        let mut rng = XorShift(0x005e_ed0f_4a11);
         for round in 0..20_000 {
             let seed = [FIB_TRIE, IF_INET6, cgroup][round % 3];
             let bytes = mutate(&mut rng, seed.as_bytes());
