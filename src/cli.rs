@@ -20,11 +20,13 @@ ACTIONS (default: register if needed, then check in):
     --dry-run                 Collect and print the check-in body a run would send now (JSON, one line
                               per part) to stdout; no network, no state change, no root needed
     --status                  Print the local state: identity, enrollment, key present, last success,
-                              sequence number, cached policy, when the next scheduled run is due
+                              sequence number, cached policy, when the next scheduled run is due,
+                              the learned part size and server time, the backoff
     --set-api-key             Read an API key from standard input and store it (after an admin rotated it)
     --register-only           Register (or poll the approval) and stop
     --check-in-only           Check in with the stored API key; never register
-    --force                   Check in now even if the policy interval has not passed; no jitter sleep
+    --force                   Check in now even if the policy interval has not passed or runs back off
+                              after failures; no jitter sleep
     -h, --help                Print this help
     -V, --version             Print the version
 
@@ -37,7 +39,8 @@ OPTIONS (flag > environment variable > env file > default):
     --display-name NAME                   Name shown on the server [GRAPHEON_AGENT_DISPLAY_NAME]
     --site-name NAME                      Site of this host [GRAPHEON_AGENT_SITE_NAME]
     --hostname NAME                       Hostname to report [GRAPHEON_AGENT_HOSTNAME] (default: the kernel's)
-    --request-timeout-seconds N           Timeout of one HTTP request [GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS] (default 30)
+    --request-timeout-seconds N           Timeout of each phase of an HTTP request (connect, send, the server's
+                                          answer) [GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS] (default 30)
     --timer-interval-seconds N            How often the timer starts the agent [GRAPHEON_AGENT_TIMER_INTERVAL_SECONDS] (default 900)
     --api-key-header NAME                 Header carrying the API key [GRAPHEON_AGENT_API_KEY_HEADER] (default X-Agent-Api-Key)
     --ca-file FILE                        PEM bundle to trust instead of the built-in web PKI roots [GRAPHEON_AGENT_CA_FILE]
@@ -52,9 +55,10 @@ OPTIONS (flag > environment variable > env file > default):
 Switches also read GRAPHEON_AGENT_<NAME> (e.g. GRAPHEON_AGENT_FORCE=true).
 
 EXIT CODES:
-    0  done: checked in, awaiting approval, skipped because the interval has not passed, or another
-       run holds the lock
-    1  a failure the next run may fix (network, timeout, server error 5xx, full disk)
+    0  done: checked in, awaiting approval, skipped because the interval has not passed or runs back
+       off after failures, or another run holds the lock
+    1  a failure the next run may fix (network, no answer in time, server error 5xx/408/429, full
+       disk); a part sent without an answer is not sent again in the same run
     2  usage or configuration error (fix the flags, the env file, the state directory, or trust the
        server's certificate with --ca-file)
     3  refused by the server; an operator must act (401 key rejected, 403 not approved or rejected,
@@ -102,8 +106,75 @@ fn pico(e: pico_args::Error) -> Error {
     Error::Usage(e.to_string())
 }
 
+/// The flags that take a value.
+const VALUE_FLAGS: [&str; 15] = [
+    "--config",
+    "--server-url",
+    "--enrollment-key",
+    "--state-dir",
+    "--display-name",
+    "--site-name",
+    "--hostname",
+    "--request-timeout-seconds",
+    "--timer-interval-seconds",
+    "--api-key-header",
+    "--ca-file",
+    "--log-level",
+    "--collector",
+    "--proc-root",
+    "--full-snapshot-interval-seconds",
+];
+/// The flags that take none, with their short forms.
+const SWITCHES: [(&str, &str); 9] = [
+    ("--help", "-h"),
+    ("--version", "-V"),
+    ("--dry-run", ""),
+    ("--status", ""),
+    ("--set-api-key", ""),
+    ("--register-only", ""),
+    ("--check-in-only", ""),
+    ("--force", ""),
+    ("--insecure-skip-verify", ""),
+];
+
+/// A flag given twice is a usage error naming it: which one would win is a guess either way,
+/// and the parser would otherwise report the second as an unknown argument.
+fn reject_repeats(args: &[OsString]) -> Result<()> {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = args[i].to_str().unwrap_or("");
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, _)) => (name, true),
+            None => (arg, false),
+        };
+        let flag = VALUE_FLAGS
+            .iter()
+            .find(|f| **f == name)
+            .map(|f| (*f, !inline))
+            .or_else(|| {
+                SWITCHES
+                    .iter()
+                    .find(|(long, short)| !long.is_empty() && (*long == arg || *short == arg))
+                    .map(|(long, _)| (*long, false))
+            });
+        if let Some((flag, takes_next)) = flag {
+            if seen.contains(&flag) {
+                return Err(Error::Usage(format!("{flag} is given more than once")));
+            }
+            seen.push(flag);
+            if takes_next {
+                i += 1;
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// Parses the arguments (without the program name).
 pub fn parse(args: Vec<OsString>) -> Result<Flags> {
+    reject_repeats(&args)?;
     let mut a = pico_args::Arguments::from_vec(args);
     let mut value = |name: &'static str| -> Result<Option<String>> {
         a.opt_value_from_fn(name, |s: &str| -> std::result::Result<String, String> {
@@ -195,6 +266,39 @@ mod tests {
         }
         let err = args(&["--bogus"]).unwrap_err().to_string();
         assert!(err.contains("--bogus"), "{err}");
+    }
+
+    #[test]
+    fn a_repeated_flag_is_named_as_repeated() {
+        let cases: [&[&str]; 5] = [
+            &["--server-url", "https://a", "--server-url=https://b"],
+            &["--force", "--dry-run", "--force"],
+            &["-h", "--help"],
+            &["--state-dir=/a", "--state-dir", "/b"],
+            &["--hostname", "--force", "--hostname", "x"],
+        ];
+        let messages: Vec<String> = cases
+            .iter()
+            .map(|c| args(c).unwrap_err().to_string())
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "--server-url is given more than once (see --help)",
+                "--force is given more than once (see --help)",
+                "--help is given more than once (see --help)",
+                "--state-dir is given more than once (see --help)",
+                "--hostname is given more than once (see --help)",
+            ]
+        );
+        // A value that looks like a flag is still a value.
+        assert_eq!(
+            args(&["--display-name", "--force", "--force"])
+                .unwrap()
+                .display_name
+                .as_deref(),
+            Some("--force")
+        );
     }
 
     #[test]

@@ -3,17 +3,20 @@
 //! trusts [`Config`].
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::Flags;
 use crate::collect::{Mode, Scope};
 use crate::error::{Error, Result};
+use crate::input;
 use crate::log::Level;
 
 /// The env file read when neither `--config` nor `GRAPHEON_AGENT_CONFIG` names one.
 pub const DEFAULT_ENV_FILE: &str = "/etc/grapheon-agent.env";
+/// The largest env file read.
+pub const MAX_ENV_FILE_BYTES: u64 = 1 << 20;
 /// The state directory of the earlier agent, kept.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/grapheon-agent";
 
@@ -33,6 +36,9 @@ pub enum Action {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub action: Action,
+    /// The env file this run read (or would have read), for messages that tell where to set a
+    /// value.
+    pub env_file: PathBuf,
     pub force: bool,
     pub server_url: Option<String>,
     pub enrollment_key: Option<String>,
@@ -163,16 +169,76 @@ fn server_url(value: Option<(String, String)>) -> Result<Option<String>> {
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"));
-    match rest {
-        Some(host)
-            if !host.is_empty() && !host.starts_with('/') && !url.contains(char::is_whitespace) =>
-        {
-            Ok(Some(url.to_string()))
-        }
-        _ => Err(Error::Usage(format!(
+    let Some(rest) = rest.filter(|_| !url.contains(char::is_whitespace)) else {
+        return Err(Error::Usage(format!(
             "{from}: '{text}' is not an http:// or https:// URL"
-        ))),
+        )));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    check_authority(authority)
+        .map_err(|why| Error::Usage(format!("{from}: '{text}' is not a usable URL: {why}")))?;
+    Ok(Some(url.to_string()))
+}
+
+/// Checks the `host[:port]` of a URL, so a typo is a usage error now rather than a connection
+/// failure retried as transient on every run.
+fn check_authority(authority: &str) -> std::result::Result<(), &'static str> {
+    if authority.is_empty() {
+        return Err("it names no host");
     }
+    if authority.contains('@') {
+        return Err("user names or passwords in the URL are not supported");
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let (ip, after) = bracketed
+            .split_once(']')
+            .ok_or("an IPv6 address in brackets lacks its closing ']'")?;
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err("the address in brackets is not an IPv6 address");
+        }
+        match after {
+            "" => (None, None),
+            _ => (
+                None,
+                Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or("junk after the IPv6 address")?,
+                ),
+            ),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(authority), None),
+        }
+    };
+    if let Some(host) = host {
+        let valid = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+        if !valid {
+            return Err("the host name has characters a host name cannot have");
+        }
+    }
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
+            _ => return Err("the port is not a number from 1 to 65535"),
+        }
+    }
+    Ok(())
+}
+
+/// The warning for a server URL that would carry a key in clear text, if it does.
+pub fn plain_http_warning(server_url: &str) -> Option<String> {
+    server_url.starts_with("http://").then(|| {
+        format!(
+            "{server_url} is plain http://: the enrollment and API keys cross the network \
+             unencrypted; use https:// unless the path to the server is trusted"
+        )
+    })
 }
 
 /// Builds the configuration. The env file is read unless the action needs none of it... it
@@ -304,6 +370,7 @@ pub fn load(flags: &Flags, sources: &Sources<'_>) -> Result<Config> {
     )?;
     Ok(Config {
         action,
+        env_file: path,
         force: l.switch(flags.force, "GRAPHEON_AGENT_FORCE")?,
         server_url: server_url(l.get(
             &flags.server_url,
@@ -382,15 +449,29 @@ fn action(flags: &Flags) -> Result<Action> {
     }
 }
 
-/// Reads the env file; `Ok(None)` when it does not exist. Capped: an env file is a few lines.
+/// Reads the env file; `Ok(None)` when it does not exist. It must be a regular file of at most
+/// [`MAX_ENV_FILE_BYTES`] (an env file is a few lines): a larger one is an error, not cut.
+/// `/dev/null` (no settings) is accepted as empty.
 fn read_env_file(path: &std::path::Path) -> std::io::Result<Option<String>> {
-    let file = match std::fs::File::open(path) {
+    if path == std::path::Path::new("/dev/null") {
+        return Ok(Some(String::new()));
+    }
+    let file = match input::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut bytes = Vec::new();
-    file.take(1 << 20).read_to_end(&mut bytes)?;
+    let mode = file.metadata()?.mode();
+    if mode & 0o007 != 0 {
+        warn!(
+            "env file {} is accessible to every user (mode {:04o}) and may hold the enrollment \
+             key: chmod 600 {}",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        );
+    }
+    let bytes = input::read_capped(file, MAX_ENV_FILE_BYTES)?;
     Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
@@ -589,6 +670,107 @@ mod tests {
                 .exit_code(),
             2
         );
+    }
+
+    #[test]
+    fn malformed_server_urls_are_usage_errors() {
+        let bad = [
+            "http://[::1",
+            "http://[::1]x",
+            "http://[zz]:80",
+            "https://host:99999",
+            "https://host:",
+            "https://user:secret@host",
+            "https://ho st",
+            "https://",
+            "https:///path",
+        ];
+        let results: Vec<(i32, String)> = bad
+            .iter()
+            .map(|u| {
+                let err = server_url(Some((u.to_string(), "--server-url".into()))).unwrap_err();
+                (err.exit_code(), err.to_string())
+            })
+            .collect();
+        assert_eq!(
+            results,
+            [
+                "--server-url: 'http://[::1' is not a usable URL: an IPv6 address in brackets lacks its closing ']' (see --help)",
+                "--server-url: 'http://[::1]x' is not a usable URL: junk after the IPv6 address (see --help)",
+                "--server-url: 'http://[zz]:80' is not a usable URL: the address in brackets is not an IPv6 address (see --help)",
+                "--server-url: 'https://host:99999' is not a usable URL: the port is not a number from 1 to 65535 (see --help)",
+                "--server-url: 'https://host:' is not a usable URL: the port is not a number from 1 to 65535 (see --help)",
+                "--server-url: 'https://user:secret@host' is not a usable URL: user names or passwords in the URL are not supported (see --help)",
+                "--server-url: 'https://ho st' is not an http:// or https:// URL (see --help)",
+                "--server-url: 'https://' is not an http:// or https:// URL (see --help)",
+                "--server-url: 'https:///path' is not a usable URL: it names no host (see --help)",
+            ]
+            .map(|m| (2, m.to_string()))
+        );
+        for good in [
+            "https://grapheon.example.net",
+            "http://127.0.0.1:8000/",
+            "https://[::1]:8443/base",
+            "https://[fe80::1]",
+            "https://host_name.example:443/a?b#c",
+        ] {
+            assert!(
+                server_url(Some((good.to_string(), "--server-url".into()))).is_ok(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_http_is_warned_about_and_https_is_not() {
+        assert_eq!(
+            plain_http_warning("http://grapheon.example").as_deref(),
+            Some(
+                "http://grapheon.example is plain http://: the enrollment and API keys cross the \
+                 network unencrypted; use https:// unless the path to the server is trusted"
+            )
+        );
+        assert_eq!(plain_http_warning("https://grapheon.example"), None);
+    }
+
+    #[test]
+    fn an_env_file_over_the_cap_or_not_a_file_is_an_error_not_cut() {
+        let big = format!(
+            "GRAPHEON_AGENT_HOSTNAME=h\n{}",
+            "#".repeat(MAX_ENV_FILE_BYTES as usize)
+        );
+        let err = load_with(Flags::default(), &[], Some(&big)).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().ends_with(": larger than 1048576 bytes"),
+            "{err}"
+        );
+        let flags = Flags {
+            config: Some("/dev/zero".into()),
+            ..Flags::default()
+        };
+        let err = load_with(flags, &[], None).unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                "cannot read env file /dev/zero: not a regular file (it is a character device)"
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn the_env_file_read_is_the_one_messages_name() {
+        let c = load_with(Flags::default(), &[], Some("GRAPHEON_AGENT_HOSTNAME=h\n")).unwrap();
+        assert!(
+            c.env_file.ends_with("agent.env"),
+            "{}",
+            c.env_file.display()
+        );
+        let env = |key: &str| (key == "GRAPHEON_AGENT_CONFIG").then(|| "/dev/null".to_string());
+        let c = load(&Flags::default(), &Sources { env: &env }).unwrap();
+        assert_eq!(c.env_file, PathBuf::from("/dev/null"));
     }
 
     #[test]

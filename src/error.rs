@@ -48,6 +48,10 @@ impl fmt::Display for Error {
         match self {
             Error::Usage(m) => write!(f, "{m} (see --help)"),
             Error::Config(m) | Error::Transient(m) => f.write_str(m),
+            // A 2xx answer that the agent cannot act on is no refusal by the server's status.
+            Error::Refused { status, message } if (200..300).contains(status) => {
+                write!(f, "server answered HTTP {status}: {message}")
+            }
             Error::Refused { status, message } => {
                 write!(f, "server refused (HTTP {status}): {message}")
             }

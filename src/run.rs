@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::json::{self, Object};
 use crate::log;
 use crate::model::Snapshot;
+use crate::pacing::{self, Pacing};
 use crate::policy::Policy;
 use crate::report::{self, gzip, Counts, Header};
 use crate::state::{self, State, StateDir};
@@ -28,9 +29,13 @@ const RUN_TIME: Duration = Duration::from_secs(300);
 /// The longest jitter sleep, whatever the policy allows (up to an hour): a run must finish
 /// inside the unit's start timeout, and a sleeping run holds the lock.
 const MAX_JITTER_SECONDS: u32 = 420;
+/// The longest a run waits for the server to finish with a part that got no answer; a longer
+/// hold ends the run (the next one sends).
+const MAX_HOLD_WAIT_SECONDS: i64 = 420;
 
 /// Runs the agent with the process arguments and environment; returns the exit code.
 pub fn main() -> i32 {
+    forbid_core_dumps();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let flags = match cli::parse(args) {
         Ok(f) => f,
@@ -39,13 +44,19 @@ pub fn main() -> i32 {
             return e.exit_code();
         }
     };
-    if flags.help {
-        print!("{}", cli::HELP);
-        return 0;
-    }
-    if flags.version {
-        println!("{VERSION}");
-        return 0;
+    if flags.help || flags.version {
+        let text = if flags.help {
+            cli::HELP.to_string()
+        } else {
+            format!("{VERSION}\n")
+        };
+        return match write_stdout(&text) {
+            Ok(()) => 0,
+            Err(e) => {
+                error!("{e}");
+                e.exit_code()
+            }
+        };
     }
     // The level flag is applied before the env file is read, so its warnings obey it.
     if let Some(level) = flags.log_level.as_deref().and_then(log::Level::parse) {
@@ -62,6 +73,35 @@ pub fn main() -> i32 {
             error!("{e}");
             e.exit_code()
         }
+    }
+}
+
+/// A core dump of the agent would hold the API key (and the enrollment key) in a file anyone
+/// with access to the crash directory can read: the process is made non-dumpable (which also
+/// keeps other users' debuggers out) and its core size limit is zero.
+pub fn forbid_core_dumps() {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls take plain values (and a pointer to a struct we own); failure leaves
+    // the process as it was, which is no reason not to run.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+    }
+}
+
+/// Writes `text` to standard output. A reader that went away (`--help | head -1`) is not an
+/// error; any other failure (`--status > /dev/full`) is, without a panic.
+fn write_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::Transient(format!(
+            "cannot write to standard output: {e}"
+        ))),
     }
 }
 
@@ -114,6 +154,23 @@ struct Session<'a> {
     host: Host,
 }
 
+/// What bounds a check-in part: the server's limits and the request timeout.
+fn limits(cfg: &Config, policy: &Policy) -> pacing::Limits {
+    pacing::Limits {
+        max_decoded: u64::from(policy.max_report_bytes),
+        max_raw: report::RAW_LIMIT as u64,
+        timeout: cfg.request_timeout,
+    }
+}
+
+/// Scheduled runs back off from half the timer interval, doubling up to the policy interval.
+fn backoff(cfg: &Config, policy: &Policy) -> pacing::Backoff {
+    pacing::Backoff {
+        base_seconds: (cfg.timer_interval_seconds / 2).max(1),
+        cap_seconds: u64::from(policy.checkin_interval_seconds),
+    }
+}
+
 fn collect_options(cfg: &Config, policy: &Policy) -> collect::Options {
     collect::Options {
         mode: cfg.collector,
@@ -128,9 +185,12 @@ fn lifecycle(cfg: &Config) -> Result<()> {
     let server = cfg.server_url.as_deref().ok_or_else(|| {
         Error::Config(format!(
             "no server URL: set GRAPHEON_AGENT_SERVER_URL in {} or pass --server-url",
-            config::DEFAULT_ENV_FILE
+            cfg.env_file.display()
         ))
     })?;
+    if let Some(warning) = config::plain_http_warning(server) {
+        warn!("{warning}");
+    }
     let dir = StateDir::create(&cfg.state_dir)?;
     let Some(_lock) = dir.lock(LOCK_WAIT)? else {
         info!(
@@ -170,9 +230,34 @@ fn lifecycle(cfg: &Config) -> Result<()> {
     }
     let Some(key) = key else { return Ok(()) };
 
+    let mut pace = pacing::load(&run.dir);
+    let policy = state.policy();
+    if let Some(sent) = pace.recover(&limits(cfg, &policy)) {
+        pace.failed(
+            timefmt::now(),
+            &backoff(cfg, &policy),
+            None,
+            pacing::random(),
+        );
+        warn!(
+            "the last run stopped while a check-in part ({} bytes, sent at {}) awaited its answer; \
+             the server may have stored it, so it is resent in smaller parts",
+            sent.bytes,
+            timefmt::format_utc(sent.at)
+        );
+        pacing::save(&run.dir, &pace)?;
+    }
     let scheduled = cfg.action == Action::Run && !cfg.force;
     if scheduled {
-        if let Some(due) = next_due(&state, cfg) {
+        if let Some(until) = pace.backoff(timefmt::now()) {
+            info!(
+                "backing off after {} failed check-in(s): the next attempt is after {} (--force checks in now)",
+                pace.failures,
+                timefmt::format_utc(until)
+            );
+            return Ok(());
+        }
+        if let Some(due) = next_due(&state, cfg, timefmt::now()) {
             if due > timefmt::now() {
                 info!(
                     "last check-in is recent; next one due at {} (use --force to check in now)",
@@ -185,20 +270,63 @@ fn lifecycle(cfg: &Config) -> Result<()> {
             .min(u32::try_from(cfg.timer_interval_seconds / 2).unwrap_or(u32::MAX));
         state.last_jitter_seconds = Some(sleep_jitter(state.policy().jitter_seconds.min(cap)));
     }
-    check_in(&run, &mut state, &key)
+    wait_for_hold(&pace)?;
+    let result = check_in(&run, &mut state, &key, &mut pace);
+    if let Err(e) = pacing::save(&run.dir, &pace) {
+        warn!("{e}; what this run learned about the server's pace is lost");
+    }
+    result
+}
+
+/// Waits while a part that got no answer may still be being stored by the server: sending
+/// anything next to it is what corrupts the server. Forced runs wait too.
+fn wait_for_hold(pace: &Pacing) -> Result<()> {
+    let now = timefmt::now();
+    let (Some(until), Some(sent)) = (pace.hold(now), pace.unanswered) else {
+        return Ok(());
+    };
+    let sent_at = timefmt::format_utc(sent.at);
+    if until - now > MAX_HOLD_WAIT_SECONDS {
+        return Err(Error::Transient(format!(
+            "a check-in part sent at {sent_at} got no answer and the server may still be storing it; \
+             nothing is sent before {}, when the next run sends it in smaller parts",
+            timefmt::format_utc(until)
+        )));
+    }
+    info!(
+        "waiting {} s: a check-in part sent at {sent_at} got no answer and the server may still be storing it",
+        until - now
+    );
+    std::thread::sleep(Duration::from_secs((until - now) as u64));
+    Ok(())
 }
 
 /// When the cadence allows the next scheduled check-in; `None` means now. As the earlier agent:
 /// the policy interval only holds back runs when it is longer than the timer's own interval.
-fn next_due(state: &State, cfg: &Config) -> Option<i64> {
+fn next_due(state: &State, cfg: &Config, now: i64) -> Option<i64> {
     let interval = u64::from(state.policy().checkin_interval_seconds);
     // A report cut short between parts is finished at the next run, not an interval later.
     if interval <= cfg.timer_interval_seconds || state.report_incomplete {
         return None;
     }
-    state
-        .last_successful_checkin_at
-        .map(|last| last + interval as i64)
+    let last = in_the_past(state.last_successful_checkin_at?, "last check-in", now)?;
+    Some(last + interval as i64)
+}
+
+/// A saved time, or `None` (due now) when it lies in the future: the clock was wrong when it was
+/// saved (a board without a battery-backed RTC) or has been set back since. Trusting it would
+/// hold the agent back until the clock catches up, possibly for years.
+fn in_the_past(saved: i64, what: &str, now: i64) -> Option<i64> {
+    if saved <= now {
+        return Some(saved);
+    }
+    warn!(
+        "the {what} time saved in state.json ({}) is in the future (now {}): the clock was \
+         wrong then or has been set back; treating it as due now",
+        timefmt::format_utc(saved),
+        timefmt::format_utc(now)
+    );
+    None
 }
 
 fn sleep_jitter(max: u32) -> u32 {
@@ -230,7 +358,7 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
     let enrollment_key = cfg.enrollment_key.as_deref().ok_or_else(|| {
         Error::Config(format!(
             "this agent has no API key yet and no enrollment key: set GRAPHEON_AGENT_ENROLLMENT_KEY in {}",
-            config::DEFAULT_ENV_FILE
+            cfg.env_file.display()
         ))
     })?;
     let addresses = collect::addresses(&collect_options(cfg, &state.policy()));
@@ -257,6 +385,12 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
         .raw("addresses", &report::addresses_json(&addresses));
     o.end();
 
+    // Room for the key first: once issued, the server never shows it again.
+    let slot = if have_key {
+        None
+    } else {
+        Some(dir.reserve_api_key()?)
+    };
     let answer = client
         .register(&body)
         .map_err(|f| f.into_error("registration"))?;
@@ -270,7 +404,10 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
         Some(Value::String(k)) if !k.trim().is_empty() => {
             let k = k.trim();
             // Stored before it is judged: a key we cannot use is still the only copy.
-            dir.write_api_key(k)?;
+            match slot {
+                Some(slot) => slot.store(k)?,
+                None => dir.write_api_key(k)?,
+            }
             if let Err(why) = state::check_api_key(k) {
                 return Err(Error::Refused {
                     status: answer.status,
@@ -288,6 +425,13 @@ fn register(run: &Session<'_>, state: &mut State, have_key: bool) -> Result<Opti
     remember_agent(state, &v);
     dir.save_state(state)?;
     let status = json::get_str(&v, "status").unwrap_or("");
+    if status.is_empty() && issued.is_none() {
+        return Err(Error::Transient(format!(
+            "registration: the server answered HTTP {} without a registration status (is \
+             --server-url the Graphēon server?); the next run retries",
+            answer.status
+        )));
+    }
     match (status, &issued) {
         (_, Some(_)) => Ok(issued),
         ("pending", None) => {
@@ -347,15 +491,57 @@ struct Plan {
 }
 
 /// Takes `current` by value: a full snapshot sends it as it is, without a copy (at 100,000
-/// connections a copy is tens of megabytes).
-fn plan(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
+/// connections a copy is tens of megabytes). `failed` marks the tables no source could read
+/// (report order): each stands as last accepted, so it sends nothing and counts no removals.
+fn plan(
+    state: &State,
+    mut current: Snapshot,
+    failed: &[Option<String>; 4],
+    cfg: &Config,
+    now: i64,
+) -> Plan {
+    let empty = Snapshot::default();
+    let last = state.last_snapshot.as_ref();
+    let unread: Vec<usize> = (0..4).filter(|t| failed[*t].is_some()).collect();
+    for &t in &unread {
+        carry_over(&mut current, last.unwrap_or(&empty), t);
+    }
+    let mut plan = plan_read(state, current, cfg, now);
+    // A new full snapshot has an empty base: the carried-over records would go out again as if
+    // just observed. They stay in the base instead, unsent.
+    for &t in &unread {
+        let (kept, pending) = (&mut plan.kept, &mut plan.pending);
+        match t {
+            0 => kept.addresses.append(&mut pending.addresses),
+            1 => kept.neighbors.append(&mut pending.neighbors),
+            2 => kept.connections.append(&mut pending.connections),
+            _ => kept.routes.append(&mut pending.routes),
+        }
+    }
+    plan
+}
+
+/// Replaces table `t` (report order) of `current` with that of `last`.
+fn carry_over(current: &mut Snapshot, last: &Snapshot, t: usize) {
+    match t {
+        0 => current.addresses.clone_from(&last.addresses),
+        1 => current.neighbors.clone_from(&last.neighbors),
+        2 => current.connections.clone_from(&last.connections),
+        _ => current.routes.clone_from(&last.routes),
+    }
+}
+
+fn plan_read(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
     let empty = Snapshot::default();
     let last = state.last_snapshot.as_ref();
     let stale = match (
         cfg.full_snapshot_interval_seconds,
         state.last_full_snapshot_at,
     ) {
-        (Some(interval), Some(at)) => now - at >= interval as i64,
+        (Some(interval), Some(at)) => match in_the_past(at, "last full snapshot", now) {
+            Some(at) => now - at >= interval as i64,
+            None => true,
+        },
         // A snapshot migrated from the earlier agent has no full-snapshot time: its delta base
         // is kept, and the freshness clock starts with this agent's first check-in.
         _ => false,
@@ -384,16 +570,19 @@ fn plan(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
     }
 }
 
-/// `namespaces` is rendered into at most an eighth of a part, so the metadata repeated in
-/// every part never crowds out the records.
+/// `metadata.namespaces`, in at most an eighth of `budget` (the run's first part size), so the
+/// metadata repeated in every part never crowds out the records.
+fn namespaces_metadata(namespaces: &collect::namespaces::Namespaces, budget: usize) -> String {
+    namespaces.metadata(budget / 8)
+}
+
 fn header(
     cfg: &Config,
     uuid: &str,
     host: &Host,
     now: i64,
     left_out: usize,
-    namespaces: &collect::namespaces::Namespaces,
-    policy: &Policy,
+    failed: [Option<String>; 4],
 ) -> Header {
     Header {
         agent_uuid: uuid.to_string(),
@@ -404,21 +593,21 @@ fn header(
         platform_release: host.release.clone(),
         collector: cfg.collector.as_str(),
         records_left_out: left_out,
-        namespaces: namespaces.metadata(report::part_budget(policy.max_report_bytes) / 8),
+        failed_tables: failed,
+        namespaces: String::new(),
     }
 }
 
-/// The parts' records from `from` (per-table start indices) on.
-fn rest(s: &Snapshot, from: &Counts) -> Snapshot {
-    Snapshot {
-        addresses: s.addresses[from[0].min(s.addresses.len())..].to_vec(),
-        neighbors: s.neighbors[from[1].min(s.neighbors.len())..].to_vec(),
-        connections: s.connections[from[2].min(s.connections.len())..].to_vec(),
-        routes: s.routes[from[3].min(s.routes.len())..].to_vec(),
-    }
+/// Drops the records before `from` (per-table start indices), in place: a copy of the rest
+/// would double the memory of a large report each time parts are cut again.
+fn drop_sent(s: &mut Snapshot, from: &Counts) {
+    s.addresses.drain(..from[0].min(s.addresses.len()));
+    s.neighbors.drain(..from[1].min(s.neighbors.len()));
+    s.connections.drain(..from[2].min(s.connections.len()));
+    s.routes.drain(..from[3].min(s.routes.len()));
 }
 
-fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
+fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) -> Result<()> {
     let Session {
         cfg,
         client,
@@ -432,6 +621,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
     let collect::Collected {
         snapshot: current,
         left_out,
+        failed,
         namespaces,
     } = collect::collect(&collect_options(cfg, &policy));
     let now = timefmt::now();
@@ -440,9 +630,11 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
         removed,
         mut kept,
         mut pending,
-    } = plan(state, current, cfg, now);
-    let header = header(cfg, uuid, host, now, left_out, &namespaces, &policy);
-    let mut budget = report::part_budget(policy.max_report_bytes);
+    } = plan(state, current, &failed, cfg, now);
+    let limits = limits(cfg, &policy);
+    let mut budget = pace.budget(&limits);
+    let mut header = header(cfg, uuid, host, now, left_out, failed);
+    header.namespaces = namespaces_metadata(&namespaces, budget);
     let (mut sent, mut done) = (0, 0);
     'split: loop {
         let parts = report::split(&header, &pending, &removed, budget);
@@ -464,34 +656,71 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
                 part,
             );
             let gz = gzip::compress(body.as_bytes());
+            pace.compressed(body.len(), gz.len());
+            if gz.len() > report::RAW_LIMIT {
+                // Never sent: cut again to what this host's reports compress to.
+                let smaller = pace.budget(&limits).min(budget / 2);
+                if smaller < budget && budget > 4_096 {
+                    debug!(
+                        "part {} is {} bytes compressed, over the server's raw limit; cutting parts of {smaller} bytes",
+                        done + 1,
+                        gz.len()
+                    );
+                    budget = smaller;
+                    let from = part.ranges.clone().map(|r| r.start);
+                    kept = report::advance(&kept, &pending, &from);
+                    drop_sent(&mut pending, &from);
+                    continue 'split;
+                }
+            }
             let result = if gz.len() > report::RAW_LIMIT {
-                Err(Failure::Status {
-                    status: 413,
-                    detail: "larger than the server's raw limit".into(),
-                    errors: vec![],
-                })
+                Err(Failure::status(413, "larger than the server's raw limit"))
             } else {
+                // Recorded before it goes out: a run killed while waiting leaves the next one
+                // knowing the part may be stored.
+                pace.sending(timefmt::now(), body.len());
+                pacing::save(dir, pace)?;
                 client.check_in(&gz, key)
             };
             match result {
                 Ok(answer) => {
                     done += 1;
+                    pace.accepted(
+                        &limits,
+                        timefmt::now(),
+                        body.len(),
+                        part.len(),
+                        answer.elapsed,
+                    );
                     let snapshot = report::advance(&kept, &pending, &report::ends(part));
                     accepted(state, &answer, seq, snapshot, full, done == total, now);
                     dir.save_state(state)?;
                     sent += part.len();
+                    let next = pace.budget(&limits);
                     debug!(
-                        "part {done}/{total} accepted: {} records, {} bytes gzip",
+                        "part {done}/{total} accepted: {} records, {} bytes ({} gzip) in {} ms; next part {next} bytes",
                         part.len(),
-                        gz.len()
+                        body.len(),
+                        gz.len(),
+                        answer.elapsed.as_millis()
                     );
+                    // The rest is cut again when the server's pace moved the part size enough.
+                    if done < total && (next < budget - budget / 10 || next > budget + budget / 4) {
+                        budget = next;
+                        let from = report::ends(part);
+                        kept = report::advance(&kept, &pending, &from);
+                        drop_sent(&mut pending, &from);
+                        continue 'split;
+                    }
                 }
                 Err(Failure::Status {
                     status: 413,
                     detail,
                     ..
                 }) if budget > 4_096 => {
+                    pace.settled();
                     budget /= 2;
+                    pace.too_large(&limits, budget);
                     warn!(
                         "server refused part {} as too large ({detail}); splitting the rest into parts of {budget} bytes",
                         done + 1
@@ -499,10 +728,41 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
                     // What this run had accepted joins the base; the rest is split again.
                     let from = part.ranges.clone().map(|r| r.start);
                     kept = report::advance(&kept, &pending, &from);
-                    pending = rest(&pending, &from);
+                    drop_sent(&mut pending, &from);
                     continue 'split;
                 }
+                Err(Failure::InDoubt(why)) => {
+                    let unanswered = pace.in_flight.unwrap_or(pacing::Sent {
+                        at: timefmt::now(),
+                        bytes: body.len() as u64,
+                    });
+                    pace.unanswered(&limits, unanswered);
+                    pace.failed(
+                        timefmt::now(),
+                        &backoff(cfg, &policy),
+                        None,
+                        pacing::random(),
+                    );
+                    return Err(Error::Transient(format!(
+                        "check-in part {} of {total} ({} bytes) failed: {why}. The server may have stored it or may \
+                         still be storing it, so it is not sent again in this run; the next run sends it in parts of \
+                         at most {} bytes, not before {}",
+                        done + 1,
+                        body.len(),
+                        pace.budget(&limits),
+                        timefmt::format_utc(pace.hold_until.unwrap_or(unanswered.at)),
+                    )));
+                }
                 Err(f) => {
+                    pace.settled();
+                    if f.transient() {
+                        pace.failed(
+                            timefmt::now(),
+                            &backoff(cfg, &policy),
+                            f.retry_after(),
+                            pacing::random(),
+                        );
+                    }
                     if let Failure::Status {
                         status: 422,
                         errors,
@@ -608,25 +868,16 @@ fn dry_run(cfg: &Config) -> Result<()> {
     let collect::Collected {
         snapshot: current,
         left_out,
+        failed,
         namespaces,
     } = collect::collect(&collect_options(cfg, &state.policy()));
     let now = timefmt::now();
-    let p = plan(&state, current, cfg, now);
-    let header = header(
-        cfg,
-        &uuid,
-        &host,
-        now,
-        left_out,
-        &namespaces,
-        &state.policy(),
-    );
-    let parts = report::split(
-        &header,
-        &p.pending,
-        &p.removed,
-        report::part_budget(state.policy().max_report_bytes),
-    );
+    let p = plan(&state, current, &failed, cfg, now);
+    // The size the next run starts with; a run resizes later parts as the server answers.
+    let budget = pacing::load(&dir).budget(&limits(cfg, &state.policy()));
+    let mut header = header(cfg, &uuid, &host, now, left_out, failed);
+    header.namespaces = namespaces_metadata(&namespaces, budget);
+    let parts = report::split(&header, &p.pending, &p.removed, budget);
     let mut out = std::io::stdout().lock();
     for (i, part) in parts.iter().enumerate() {
         let body = report::render(
@@ -660,7 +911,7 @@ fn status(cfg: &Config) -> Result<()> {
     let state = dir.load_state(false)?;
     let policy = state.policy();
     let when = |t: Option<i64>| t.map_or_else(|| "never".to_string(), timefmt::format_utc);
-    let next = match (&key, next_due(&state, cfg)) {
+    let next = match (&key, next_due(&state, cfg, timefmt::now())) {
         (None, _) => "at the next timer run (registration)".to_string(),
         (Some(_), None) => "at the next timer run".to_string(),
         (Some(_), Some(due)) if due <= timefmt::now() => "at the next timer run".to_string(),
@@ -720,15 +971,20 @@ fn status(cfg: &Config) -> Result<()> {
         ),
     );
     line("next check-in", &next);
-    print!("{out}");
-    Ok(())
+    for (label, text) in pacing::load(&dir).describe(&limits(cfg, &policy), timefmt::now()) {
+        line(label, &text);
+    }
+    write_stdout(&out)
 }
 
 /// Stores an API key read from standard input (never from the command line, which every user
 /// can see).
 fn set_api_key(cfg: &Config) -> Result<()> {
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        eprint!("API key (input is echoed; end with Enter): ");
+        let _ = write!(
+            std::io::stderr(),
+            "API key (input is echoed; end with Enter): "
+        );
     }
     let mut input = String::new();
     std::io::BufRead::read_line(&mut std::io::stdin().lock().take(4096), &mut input)
@@ -756,7 +1012,113 @@ fn set_api_key(cfg: &Config) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Address, Route};
+    use crate::model::{Address, ConnState, Connection, Protocol, Route};
+
+    fn cfg() -> Config {
+        let env = |key: &str| (key == "GRAPHEON_AGENT_CONFIG").then(|| "/dev/null".to_string());
+        config::load(&cli::Flags::default(), &config::Sources { env: &env }).unwrap()
+    }
+
+    fn route(destination: &str) -> Route {
+        Route {
+            destination: destination.into(),
+            gateway: None,
+            interface: Some("eth0".into()),
+            source_ip: None,
+        }
+    }
+
+    fn conn(port: u16) -> Connection {
+        Connection {
+            protocol: Protocol::Tcp,
+            local_ip: "192.0.2.1".parse().unwrap(),
+            local_port: port,
+            remote_ip: Some("192.0.2.9".parse().unwrap()),
+            remote_port: Some(443),
+            state: Some(ConnState::Established),
+            pid: None,
+            process_name: None,
+        }
+    }
+
+    fn snapshot(routes: &[&str], ports: &[u16]) -> Snapshot {
+        let mut s = Snapshot {
+            routes: routes.iter().map(|d| route(d)).collect(),
+            connections: ports.iter().map(|p| conn(*p)).collect(),
+            ..Snapshot::default()
+        };
+        s.normalize();
+        s
+    }
+
+    const NOW: i64 = 1_795_744_647;
+
+    fn accepted_state(last: Snapshot, full_at: i64) -> State {
+        State {
+            sequence_number: 7,
+            last_snapshot: Some(last),
+            last_successful_checkin_at: Some(NOW - 60),
+            last_full_snapshot_at: Some(full_at),
+            ..State::default()
+        }
+    }
+
+    fn routes_failed() -> [Option<String>; 4] {
+        [None, None, None, Some("netlink: refused".into())]
+    }
+
+    #[test]
+    fn a_table_no_source_could_read_keeps_its_records_and_counts_no_removals() {
+        let last = snapshot(&["default", "10.0.0.0/8"], &[1, 2]);
+        let state = accepted_state(last, NOW - 60);
+        // The routes could not be read (empty); connection 1 is gone, 3 is new.
+        let current = snapshot(&[], &[2, 3]);
+        let p = plan(&state, current, &routes_failed(), &cfg(), NOW);
+        assert!(!p.full);
+        assert_eq!(p.removed, [0, 0, 1, 0]);
+        assert_eq!(p.pending, snapshot(&[], &[3]));
+        assert_eq!(p.kept, snapshot(&["default", "10.0.0.0/8"], &[2]));
+    }
+
+    #[test]
+    fn a_full_snapshot_keeps_an_unread_table_in_the_base_without_sending_it() {
+        let last = snapshot(&["default"], &[1]);
+        let state = accepted_state(last, NOW - 2 * 86_400);
+        let p = plan(&state, snapshot(&[], &[1]), &routes_failed(), &cfg(), NOW);
+        assert!(p.full);
+        assert_eq!(p.removed, [0, 0, 0, 0]);
+        assert_eq!(p.pending, snapshot(&[], &[1]));
+        assert_eq!(p.kept, snapshot(&["default"], &[]));
+        // Once accepted, the saved snapshot still holds the route.
+        assert_eq!(
+            report::advance(&p.kept, &p.pending, &[0, 0, 1, 0]),
+            snapshot(&["default"], &[1])
+        );
+    }
+
+    #[test]
+    fn a_read_table_that_is_empty_counts_its_removals() {
+        let state = accepted_state(snapshot(&["default"], &[]), NOW - 60);
+        let p = plan(&state, snapshot(&[], &[]), &Default::default(), &cfg(), NOW);
+        assert_eq!(p.removed, [0, 0, 0, 1]);
+        assert_eq!(p.kept, Snapshot::default());
+    }
+
+    #[test]
+    fn a_saved_time_in_the_future_is_due_now() {
+        let cfg = cfg();
+        let mut state = accepted_state(snapshot(&[], &[1]), NOW - 60);
+        // The default policy interval (3,600 s) is longer than the timer's (900 s).
+        assert_eq!(next_due(&state, &cfg, NOW), Some(NOW - 60 + 3_600));
+        state.last_successful_checkin_at = Some(NOW + 365 * 86_400);
+        assert_eq!(next_due(&state, &cfg, NOW), None);
+
+        let fresh = plan(&state, snapshot(&[], &[1]), &Default::default(), &cfg, NOW);
+        assert!(!fresh.full);
+        state.last_full_snapshot_at = Some(NOW + 365 * 86_400);
+        let p = plan(&state, snapshot(&[], &[1]), &Default::default(), &cfg, NOW);
+        assert!(p.full, "a full-snapshot time in the future makes one due");
+    }
 
     #[test]
     fn field_errors_point_at_the_records_of_the_refused_part() {

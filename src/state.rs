@@ -5,8 +5,8 @@
 //! directory is 0700 and every file 0600. One run at a time holds `agent.lock`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use miniserde::json::Value;
 
 use crate::error::{Error, Result};
+use crate::input;
 use crate::json::{self, Object};
 use crate::model::Snapshot;
 use crate::policy::Policy;
@@ -24,6 +25,10 @@ const UUID_FILE: &str = "agent_uuid";
 const KEY_FILE: &str = "api_key";
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "agent.lock";
+/// Where the API key is written first: room taken before registering ([`KeySlot`]).
+const KEY_RESERVATION: &str = ".api_key.reserved";
+/// The room reserved for the key (the longest key accepted is 512 bytes).
+const KEY_ROOM: u64 = 4096;
 /// Larger state files are not read: no real snapshot comes near this, and reading one whole
 /// would take the memory of a small host.
 const MAX_STATE_BYTES: u64 = 256 << 20;
@@ -139,6 +144,68 @@ pub struct StateDir {
     path: PathBuf,
 }
 
+/// The room reserved for an API key about to be issued ([`StateDir::reserve_api_key`]).
+/// Dropped without a key, it is given back.
+#[derive(Debug)]
+pub struct KeySlot<'a> {
+    dir: &'a StateDir,
+    file: File,
+    holds_key: bool,
+}
+
+impl KeySlot<'_> {
+    /// Stores the key in the reserved room, then puts it in place as `api_key`. When that
+    /// fails, the key stays in the reservation, which the next run installs.
+    pub fn store(mut self, key: &str) -> Result<()> {
+        let reservation = self.dir.path.join(KEY_RESERVATION);
+        let line = format!("{key}\n");
+        let written = (|| -> std::io::Result<()> {
+            self.file.write_all_at(line.as_bytes(), 0)?;
+            self.holds_key = true;
+            self.file.set_len(line.len() as u64)?;
+            self.file.sync_all()
+        })();
+        if let Err(e) = written {
+            if !self.holds_key {
+                // Not even the reserved room took it (a key longer than the room?): the plain
+                // write is the last chance to keep the only copy.
+                warn!("cannot store the API key in {}: {e}", reservation.display());
+                return self.dir.write_api_key(key);
+            }
+            // The key is in the file; only the padding may remain. The next run installs it.
+            warn!("cannot trim {}: {e}", reservation.display());
+        }
+        self.holds_key = true;
+        let path = self.dir.path.join(KEY_FILE);
+        fs::rename(&reservation, &path)
+            .and_then(|()| File::open(&self.dir.path)?.sync_all())
+            .map_err(|e| {
+                Error::Transient(format!(
+                    "the API key was received but cannot be put in place as {} ({e}); it is kept \
+                     in {}, and the next run installs it",
+                    path.display(),
+                    reservation.display()
+                ))
+            })
+    }
+}
+
+impl Drop for KeySlot<'_> {
+    fn drop(&mut self) {
+        if !self.holds_key {
+            let _ = fs::remove_file(self.dir.path.join(KEY_RESERVATION));
+        }
+    }
+}
+
+/// `.<name>.tmp-<pid>`, as [`StateDir::write`] names its temporary files.
+fn is_temporary(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Held while a run may write state; released when dropped (or when the process dies).
 #[derive(Debug)]
 pub struct Lock {
@@ -146,22 +213,15 @@ pub struct Lock {
 }
 
 impl StateDir {
-    /// Opens the directory, creating it 0700 when missing and tightening a wider mode (the
-    /// earlier agent's directory may be 0755).
+    /// Opens the directory, creating it 0700 when missing. An existing one must be a real
+    /// directory (not a symbolic link), owned by this user and writable by nobody else: anyone
+    /// who can write into it could plant a link that turns the agent's next write into a write
+    /// elsewhere, as root. A directory readable by others (the earlier agent's may be 0755) is
+    /// tightened to 0700.
     pub fn create(path: &Path) -> Result<StateDir> {
-        match fs::metadata(path) {
-            Ok(meta) if meta.is_dir() => {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-                        .map_err(|e| Error::io("cannot restrict the state directory", path, e))?;
-                }
-            }
-            Ok(_) => {
-                return Err(Error::Config(format!(
-                    "state directory {} exists but is not a directory",
-                    path.display()
-                )))
-            }
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_symlink() => return Err(symlinked_dir(path)),
+            Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 fs::DirBuilder::new()
                     .recursive(true)
@@ -170,6 +230,26 @@ impl StateDir {
                     .map_err(|e| Error::io("cannot create the state directory", path, e))?;
             }
             Err(e) => return Err(Error::io("cannot open the state directory", path, e)),
+        }
+        // Checked and tightened through one descriptor, so the path cannot be swapped for a
+        // link between the check and the chmod.
+        let dir = open_dir(path)?;
+        let meta = dir
+            .metadata()
+            .map_err(|e| Error::io("cannot inspect the state directory", path, e))?;
+        check_owned(path, &meta, "state directory")?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(Error::Config(format!(
+                "state directory {} is writable by other users (mode {mode:04o}): they could have \
+                 planted files in it; check its contents, then run chmod 700 {}",
+                path.display(),
+                path.display()
+            )));
+        }
+        if mode & 0o077 != 0 {
+            dir.set_permissions(fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io("cannot restrict the state directory", path, e))?;
         }
         Ok(StateDir {
             path: path.to_path_buf(),
@@ -192,19 +272,37 @@ impl StateDir {
     /// still holds it.
     pub fn lock(&self, wait: Duration) -> Result<Option<Lock>> {
         let path = self.path.join(LOCK_FILE);
+        // O_NOFOLLOW: a planted `agent.lock` link must not make us create a file elsewhere.
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
-            .map_err(|e| Error::io("cannot open the lock file", &path, e))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => Error::Config(format!(
+                    "{} is a symbolic link, which the agent never creates: remove it",
+                    path.display()
+                )),
+                _ => Error::io("cannot open the lock file", &path, e),
+            })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("cannot inspect the lock file", &path, e))?;
+        if !meta.is_file() {
+            return Err(Error::Config(format!(
+                "{} is not a regular file, which the agent never creates: remove it",
+                path.display()
+            )));
+        }
         let start = Instant::now();
         loop {
             // SAFETY: flock on a file descriptor we own; no memory is passed.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(Some(Lock { _file: file }));
+                let lock = Lock { _file: file };
+                self.tidy()?;
+                return Ok(Some(lock));
             }
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) && err.kind() != ErrorKind::Interrupted
@@ -218,7 +316,9 @@ impl StateDir {
         }
     }
 
-    fn read_small(&self, name: &str) -> Result<Option<String>> {
+    /// A small file of the directory (at most 64 KiB); `None` when missing, empty text when it
+    /// is not UTF-8 or too large (the caller judges it as damaged).
+    pub(crate) fn read_small(&self, name: &str) -> Result<Option<String>> {
         let path = self.path.join(name);
         match read_capped(&path, 64 << 10) {
             Ok(text) => Ok(Some(text)),
@@ -273,9 +373,92 @@ impl StateDir {
         }
     }
 
-    /// Stores the API key (0600). Called the moment a key arrives: the server shows it once.
+    /// Stores the API key (0600), replacing any other (`--set-api-key`).
     pub fn write_api_key(&self, key: &str) -> Result<()> {
         self.write(KEY_FILE, format!("{key}\n").as_bytes())
+    }
+
+    /// Takes the room the API key will need, before registering: the server shows a key once,
+    /// so a key that arrives when the disk is full must still find its place. Fails (on a full
+    /// disk, exit 1) before anything is sent. Call with the lock held.
+    pub fn reserve_api_key(&self) -> Result<KeySlot<'_>> {
+        let path = self.path.join(KEY_RESERVATION);
+        let _ = fs::remove_file(&path);
+        let taken = (|| -> std::io::Result<File> {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&path)?;
+            // Written, not just sized: only written blocks are really allocated (ext4's delayed
+            // allocation is settled by the fsync, tmpfs allocates on write).
+            file.write_all(&[b'\n'; KEY_ROOM as usize])?;
+            file.sync_all()?;
+            File::open(&self.path)?.sync_all()?;
+            Ok(file)
+        })();
+        match taken {
+            Ok(file) => Ok(KeySlot {
+                dir: self,
+                file,
+                holds_key: false,
+            }),
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(Error::io(
+                    "nothing was sent to the server: no room for the API key it would issue in",
+                    &path,
+                    e,
+                ))
+            }
+        }
+    }
+
+    /// Under the lock, nothing else writes here: temporary files are what a killed run left
+    /// (each up to the size of the state), and a key a killed run received but did not put in
+    /// place is installed now.
+    fn tidy(&self) -> Result<()> {
+        let entries = fs::read_dir(&self.path)
+            .map_err(|e| Error::io("cannot list the state directory", &self.path, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if is_temporary(&name) {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => debug!("removed {name}, left by an interrupted run"),
+                    Err(e) => warn!("cannot remove {}: {e}", entry.path().display()),
+                }
+            }
+        }
+        let reservation = self.path.join(KEY_RESERVATION);
+        let text = match read_capped(&reservation, KEY_ROOM) {
+            Ok(text) => text,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(_) => String::new(),
+        };
+        let key = text.trim();
+        if check_api_key(key).is_err() {
+            // Only the padding (or a torn write): no key was ever stored there.
+            let _ = fs::remove_file(&reservation);
+            return Ok(());
+        }
+        let target = if self.path.join(KEY_FILE).exists() {
+            // A key was installed since (`--set-api-key`); this one is kept beside it.
+            let aside = format!("{KEY_FILE}.unused-{}", timefmt::now());
+            warn!(
+                "found an API key received by an earlier run beside the current one; kept it in {}",
+                self.path.join(&aside).display()
+            );
+            aside
+        } else {
+            info!("installing the API key an earlier run received but could not put in place");
+            KEY_FILE.to_string()
+        };
+        let path = self.path.join(target);
+        fs::rename(&reservation, &path)
+            .and_then(|()| File::open(&self.path)?.sync_all())
+            .map_err(|e| Error::io("cannot install the received API key as", &path, e))
     }
 
     /// Loads `state.json`. A missing file is a fresh state; a corrupt one is moved aside with a
@@ -316,7 +499,7 @@ impl StateDir {
     }
 
     /// Atomic, durable replacement of one file, mode 0600.
-    fn write(&self, name: &str, data: &[u8]) -> Result<()> {
+    pub(crate) fn write(&self, name: &str, data: &[u8]) -> Result<()> {
         let path = self.path.join(name);
         let tmp = self
             .path
@@ -327,7 +510,7 @@ impl StateDir {
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .custom_flags(libc::O_CLOEXEC)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                 .open(&tmp)?;
             file.write_all(data)?;
             file.sync_all()?;
@@ -342,17 +525,64 @@ impl StateDir {
     }
 }
 
+/// Reads one of the agent's own files: never through a symbolic link (the agent creates none),
+/// only a regular file (a FIFO would block), at most `cap` bytes. Anything else is
+/// `InvalidData`, which the callers judge as corrupt.
 fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
-    let file = File::open(path)?;
-    let mut bytes = Vec::new();
-    file.take(cap + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > cap {
-        return Err(std::io::Error::new(
-            ErrorKind::InvalidData,
-            "file too large",
-        ));
+    let invalid = |why: String| std::io::Error::new(ErrorKind::InvalidData, why);
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => invalid("a symbolic link".into()),
+            _ => e,
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(invalid("not a regular file".into()));
     }
-    String::from_utf8(bytes).map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "not UTF-8"))
+    let bytes = input::read_capped(file, cap)?;
+    String::from_utf8(bytes).map_err(|_| invalid("not UTF-8".into()))
+}
+
+/// Opens a directory itself, not a link to one.
+fn open_dir(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => symlinked_dir(path),
+            Some(libc::ENOTDIR) => Error::Config(format!(
+                "state directory {} exists but is not a directory",
+                path.display()
+            )),
+            _ => Error::io("cannot open the state directory", path, e),
+        })
+}
+
+fn symlinked_dir(path: &Path) -> Error {
+    Error::Config(format!(
+        "state directory {} is a symbolic link: pass the directory it points to with \
+         --state-dir (GRAPHEON_AGENT_STATE_DIR), so the agent's writes cannot be redirected",
+        path.display()
+    ))
+}
+
+/// Refuses what another user owns: they could replace its contents at will.
+fn check_owned(path: &Path, meta: &fs::Metadata, what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(Error::Config(format!(
+            "{what} {} belongs to user {} but the agent runs as user {me}: run the agent as its \
+             owner, or chown {me} {} after checking its contents",
+            path.display(),
+            meta.uid(),
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the shape of an API key: printable ASCII without spaces, of a plausible length.
@@ -433,6 +663,175 @@ mod tests {
         fs::set_permissions(&t.0, fs::Permissions::from_mode(0o755)).unwrap();
         StateDir::create(&t.0).unwrap();
         assert_eq!(mode(&t.0), 0o700);
+    }
+
+    #[test]
+    fn a_symlinked_state_directory_is_refused_and_its_target_untouched() {
+        let t = TempDir::new("link");
+        let target = t.0.join("target");
+        fs::create_dir_all(&target).unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
+        let link = t.0.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = StateDir::create(&link).unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "state directory {} is a symbolic link: pass the directory it points to with \
+                     --state-dir (GRAPHEON_AGENT_STATE_DIR), so the agent's writes cannot be \
+                     redirected",
+                    link.display()
+                )
+            )
+        );
+        assert_eq!(mode(&target), 0o755, "the link's target is not chmodded");
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused() {
+        let t = TempDir::new("shared");
+        fs::create_dir_all(&t.0).unwrap();
+        fs::set_permissions(&t.0, fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = StateDir::create(&t.0).unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "state directory {} is writable by other users (mode 1777): they could have \
+                     planted files in it; check its contents, then run chmod 700 {}",
+                    t.0.display(),
+                    t.0.display()
+                )
+            )
+        );
+        assert_eq!(mode(&t.0), 0o777);
+    }
+
+    #[test]
+    fn a_directory_of_another_user_is_refused() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to give a directory away");
+            return;
+        }
+        let t = TempDir::new("foreign");
+        fs::create_dir_all(&t.0).unwrap();
+        fs::set_permissions(&t.0, fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(&t.0, Some(65534), Some(65534)).unwrap();
+        let err = StateDir::create(&t.0).unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "state directory {} belongs to user 65534 but the agent runs as user 0: run \
+                     the agent as its owner, or chown 0 {} after checking its contents",
+                    t.0.display(),
+                    t.0.display()
+                )
+            )
+        );
+    }
+
+    #[test]
+    fn a_planted_lock_link_is_refused_and_creates_nothing() {
+        let t = TempDir::new("locklink");
+        let dir = StateDir::create(&t.0.join("state")).unwrap();
+        let victim = t.0.join("victim");
+        std::os::unix::fs::symlink(&victim, dir.path().join(LOCK_FILE)).unwrap();
+        let err = dir.lock(Duration::ZERO).unwrap_err();
+        assert_eq!(
+            (err.exit_code(), err.to_string()),
+            (
+                2,
+                format!(
+                    "{} is a symbolic link, which the agent never creates: remove it",
+                    dir.path().join(LOCK_FILE).display()
+                )
+            )
+        );
+        assert!(!victim.exists());
+    }
+
+    #[test]
+    fn state_files_are_never_read_through_a_link() {
+        let t = TempDir::new("filelink");
+        let dir = StateDir::create(&t.0.join("state")).unwrap();
+        let elsewhere = t.0.join("elsewhere");
+        fs::write(&elsewhere, "gpak_0123456789abcdef\n").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join(KEY_FILE)).unwrap();
+        assert_eq!(dir.read_api_key().unwrap(), None);
+    }
+
+    fn names(dir: &StateDir) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn temporary_files_of_a_killed_run_are_removed_under_the_lock() {
+        let t = TempDir::new("stale");
+        let dir = StateDir::create(&t.0).unwrap();
+        dir.save_state(&State::default()).unwrap();
+        for name in [
+            ".state.json.tmp-4242",
+            ".api_key.tmp-17",
+            ".agent_uuid.tmp-9",
+        ] {
+            fs::write(dir.path().join(name), "left by a killed run").unwrap();
+        }
+        // Not ours: kept.
+        fs::write(dir.path().join("notes.tmp-1"), "x").unwrap();
+        let _lock = dir.lock(Duration::ZERO).unwrap().unwrap();
+        assert_eq!(names(&dir), ["agent.lock", "notes.tmp-1", "state.json"]);
+    }
+
+    #[test]
+    fn a_reserved_key_slot_is_given_back_when_no_key_arrives() {
+        let t = TempDir::new("slot");
+        let dir = StateDir::create(&t.0).unwrap();
+        let slot = dir.reserve_api_key().unwrap();
+        assert_eq!(
+            fs::metadata(dir.path().join(KEY_RESERVATION))
+                .unwrap()
+                .len(),
+            KEY_ROOM
+        );
+        drop(slot);
+        assert_eq!(names(&dir), Vec::<String>::new());
+        dir.reserve_api_key()
+            .unwrap()
+            .store("gpak_0123456789abcdef")
+            .unwrap();
+        assert_eq!(names(&dir), [KEY_FILE]);
+        assert_eq!(
+            dir.read_api_key().unwrap().as_deref(),
+            Some("gpak_0123456789abcdef")
+        );
+        assert_eq!(mode(&dir.path().join(KEY_FILE)), 0o600);
+    }
+
+    #[test]
+    fn a_key_left_in_its_reserved_slot_is_installed_by_the_next_run() {
+        let t = TempDir::new("leftkey");
+        let dir = StateDir::create(&t.0).unwrap();
+        // As a run killed between writing the key and renaming it leaves it: key, then padding.
+        let mut text = "gpak_0123456789abcdef\n".to_string();
+        text.push_str(&"\n".repeat(100));
+        fs::write(dir.path().join(KEY_RESERVATION), &text).unwrap();
+        let _lock = dir.lock(Duration::ZERO).unwrap().unwrap();
+        assert_eq!(names(&dir), ["agent.lock", KEY_FILE]);
+        assert_eq!(
+            dir.read_api_key().unwrap().as_deref(),
+            Some("gpak_0123456789abcdef")
+        );
     }
 
     #[test]

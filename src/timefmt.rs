@@ -87,6 +87,58 @@ pub fn parse(text: &str) -> Option<i64> {
     Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset)
 }
 
+/// Parses an HTTP-date (RFC 9110 5.6.7: `Sun, 06 Nov 1994 08:49:37 GMT`, and the obsolete
+/// `Sunday, 06-Nov-94 08:49:37 GMT` and `Sun Nov  6 08:49:37 1994`) into epoch seconds. The
+/// weekday is not checked: it adds nothing a receiver needs.
+pub fn parse_http_date(text: &str) -> Option<i64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = |m: &str| MONTHS.iter().position(|x| *x == m).map(|i| i as i64 + 1);
+    let number = |t: &str, digits: std::ops::RangeInclusive<usize>| -> Option<i64> {
+        (digits.contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse().ok())
+            .flatten()
+    };
+    let clock = |t: &str| -> Option<(i64, i64, i64)> {
+        let mut p = t.split(':');
+        let h = number(p.next()?, 2..=2)?;
+        let m = number(p.next()?, 2..=2)?;
+        let s = number(p.next()?, 2..=2)?;
+        p.next().is_none().then_some((h, m, s))
+    };
+    let words: Vec<&str> = text.split_ascii_whitespace().collect();
+    let (y, mo, d, (h, mi, s)) = match words.as_slice() {
+        // IMF-fixdate.
+        [wd, d, mo, y, t, "GMT"] if wd.ends_with(',') => {
+            (number(y, 4..=4)?, month(mo)?, number(d, 2..=2)?, clock(t)?)
+        }
+        // RFC 850: two-digit years are within 50 years of now, i.e. 19xx from 70 on.
+        [wd, date, t, "GMT"] if wd.ends_with(',') => {
+            let mut p = date.split('-');
+            let d = number(p.next()?, 2..=2)?;
+            let mo = month(p.next()?)?;
+            let yy = number(p.next()?, 2..=2)?;
+            if p.next().is_some() {
+                return None;
+            }
+            (
+                if yy < 70 { 2000 + yy } else { 1900 + yy },
+                mo,
+                d,
+                clock(t)?,
+            )
+        }
+        // asctime: the day may be one digit.
+        [_, mo, d, t, y] => (number(y, 4..=4)?, month(mo)?, number(d, 1..=2)?, clock(t)?),
+        _ => return None,
+    };
+    if !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s)
+}
+
 // Howard Hinnant's civil calendar algorithms (public domain), proleptic Gregorian.
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -158,6 +210,31 @@ mod tests {
             1_795_744_647,
         ] {
             assert_eq!(parse(&format_utc(secs)), Some(secs));
+        }
+    }
+
+    #[test]
+    fn http_dates_in_all_three_formats() {
+        let t = 784_111_777; // 1994-11-06T08:49:37Z
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(t));
+        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), Some(t));
+        assert_eq!(parse_http_date("Sun Nov  6 08:49:37 1994"), Some(t));
+        assert_eq!(
+            parse_http_date("Tue, 01 Dec 2026 21:40:00 GMT").map(format_utc),
+            Some("2026-12-01T21:40:00Z".to_string())
+        );
+        for bad in [
+            "",
+            "120",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 6 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 8:49:37 GMT",
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+            "Sun, 32 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 08:49:37:00 GMT",
+        ] {
+            assert_eq!(parse_http_date(bad), None, "{bad}");
         }
     }
 }

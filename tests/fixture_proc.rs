@@ -153,9 +153,9 @@ fn netlink_refused_the_binary_reads_the_fixture_proc_tree() {
     };
     logged("connections: sock_diag failed: ");
     logged("connections: 9 records from /proc/net");
-    logged("addresses left empty: netlink: ");
-    logged("routes left empty: netlink: ");
-    logged("neighbors left empty: netlink: ");
+    logged("addresses could not be collected (netlink: ");
+    logged("routes could not be collected (netlink: ");
+    logged("neighbors could not be collected (netlink: ");
 }
 
 #[test]

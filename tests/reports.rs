@@ -247,10 +247,16 @@ fn a_large_snapshot_goes_out_in_accepted_parts_whose_union_is_complete() {
         assert_eq!(u64_at(&c.json, "sequence_number"), Some(i as u64 + 1));
         assert_eq!(bool_at(&c.json, "full_snapshot"), Some(true));
         assert_eq!(u64_at(&c.json, "metadata.part"), Some(i as u64 + 1));
-        assert_eq!(
-            u64_at(&c.json, "metadata.parts"),
-            Some(checkins.len() as u64)
-        );
+        // The count known when the part was cut: later parts grow as the server answers fast.
+        let parts = u64_at(&c.json, "metadata.parts").unwrap();
+        assert!(parts > i as u64, "part {} of {parts}", i + 1);
+        if i + 1 == checkins.len() {
+            assert_eq!(
+                parts,
+                checkins.len() as u64,
+                "the last part knows the total"
+            );
+        }
         union.extend(connection_keys(&c.json));
     }
     let unique: BTreeSet<_> = union.iter().cloned().collect();
@@ -277,12 +283,18 @@ fn a_large_snapshot_goes_out_in_accepted_parts_whose_union_is_complete() {
 fn a_run_interrupted_between_parts_resumes_without_duplicates() {
     let host = Host::new("resume");
     let held = host.connections(1500);
-    let agent = host.agent("resume");
+    let mut agent = host.agent("resume");
     // Parts 1-3 go through; every attempt at part 4 fails, so the run gives up (exit 1).
     host.srv
         .inject(Endpoint::CheckIn, Fault::Slow(Duration::ZERO), 3);
-    host.srv.inject(Endpoint::CheckIn, Fault::Reset, 4);
+    host.srv.inject(
+        Endpoint::CheckIn,
+        Fault::status(503, "Service Unavailable"),
+        4,
+    );
     host.srv.set_policy(Some(&policy(65_536)));
+    // Half the timer interval is the first backoff: one second, which the test waits out.
+    agent.set_env("GRAPHEON_AGENT_TIMER_INTERVAL_SECONDS", "2");
     assert_code(&host.run(&agent, &["--register-only"]), 0);
     let run = host.run(&agent, &["--force", "--collector", "native"]);
     assert_code(&run, 1);
@@ -296,6 +308,7 @@ fn a_run_interrupted_between_parts_resumes_without_duplicates() {
 
     // The policy now asks for an hour between check-ins, but an unfinished report does not wait.
     host.srv.set_policy(Some(&policy_interval(65_536, 3_600)));
+    std::thread::sleep(Duration::from_millis(1_100));
     let run = host.run(&agent, &["--collector", "native"]);
     assert_code(&run, 0);
     let all = host.srv.checkins();
@@ -374,7 +387,7 @@ fn a_part_refused_as_too_large_is_split_again() {
 }
 
 #[test]
-fn resets_closes_and_503s_are_retried_and_then_succeed() {
+fn errors_that_store_nothing_are_retried_and_then_succeed() {
     let host = Host::new("retry");
     let agent = host.agent("retry");
     assert_code(&host.run(&agent, &["--register-only"]), 0);
@@ -383,7 +396,11 @@ fn resets_closes_and_503s_are_retried_and_then_succeed() {
         Fault::status(503, "Service Unavailable"),
         1,
     );
-    host.srv.inject(Endpoint::CheckIn, Fault::Reset, 1);
+    host.srv.inject(
+        Endpoint::CheckIn,
+        Fault::status(500, "database is locked"),
+        1,
+    );
     host.srv.inject(Endpoint::CheckIn, Fault::NotJson(502), 1);
     let run = host.run(&agent, &["--force"]);
     assert_code(&run, 0);
@@ -393,7 +410,7 @@ fn resets_closes_and_503s_are_retried_and_then_succeed() {
 }
 
 #[test]
-fn a_slow_server_hits_the_deadline_cleanly_and_changes_nothing() {
+fn a_server_that_never_answers_gets_the_part_once_and_nothing_changes() {
     let host = Host::new("slow");
     let mut agent = host.agent("slow");
     assert_code(&host.run(&agent, &["--register-only"]), 0);
@@ -406,10 +423,15 @@ fn a_slow_server_hits_the_deadline_cleanly_and_changes_nothing() {
     let took = started.elapsed();
     assert_code(&run, 1);
     assert!(
-        took < Duration::from_secs(2 * 3 + 15 + 5),
-        "bounded by the overall deadline: {took:?}"
+        took < Duration::from_secs(2 + 5),
+        "one timeout, no resend: {took:?}"
     );
     assert!(run.stderr.contains("timed out"), "{}", run.stderr);
+    assert_eq!(
+        host.srv.requests_to(Endpoint::CheckIn).len(),
+        1,
+        "a part without an answer is not sent again in the run"
+    );
     assert_eq!(agent.file("state.json").unwrap(), before);
 }
 
@@ -432,16 +454,18 @@ fn huge_truncated_and_late_answers_neither_hang_nor_lose_state() {
     assert_code(&host.run(&agent, &["--force"]), 0);
     assert_eq!(u64_at(&agent.state(), "sequence_number"), Some(2));
 
-    // The server commits, then answers after our timeout: the retry goes through (the server
-    // may then hold that report twice, which the contract accepts).
+    // The server commits, then answers after our timeout: the part is in doubt, not sent again
+    // in this run, and the state does not advance (the next run sends it again).
     host.srv.inject(
         Endpoint::CheckIn,
         Fault::AcceptThenDelay(Duration::from_secs(8)),
         1,
     );
+    let before = host.srv.requests_to(Endpoint::CheckIn).len();
     let run = host.run(&agent, &["--force"]);
-    assert_code(&run, 0);
-    assert_eq!(u64_at(&agent.state(), "sequence_number"), Some(3));
+    assert_code(&run, 1);
+    assert_eq!(host.srv.requests_to(Endpoint::CheckIn).len(), before + 1);
+    assert_eq!(u64_at(&agent.state(), "sequence_number"), Some(2));
 
     // A registration answer that is not JSON is a transient failure, not a crash.
     let fresh = host.agent("bodies-reg");

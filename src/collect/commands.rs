@@ -116,6 +116,12 @@ fn run_limited(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // The enrollment key may be in our environment; the tools have no use for any of it.
+    for (key, _) in std::env::vars_os() {
+        if key.as_encoded_bytes().starts_with(b"GRAPHEON_AGENT_") {
+            command.env_remove(key);
+        }
+    }
     // ETXTBSY: the program file is still open for writing somewhere (a package upgrade
     // replacing it, or a just-written script inherited by a concurrent fork). It passes.
     let mut spawned = command.spawn();
@@ -166,7 +172,9 @@ fn run_limited(
             format!("{shown}: cannot read its output: {e}"),
         )),
         Outcome::Exited => match status {
-            Some(status) if status.success() => Ok(String::from_utf8_lossy(&stdout).into_owned()),
+            // Without a copy when it is valid UTF-8: the output may be tens of megabytes.
+            Some(status) if status.success() => Ok(String::from_utf8(stdout)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())),
             Some(status) => {
                 let tail = stderr.summary();
                 let sep = if tail.is_empty() { "" } else { ": " };
@@ -633,6 +641,10 @@ fn json_array(text: &str, what: &str) -> Result<Vec<Value>, SourceError> {
             "{what} printed nothing (expected a JSON array)"
         )));
     }
+    // The parser needs about a hundred bytes per level: a runaway tool printing megabytes of
+    // `[` would take the host's memory before any record could be read.
+    crate::input::check_json_depth(trimmed, crate::input::MAX_JSON_DEPTH)
+        .map_err(|why| SourceError(format!("{what} printed unusable output: {why}")))?;
     match json::from_str::<Value>(trimmed) {
         Ok(Value::Array(items)) => Ok(items.into_iter().collect()),
         Ok(_) => Err(SourceError(format!(

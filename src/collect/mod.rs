@@ -133,15 +133,15 @@ type Source<'a, T> = (
     Box<dyn Fn() -> Result<Vec<T>, SourceError> + 'a>,
 );
 
-/// Tries each source in turn; the first that works serves the table. When none works the table
-/// is empty and the operator is told why.
-fn first_working<T>(table: &str, sources: Vec<Source<'_, T>>) -> Vec<T> {
+/// Tries each source in turn; the first that works serves the table. When none works the
+/// operator is told why, and the reason is returned: an unreadable table is not an empty one.
+fn first_working<T>(table: &str, sources: Vec<Source<'_, T>>) -> Result<Vec<T>, String> {
     let mut reasons = Vec::new();
     for (name, source) in sources {
         match source() {
             Ok(records) => {
                 debug!("{table}: {} records from {name}", records.len());
-                return records;
+                return Ok(records);
             }
             Err(e) => {
                 debug!("{table}: {name} failed: {e}");
@@ -149,8 +149,17 @@ fn first_working<T>(table: &str, sources: Vec<Source<'_, T>>) -> Vec<T> {
             }
         }
     }
-    warn!("{table} left empty: {}", reasons.join("; "));
-    Vec::new()
+    let reason = reasons.join("; ");
+    warn!("{table} could not be collected ({reason}); the server keeps its last records of it");
+    Err(reason)
+}
+
+/// The table's records, or none with the reason noted in `failed[t]`.
+fn served<T>(failed: &mut [Option<String>; 4], t: usize, result: Result<Vec<T>, String>) -> Vec<T> {
+    result.unwrap_or_else(|why| {
+        failed[t] = Some(why);
+        Vec::new()
+    })
 }
 
 /// The sources the mode allows, in the order they are tried: kernel first, commands last.
@@ -166,8 +175,12 @@ fn chain<'a, T>(
     }
 }
 
-/// The interface addresses alone (for the registration).
+/// The interface addresses alone (for the registration); empty when no source works.
 pub fn addresses(opts: &Options) -> Vec<Address> {
+    addresses_or_why(opts).unwrap_or_default()
+}
+
+fn addresses_or_why(opts: &Options) -> Result<Vec<Address>, String> {
     let t = opts.command_timeout;
     let sources = chain(
         opts,
@@ -177,11 +190,11 @@ pub fn addresses(opts: &Options) -> Vec<Address> {
             Box::new(move || commands::addresses(t)),
         ),
     );
-    let mut list = first_working("addresses", sources);
+    let mut list = first_working("addresses", sources)?;
     finish_addresses(&mut list);
     list.sort();
     list.dedup();
-    list
+    Ok(list)
 }
 
 /// What one collection produced.
@@ -190,6 +203,10 @@ pub struct Collected {
     pub snapshot: Snapshot,
     /// Records left out because the server would refuse them (no valid address to report).
     pub left_out: usize,
+    /// Why each table that no source could read failed, in report order (addresses,
+    /// neighbors, connections, routes); `None` for a table that was read or is off by policy.
+    /// Such a table is empty in `snapshot`, but is not known to be empty.
+    pub failed: [Option<String>; 4],
     /// The other network namespaces whose sockets are in `snapshot`.
     pub namespaces: namespaces::Namespaces,
 }
@@ -199,10 +216,15 @@ pub fn collect(opts: &Options) -> Collected {
     let t = opts.command_timeout;
     let proc_root = opts.proc_root.as_path();
     let on = opts.tables;
+    let mut failed: [Option<String>; 4] = Default::default();
     // Wildcard listeners are expanded over the addresses, so they are read even when the
     // policy does not report them.
     let addresses = if on.addresses || on.connections {
-        addresses(opts)
+        match addresses_or_why(opts) {
+            Ok(list) => list,
+            Err(why) if on.addresses => served(&mut failed, 0, Err(why)),
+            Err(_) => Vec::new(),
+        }
     } else {
         Vec::new()
     };
@@ -215,7 +237,7 @@ pub fn collect(opts: &Options) -> Collected {
                 Box::new(move || commands::neighbors(t)),
             ),
         );
-        first_working("neighbors", sources)
+        served(&mut failed, 1, first_working("neighbors", sources))
     } else {
         Vec::new()
     };
@@ -225,7 +247,7 @@ pub fn collect(opts: &Options) -> Collected {
             vec![("netlink", Box::new(netlink::routes))],
             ("ip -json route show", Box::new(move || commands::routes(t))),
         );
-        first_working("routes", sources)
+        served(&mut failed, 3, first_working("routes", sources))
     } else {
         Vec::new()
     };
@@ -242,7 +264,7 @@ pub fn collect(opts: &Options) -> Collected {
                 Box::new(move || commands::sockets(t)),
             ),
         );
-        first_working("connections", sources)
+        served(&mut failed, 2, first_working("connections", sources))
     } else {
         Vec::new()
     };
@@ -271,6 +293,7 @@ pub fn collect(opts: &Options) -> Collected {
     Collected {
         snapshot,
         left_out,
+        failed,
         namespaces,
     }
 }

@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -273,7 +272,9 @@ fn read_attribution(proc_root: &Path, pid: u32) -> Attribution {
     let path = proc_root.join(pid.to_string()).join("cgroup");
     let mut text = String::new();
     // A real cgroup file is a few hundred bytes; the bound keeps a strange one cheap.
-    match File::open(&path).and_then(|f| f.take(64 * 1024).read_to_string(&mut text)) {
+    match crate::input::open_regular(&path)
+        .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
+    {
         Ok(_) => cgroup::attribute(&text),
         Err(e) => {
             debug!("cannot read {}: {e}", path.display());
@@ -305,7 +306,7 @@ pub fn parse_if_inet6(text: &str) -> Vec<IpAddr> {
 
 fn read_if_inet6(path: &Path) -> Vec<IpAddr> {
     let mut text = String::new();
-    match File::open(path).and_then(|f| f.take(1 << 20).read_to_string(&mut text)) {
+    match crate::input::open_regular(path).and_then(|f| f.take(1 << 20).read_to_string(&mut text)) {
         Ok(_) => parse_if_inet6(&text),
         // No IPv6 in that namespace (disabled) is ordinary.
         Err(e) => {
@@ -341,7 +342,7 @@ pub fn parse_fib_trie(reader: impl BufRead) -> Vec<IpAddr> {
 }
 
 fn read_fib_trie(path: &Path) -> Vec<IpAddr> {
-    match File::open(path) {
+    match crate::input::open_regular(path) {
         Ok(f) => parse_fib_trie(BufReader::with_capacity(16 * 1024, f.take(MAX_FIB_TRIE))),
         Err(e) => {
             debug!("cannot read {}: {e}", path.display());

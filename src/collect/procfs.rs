@@ -26,6 +26,8 @@ const TABLES: [(&str, Protocol, bool); 4] = [
 ];
 /// Real lines are under 200 bytes; a longer one is cut and its pieces skipped as garbage.
 const MAX_LINE: u64 = 4096;
+/// The most of one socket table that is read.
+const MAX_TABLE_BYTES: u64 = 256 << 20;
 /// `socket:[18446744073709551615]` is 29 bytes; a longer link target is no socket.
 const LINK_BUFFER: usize = 64;
 
@@ -74,10 +76,19 @@ fn read_table(
     line: &mut Vec<u8>,
     out: &mut Vec<Socket>,
 ) -> io::Result<()> {
-    let mut reader = BufReader::with_capacity(64 * 1024, SeqFile::open(path)?);
+    // A regular file only (a FIFO would block, /dev/zero never end), and bounded: a real table
+    // of a million sockets is about 150 MB.
+    let file = SeqFile::open(path)?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file.take(MAX_TABLE_BYTES));
     loop {
         line.clear();
         if (&mut reader).take(MAX_LINE).read_until(b'\n', line)? == 0 {
+            if reader.get_ref().limit() == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("larger than {MAX_TABLE_BYTES} bytes"),
+                ));
+            }
             return Ok(());
         }
         let Ok(text) = std::str::from_utf8(line) else {
@@ -112,7 +123,7 @@ const SHORT_READ: usize = 4096 - 512;
 impl SeqFile {
     fn open(path: &Path) -> io::Result<SeqFile> {
         Ok(SeqFile {
-            file: File::open(path)?,
+            file: crate::input::open_regular(path)?,
             done: false,
         })
     }
@@ -146,11 +157,9 @@ struct InUse {
 impl InUse {
     fn read(net: &Path) -> InUse {
         let text = |name: &str| {
-            let mut s = String::new();
-            File::open(net.join(name))
-                .and_then(|f| f.take(4096).read_to_string(&mut s))
+            crate::input::read_regular(&net.join(name), 4096)
                 .ok()
-                .map(|_| s)
+                .and_then(|b| String::from_utf8(b).ok())
         };
         match (text("sockstat"), text("sockstat6")) {
             (Some(v4), Some(v6)) => InUse::parse(&v4, &v6).unwrap_or_default(),
@@ -493,7 +502,7 @@ pub fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
     let path = proc_root.join(pid.to_string()).join("comm");
     let mut bytes = Vec::with_capacity(32);
     // comm is at most 16 bytes; the bound keeps a strange file from costing memory.
-    File::open(&path)
+    crate::input::open_regular(&path)
         .and_then(|f| f.take(256).read_to_end(&mut bytes))
         .map_err(|err| debug!("cannot read {}: {err}", path.display()))
         .ok()?;

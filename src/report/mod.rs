@@ -13,6 +13,9 @@ use crate::timefmt;
 /// The server refuses a raw (compressed) body larger than this, whatever the policy says.
 pub const RAW_LIMIT: usize = 262_144;
 
+/// The tables' names in report order.
+pub const TABLES: [&str; 4] = ["addresses", "neighbors", "connections", "routes"];
+
 /// Record counts per table, in report order: addresses, neighbors, connections, routes.
 pub type Counts = [usize; 4];
 
@@ -29,6 +32,9 @@ pub struct Header {
     pub collector: &'static str,
     /// Records the server would have refused (no valid address), left out of the report.
     pub records_left_out: usize,
+    /// Why each table no source could read failed (report order); such a table is reported
+    /// under `metadata.failed_tables` and keeps its last records on the server.
+    pub failed_tables: [Option<String>; 4],
     /// `metadata.namespaces` as JSON (other network namespaces); empty: no such key.
     pub namespaces: String,
 }
@@ -250,6 +256,17 @@ pub fn render(
         .num("parts", which.1)
         .raw("removed_since_last_report", &gone)
         .num("records_left_out", header.records_left_out);
+    if header.failed_tables.iter().any(Option::is_some) {
+        let mut failed = String::new();
+        let mut f = Object::new(&mut failed);
+        for (t, key) in TABLES.iter().enumerate() {
+            if let Some(why) = &header.failed_tables[t] {
+                f.str(key, why);
+            }
+        }
+        f.end();
+        m.raw("failed_tables", &failed);
+    }
     if !header.namespaces.is_empty() {
         m.raw("namespaces", &header.namespaces);
     }
@@ -264,10 +281,7 @@ pub fn render(
         .str("platform", &header.platform)
         .str("platform_release", &header.platform_release)
         .raw("metadata", &meta);
-    for (t, key) in ["addresses", "neighbors", "connections", "routes"]
-        .iter()
-        .enumerate()
-    {
+    for (t, key) in TABLES.iter().enumerate() {
         let mut items = String::new();
         items.push('[');
         for (n, i) in part.ranges[t].clone().enumerate() {
@@ -335,6 +349,7 @@ mod tests {
             platform_release: "6.1.0".into(),
             collector: "native",
             records_left_out: 0,
+            failed_tables: Default::default(),
             namespaces: String::new(),
         }
     }

@@ -28,7 +28,7 @@ mod time;
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -174,6 +174,14 @@ pub enum Fault {
     /// Process (and commit) the request normally, then sleep this long before answering, like
     /// the real server that commits even when the client has given up.
     AcceptThenDelay(Duration),
+    /// Answer with this status, `{"detail": ...}` and a `Retry-After` header with this value
+    /// (seconds or an HTTP-date), without processing.
+    RetryAfter {
+        /// HTTP status code (e.g. 429, 503).
+        status: u16,
+        /// The header's value, as sent.
+        value: String,
+    },
 }
 
 impl Fault {
@@ -203,6 +211,10 @@ pub struct RecordedRequest {
     pub status: Option<u16>,
     /// True once the server is done with the request (answered, closed or reset).
     pub completed: bool,
+    /// When the whole request had been read.
+    pub received_at: Instant,
+    /// When the server was done with it (answered, closed or reset).
+    pub completed_at: Option<Instant>,
     /// The fault applied to this request, if any.
     pub fault: Option<Fault>,
 }
@@ -249,6 +261,8 @@ struct Shared {
     state: Mutex<State>,
     /// Clones of open connections, so that shutdown can unblock their threads.
     live: Mutex<HashMap<u64, TcpStream>>,
+    /// How long ingesting one record of a check-in takes, in nanoseconds (0: no delay).
+    ingest_nanos_per_record: AtomicU64,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -296,6 +310,7 @@ impl ContractServer {
             stop: AtomicBool::new(false),
             state: Mutex::new(State::new()),
             live: Mutex::new(HashMap::new()),
+            ingest_nanos_per_record: AtomicU64::new(0),
             workers: Mutex::new(Vec::new()),
         });
         let for_thread = Arc::clone(&shared);
@@ -427,6 +442,16 @@ impl ContractServer {
         }
     }
 
+    /// Makes every later check-in take `per_record` for each record it carries before it is
+    /// stored and answered, like the real server whose ingest time grows with the report. The
+    /// server stores it even when the client gave up waiting.
+    pub fn set_ingest_time(&self, per_record: Duration) {
+        let nanos = u64::try_from(per_record.as_nanos()).unwrap_or(u64::MAX);
+        self.shared
+            .ingest_nanos_per_record
+            .store(nanos, Ordering::SeqCst);
+    }
+
     /// Check-ins accepted so far, in order.
     pub fn checkins(&self) -> Vec<AcceptedCheckin> {
         self.shared.state().checkins.clone()
@@ -442,6 +467,16 @@ impl ContractServer {
         let state = self.shared.state();
         let matching = state.requests.iter().filter(|r| r.endpoint() == endpoint);
         matching.cloned().collect()
+    }
+
+    /// The most times one identical body was received at `endpoint` (a part sent again in the
+    /// same run is byte-identical; another run's parts differ in `observed_at`).
+    pub fn most_copies_of_one_body(&self, endpoint: Endpoint) -> usize {
+        let mut counts: HashMap<Vec<u8>, usize> = HashMap::new();
+        for r in self.requests_to(endpoint) {
+            *counts.entry(r.body).or_default() += 1;
+        }
+        counts.into_values().max().unwrap_or(0)
     }
 
     /// Registration calls answered 200 so far.
@@ -580,6 +615,8 @@ fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
             chunked: request.chunked,
             status: None,
             completed: false,
+            received_at: Instant::now(),
+            completed_at: None,
             fault: fault.clone(),
         });
         (state.requests.len() - 1, fault)
@@ -591,7 +628,9 @@ fn serve(shared: &Shared, stream: &TcpStream, peer: SocketAddr) {
         }
         None => answer(shared, stream, &request, peer, index, fault),
     }
-    shared.state().requests[index].completed = true;
+    let mut state = shared.state();
+    state.requests[index].completed = true;
+    state.requests[index].completed_at = Some(Instant::now());
 }
 
 /// Answers a complete, recorded request, applying its fault if any.
@@ -605,6 +644,7 @@ fn answer(
 ) {
     let set_status = |status: u16| shared.state().requests[index].status = Some(status);
     let handle = || {
+        ingest_delay(shared, request);
         let reply = shared.state().handle(request, peer);
         set_status(reply.status);
         reply
@@ -623,6 +663,18 @@ fn answer(
         Some(Fault::Status { status, detail }) => {
             set_status(status);
             respond(shared, stream, &Reply::detail(status, &detail));
+        }
+        Some(Fault::RetryAfter { status, value }) => {
+            set_status(status);
+            let reply = Reply::detail(status, http::reason(status));
+            let head = http::head(status, reply.content_type, reply.body.len());
+            // The header goes before the blank line that ends the head.
+            let head = head.replacen("\r\n\r\n", &format!("\r\nretry-after: {value}\r\n\r\n"), 1);
+            let mut bytes = head.into_bytes();
+            bytes.extend_from_slice(&reply.body);
+            if http::write_all(stream, &shared.stop, &bytes).is_ok() {
+                let _ = stream.shutdown(Shutdown::Write);
+            }
         }
         Some(Fault::Close) => {
             let _ = stream.shutdown(Shutdown::Both);
@@ -658,6 +710,40 @@ fn answer(
             let _ = stream.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Sleeps for the configured ingest time of a check-in: its records times the time per record.
+fn ingest_delay(shared: &Shared, request: &http::Request) {
+    let per_record = shared.ingest_nanos_per_record.load(Ordering::SeqCst);
+    if per_record == 0 || Endpoint::of(request.path()) != Endpoint::CheckIn {
+        return;
+    }
+    let decoded = if request
+        .header("content-encoding")
+        .is_some_and(|e| e.trim().eq_ignore_ascii_case("gzip"))
+    {
+        gzip::decompress(&request.body, MAX_READ_BODY).unwrap_or_default()
+    } else {
+        request.body.clone()
+    };
+    let records = std::str::from_utf8(&decoded)
+        .ok()
+        .and_then(|text| miniserde::json::from_str::<Value>(text).ok())
+        .map_or(0, |v| record_count(&v));
+    shared.pause(Duration::from_nanos(
+        per_record.saturating_mul(records as u64),
+    ));
+}
+
+/// Records of a check-in body: addresses, neighbours, connections and routes together.
+pub fn record_count(body: &Value) -> usize {
+    ["addresses", "neighbors", "connections", "routes"]
+        .iter()
+        .map(|table| match json::get(body, table) {
+            Some(Value::Array(items)) => items.len(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Writes a complete response and closes our side.
