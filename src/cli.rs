@@ -48,6 +48,8 @@ OPTIONS (flag > environment variable > env file > default):
     --log-level LEVEL                     error, warning, info or debug [GRAPHEON_AGENT_LOG_LEVEL] (default info)
     --collector MODE                      auto, native or commands [GRAPHEON_AGENT_COLLECTOR] (default auto)
     --proc-root DIR                       Root of every /proc read [GRAPHEON_AGENT_PROC_ROOT] (default /proc)
+    --namespaces all|own                  Report the sockets of every network namespace (containers, pods) or
+                                          only the agent's own [GRAPHEON_AGENT_NAMESPACES] (default all)
     --full-snapshot-interval-seconds N    Send a full snapshot again after N seconds; 0 never
                                           [GRAPHEON_AGENT_FULL_SNAPSHOT_INTERVAL_SECONDS] (default 86400)
 Switches also read GRAPHEON_AGENT_<NAME> (e.g. GRAPHEON_AGENT_FORCE=true).
@@ -96,6 +98,7 @@ pub struct Flags {
     pub log_level: Option<String>,
     pub collector: Option<String>,
     pub proc_root: Option<String>,
+    pub namespaces: Option<String>,
     pub full_snapshot_interval_seconds: Option<String>,
 }
 
@@ -198,6 +201,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Flags> {
         log_level: value("--log-level")?,
         collector: value("--collector")?,
         proc_root: value("--proc-root")?,
+        namespaces: value("--namespaces")?,
         full_snapshot_interval_seconds: value("--full-snapshot-interval-seconds")?,
         ..Flags::default()
     };
@@ -351,6 +355,7 @@ mod tests {
             "--set-api-key",
             "--collector",
             "--proc-root",
+            "--namespaces",
             "--full-snapshot-interval-seconds",
             "--version",
             "--help",

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::Flags;
-use crate::collect::Mode;
+use crate::collect::{Mode, Scope};
 use crate::error::{Error, Result};
 use crate::input;
 use crate::log::Level;
@@ -54,6 +54,8 @@ pub struct Config {
     pub log_level: Level,
     pub collector: Mode,
     pub proc_root: PathBuf,
+    /// Whether other network namespaces are collected.
+    pub namespaces: Scope,
     /// `None`: never force a full snapshot by age.
     pub full_snapshot_interval_seconds: Option<u64>,
 }
@@ -359,6 +361,22 @@ pub fn load(flags: &Flags, sources: &Sources<'_>) -> Result<Config> {
             }
         },
     };
+    let namespaces = match l.get(
+        &flags.namespaces,
+        "--namespaces",
+        "GRAPHEON_AGENT_NAMESPACES",
+    ) {
+        None => Scope::All,
+        Some((v, from)) => match v.trim().to_ascii_lowercase().as_str() {
+            "all" => Scope::All,
+            "own" => Scope::Own,
+            _ => {
+                return Err(Error::Usage(format!(
+                    "{from}: '{v}' is not one of all, own"
+                )))
+            }
+        },
+    };
     let api_key_header = text(
         &flags.api_key_header,
         "--api-key-header",
@@ -440,6 +458,7 @@ pub fn load(flags: &Flags, sources: &Sources<'_>) -> Result<Config> {
             text(&flags.proc_root, "--proc-root", "GRAPHEON_AGENT_PROC_ROOT")
                 .unwrap_or_else(|| "/proc".into()),
         ),
+        namespaces,
         full_snapshot_interval_seconds: (full > 0).then_some(full),
     })
 }
@@ -575,6 +594,7 @@ mod tests {
         assert_eq!(c.timer_interval_seconds, 900);
         assert_eq!(c.api_key_header, "X-Agent-Api-Key");
         assert_eq!(c.collector, Mode::Auto);
+        assert_eq!(c.namespaces, Scope::All);
         assert_eq!(c.full_snapshot_interval_seconds, Some(86_400));
         assert_eq!(c.action, Action::Run);
     }
@@ -582,7 +602,7 @@ mod tests {
     #[test]
     fn bad_values_are_usage_errors_naming_their_source() {
         type Case = (Flags, &'static [(&'static str, &'static str)], &'static str);
-        let cases: [Case; 6] = [
+        let cases: [Case; 8] = [
             (
                 Flags {
                     request_timeout_seconds: Some("abc".into()),
@@ -616,6 +636,19 @@ mod tests {
                 },
                 &[],
                 "--collector",
+            ),
+            (
+                Flags {
+                    namespaces: Some("some".into()),
+                    ..Flags::default()
+                },
+                &[],
+                "--namespaces",
+            ),
+            (
+                Flags::default(),
+                &[("GRAPHEON_AGENT_NAMESPACES", "host")],
+                "GRAPHEON_AGENT_NAMESPACES",
             ),
             (
                 Flags {

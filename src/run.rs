@@ -177,6 +177,7 @@ fn collect_options(cfg: &Config, policy: &Policy) -> collect::Options {
         proc_root: cfg.proc_root.clone(),
         command_timeout: policy.command_timeout(),
         tables: policy.tables,
+        namespaces: cfg.namespaces,
     }
 }
 
@@ -578,6 +579,12 @@ fn plan_read(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
     }
 }
 
+/// `metadata.namespaces`, in at most an eighth of `budget` (the run's first part size), so the
+/// metadata repeated in every part never crowds out the records.
+fn namespaces_metadata(namespaces: &collect::namespaces::Namespaces, budget: usize) -> String {
+    namespaces.metadata(budget / 8)
+}
+
 fn header(
     cfg: &Config,
     uuid: &str,
@@ -596,6 +603,7 @@ fn header(
         collector: cfg.collector.as_str(),
         records_left_out: left_out,
         failed_tables: failed,
+        namespaces: String::new(),
     }
 }
 
@@ -623,6 +631,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
         snapshot: current,
         left_out,
         failed,
+        namespaces,
     } = collect::collect(&collect_options(cfg, &policy), known_addresses(state));
     let now = timefmt::now();
     let Plan {
@@ -631,9 +640,10 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
         mut kept,
         mut pending,
     } = plan(state, current, &failed, cfg, now);
-    let header = header(cfg, uuid, host, now, left_out, failed);
     let limits = limits(cfg, &policy);
     let mut budget = pace.budget(&limits);
+    let mut header = header(cfg, uuid, host, now, left_out, failed);
+    header.namespaces = namespaces_metadata(&namespaces, budget);
     let (mut sent, mut done) = (0, 0);
     'split: loop {
         let parts = report::split(&header, &pending, &removed, budget);
@@ -868,15 +878,17 @@ fn dry_run(cfg: &Config) -> Result<()> {
         snapshot: current,
         left_out,
         failed,
+        namespaces,
     } = collect::collect(
         &collect_options(cfg, &state.policy()),
         known_addresses(&state),
     );
     let now = timefmt::now();
     let p = plan(&state, current, &failed, cfg, now);
-    let header = header(cfg, &uuid, &host, now, left_out, failed);
     // The size the next run starts with; a run resizes later parts as the server answers.
     let budget = pacing::load(&dir).budget(&limits(cfg, &state.policy()));
+    let mut header = header(cfg, &uuid, &host, now, left_out, failed);
+    header.namespaces = namespaces_metadata(&namespaces, budget);
     let parts = report::split(&header, &p.pending, &p.removed, budget);
     let mut out = std::io::stdout().lock();
     for (i, part) in parts.iter().enumerate() {

@@ -88,6 +88,8 @@ fn agent(args: &[&str]) -> Command {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("GRAPHEON_AGENT_CONFIG", "/dev/null")
+        // The machine's other namespaces would add sockets of whatever else runs here.
+        .env("GRAPHEON_AGENT_NAMESPACES", "own")
         .stdin(Stdio::null());
     cmd
 }

@@ -5,7 +5,9 @@
 //! [`crate::model`] records; this module picks sources per table and applies the normalisation
 //! every source shares.
 
+pub mod cgroup;
 pub mod commands;
+pub mod namespaces;
 pub mod netlink;
 pub mod procfs;
 pub mod sockdiag;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use std::net::IpAddr;
 
 use crate::model::{Address, ConnState, Connection, Protocol, Snapshot};
+pub use namespaces::Scope;
 
 /// Why one source could not serve one table. Never fatal: the caller falls back or leaves the
 /// table empty with a warning.
@@ -110,6 +113,8 @@ pub struct Options {
     pub proc_root: PathBuf,
     pub command_timeout: Duration,
     pub tables: Tables,
+    /// Whether other network namespaces' sockets are reported too.
+    pub namespaces: Scope,
 }
 
 impl Mode {
@@ -202,6 +207,8 @@ pub struct Collected {
     /// neighbors, connections, routes); `None` for a table that was read or is off by policy.
     /// Such a table is empty in `snapshot`, but is not known to be empty.
     pub failed: [Option<String>; 4],
+    /// The other network namespaces whose sockets are in `snapshot`.
+    pub namespaces: namespaces::Namespaces,
 }
 
 /// Collects every table the policy enables and applies the shared normalisation. `known`
@@ -250,22 +257,13 @@ pub fn collect(opts: &Options, known: &[Address]) -> Collected {
     } else {
         Vec::new()
     };
+    // Owners are attached after the one /proc walk below, whichever source served.
     let sockets = if on.connections {
         let sources = chain(
             opts,
             vec![
-                (
-                    "sock_diag",
-                    Box::new(move || {
-                        sockdiag::sockets().map(|s| procfs::attach_owners(proc_root, s))
-                    }),
-                ),
-                (
-                    "/proc/net",
-                    Box::new(move || {
-                        procfs::sockets(proc_root).map(|s| procfs::attach_owners(proc_root, s))
-                    }),
-                ),
+                ("sock_diag", Box::new(sockdiag::sockets)),
+                ("/proc/net", Box::new(move || procfs::sockets(proc_root))),
             ],
             (
                 "ss -tunapH / netstat -tunap",
@@ -288,7 +286,18 @@ pub fn collect(opts: &Options, known: &[Address]) -> Collected {
     } else {
         &addresses
     };
-    let (connections, unexpanded) = expand_wildcards(sockets, over);
+    let (sockets, others) = owned_sockets(opts, sockets);
+    let (mut connections, mut unexpanded) = expand_wildcards(sockets, over);
+    let mut namespaces = namespaces::Namespaces {
+        over_cap: others.as_ref().map_or(0, namespaces::Discovery::over_cap),
+        ..Default::default()
+    };
+    for ns in others.map(|d| d.found).unwrap_or_default() {
+        let (records, summary, left) = namespaces::report(ns);
+        connections.extend(records);
+        unexpanded += left;
+        namespaces.list.push(summary);
+    }
     let mut snapshot = Snapshot {
         connections,
         addresses: if on.addresses { addresses } else { Vec::new() },
@@ -303,13 +312,56 @@ pub fn collect(opts: &Options, known: &[Address]) -> Collected {
         snapshot,
         left_out,
         failed,
+        namespaces,
     }
+}
+
+/// Owners for the agent's own sockets and, with [`Scope::All`], the other network
+/// namespaces with their sockets and owners, all from one walk over `/proc`.
+fn owned_sockets(
+    opts: &Options,
+    sockets: Vec<Socket>,
+) -> (Vec<Socket>, Option<namespaces::Discovery>) {
+    let proc_root = opts.proc_root.as_path();
+    let own = match (opts.namespaces, opts.tables.connections) {
+        (Scope::All, true) => namespaces::own_inode(proc_root),
+        _ => None,
+    };
+    if opts.namespaces == Scope::All && opts.tables.connections && own.is_none() {
+        warn!(
+            "cannot read this process's network namespace (/proc/self/ns/net); only its own sockets are reported"
+        );
+    }
+    let (sockets, discovery) =
+        namespaces::walk(proc_root, sockets, own, namespaces::MAX_NAMESPACES);
+    if let Some(d) = &discovery {
+        let over_cap = d.over_cap();
+        if over_cap > 0 {
+            warn!(
+                "{over_cap} network namespaces left out: at most {} are collected per run",
+                namespaces::MAX_NAMESPACES
+            );
+        }
+        debug!(
+            "other network namespaces: {} collected, {} with unreadable socket tables, {} processes whose namespace could not be read",
+            d.found.len(),
+            d.failed(),
+            d.unreadable
+        );
+    }
+    (sockets, discovery)
 }
 
 /// Reports a socket bound to every address once per local address of its family (IPv4 for
 /// `0.0.0.0`; IPv6, and IPv4 too when dual-stack, for `::`): the server stores every
 /// `local_ip` as a host and refuses the whole check-in for an unspecified one.
 pub fn expand_wildcards(sockets: Vec<Socket>, addresses: &[Address]) -> (Vec<Connection>, usize) {
+    let ips: Vec<IpAddr> = addresses.iter().map(|a| a.ip_address).collect();
+    expand(sockets, &ips)
+}
+
+/// [`expand_wildcards`] over bare addresses.
+pub(crate) fn expand(sockets: Vec<Socket>, addresses: &[IpAddr]) -> (Vec<Connection>, usize) {
     let mut out = Vec::with_capacity(sockets.len());
     let mut left_out = 0;
     for socket in sockets {
@@ -320,8 +372,8 @@ pub fn expand_wildcards(sockets: Vec<Socket>, addresses: &[Address]) -> (Vec<Con
         }
         let v6 = c.local_ip.is_ipv6();
         let mut any = false;
-        for a in addresses {
-            let wanted = if a.ip_address.is_ipv6() {
+        for ip in addresses {
+            let wanted = if ip.is_ipv6() {
                 v6
             } else {
                 !v6 || socket.dual_stack
@@ -329,7 +381,7 @@ pub fn expand_wildcards(sockets: Vec<Socket>, addresses: &[Address]) -> (Vec<Con
             if wanted {
                 any = true;
                 out.push(Connection {
-                    local_ip: a.ip_address,
+                    local_ip: *ip,
                     ..c.clone()
                 });
             }

@@ -35,6 +35,8 @@ pub struct Header {
     /// Why each table no source could read failed (report order); such a table is reported
     /// under `metadata.failed_tables` and keeps its last records on the server.
     pub failed_tables: [Option<String>; 4],
+    /// `metadata.namespaces` as JSON (other network namespaces); empty: no such key.
+    pub namespaces: String,
 }
 
 /// One check-in's records: a slice of each table of the delta.
@@ -265,6 +267,9 @@ pub fn render(
         f.end();
         m.raw("failed_tables", &failed);
     }
+    if !header.namespaces.is_empty() {
+        m.raw("namespaces", &header.namespaces);
+    }
     m.end();
     let mut o = Object::new(&mut out);
     o.str("agent_uuid", &header.agent_uuid)
@@ -345,6 +350,7 @@ mod tests {
             collector: "native",
             records_left_out: 0,
             failed_tables: Default::default(),
+            namespaces: String::new(),
         }
     }
 

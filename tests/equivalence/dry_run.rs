@@ -61,6 +61,8 @@ pub fn dry_run_with(
     .env_clear()
     .env("PATH", path)
     .env("GRAPHEON_AGENT_CONFIG", "/dev/null")
+    // Only the scene's namespace: the machine's others change between two runs.
+    .env("GRAPHEON_AGENT_NAMESPACES", "own")
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());

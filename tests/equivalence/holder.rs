@@ -35,6 +35,8 @@ pub struct Spec {
     pub repeat: usize,
     /// A second process, named so, that inherits the first listener (two owners of a socket).
     pub sharer: Option<&'static str>,
+    /// A cgroup directory the holder moves itself into before opening anything.
+    pub cgroup: Option<String>,
 }
 
 /// A running holder, killed (with its sharer) on drop.
@@ -42,13 +44,22 @@ pub struct Holder {
     child: Child,
     lines: Receiver<String>,
     seen: Vec<String>,
+    /// False when the reported pids are those of another pid namespace: they are never
+    /// signalled by number (the caller ends that namespace instead).
+    own_pids: bool,
 }
 
 impl Holder {
     /// Starts a holder inside `ns` and waits until it (and its sharer) is ready.
     pub fn start(ns: &Namespace, spec: &Spec) -> Holder {
         let exe = std::env::current_exe().expect("test binary path");
-        let mut cmd = ns.exec(exe);
+        Holder::spawn(ns.exec(exe), spec, true)
+    }
+
+    /// Starts a holder with `cmd`, a launcher that runs this test binary where it chose
+    /// (`nsenter ... -- <test binary>`), and waits until it is ready. `own_pids`: the pids
+    /// it reports are this pid namespace's.
+    pub fn spawn(mut cmd: Command, spec: &Spec, own_pids: bool) -> Holder {
         cmd.args(["--exact", ENTRY_POINT, "--nocapture", "--test-threads=1"])
             .env("GA_EQ_NAME", spec.name)
             .env("GA_EQ_LISTEN", spec.listen.join(","))
@@ -56,6 +67,7 @@ impl Holder {
             .env("GA_EQ_CONNECT", spec.connect.join(","))
             .env("GA_EQ_REPEAT", spec.repeat.max(1).to_string())
             .env("GA_EQ_SHARER", spec.sharer.unwrap_or(""))
+            .env("GA_EQ_CGROUP", spec.cgroup.as_deref().unwrap_or(""))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -76,6 +88,7 @@ impl Holder {
             child,
             lines,
             seen: Vec::new(),
+            own_pids,
         };
         let ready = 1 + usize::from(spec.sharer.is_some());
         holder.wait_for("ready", ready);
@@ -149,7 +162,7 @@ impl Drop for Holder {
                 .parse::<u32>()
                 .ok()
         }) {
-            if pid != self.child.id() {
+            if self.own_pids && pid != self.child.id() {
                 // SAFETY: kill has no memory preconditions; the pid is our descendant.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
@@ -184,6 +197,12 @@ pub fn child_main() {
     };
     // /proc/self is the thread-group leader, whose comm is what ss and the agent read.
     std::fs::write("/proc/self/comm", &name).expect("set the process name");
+    let cgroup = std::env::var("GA_EQ_CGROUP").unwrap_or_default();
+    if !cgroup.is_empty() {
+        // 0 is the writing process, whatever pid namespace it is in.
+        std::fs::write(format!("{cgroup}/cgroup.procs"), "0")
+            .unwrap_or_else(|e| panic!("move into {cgroup}: {e}"));
+    }
 
     let listeners: Vec<TcpListener> = list("GA_EQ_LISTEN").iter().map(|s| listen(s)).collect();
     let mut sharer = None;

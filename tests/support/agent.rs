@@ -87,6 +87,9 @@ impl Agent {
                 "20".to_string(),
             ),
             ("GRAPHEON_AGENT_LOG_LEVEL".to_string(), "debug".to_string()),
+            // The machine's other namespaces (other tests' scenes) stay out of these reports;
+            // tests/namespaces.rs sets `all` on a /proc of its own.
+            ("GRAPHEON_AGENT_NAMESPACES".to_string(), "own".to_string()),
         ];
         let mut agent = Agent {
             root,

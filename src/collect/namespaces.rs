@@ -1,0 +1,683 @@
+//! Sockets of the network namespaces other than the agent's own (containers, pods, services
+//! with a private network), read without entering them.
+//!
+//! Each namespace is found as the `net:[inode]` link of `/proc/<pid>/ns/net` during the one
+//! `/proc` walk that also finds socket owners ([`procfs::walk`]); its first process (lowest
+//! pid) represents it. Through that process the kernel shows the namespace's own tables:
+//! `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` (the `/proc/net` parser), `/proc/<pid>/net/if_inet6`
+//! and `/proc/<pid>/net/fib_trie` (IPv4 `LOCAL` entries) for its addresses. Nothing calls
+//! `setns`, so this works under `RestrictNamespaces=yes` with `CAP_SYS_PTRACE` (to read other
+//! users' `ns/net` links) and `CAP_DAC_READ_SEARCH`. `/proc/<pid>/cgroup` says whose it is
+//! ([`cgroup`]).
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use crate::collect::cgroup::{self, Attribution};
+use crate::collect::procfs::{self, FastHash, Owners};
+use crate::collect::{expand, Socket};
+use crate::json::Object;
+use crate::model::{ip_from_bytes, Connection, Protocol};
+
+/// Whose sockets a run reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The agent's own namespace and every other one it can see.
+    All,
+    /// The agent's own namespace only (the report of earlier versions).
+    Own,
+}
+
+impl Scope {
+    /// The name used in flags and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::All => "all",
+            Scope::Own => "own",
+        }
+    }
+}
+
+/// Most namespaces collected in one run. At 0.5 ms and a few dozen records each this bounds
+/// a run's cost on hosts with thousands of them; the rest are counted and warned about.
+pub const MAX_NAMESPACES: usize = 1000;
+/// Processes whose cgroup is read to attribute a namespace whose first process had none, and
+/// whose tables are tried when the first could not be read.
+const ATTRIBUTION_TRIES: u8 = 4;
+/// Addresses listed per namespace in the metadata.
+const LISTED_ADDRESSES: usize = 16;
+/// A `fib_trie` larger than this (a router's full table) is read no further.
+const MAX_FIB_TRIE: u64 = 16 << 20;
+/// `net:[18446744073709551615]` is 26 bytes.
+const LINK_BUFFER: usize = 64;
+
+/// One other namespace as collected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    /// The inode of the namespace (`net:[inode]`), stable while it exists.
+    pub inode: u64,
+    /// Its first process.
+    pub pid: u32,
+    pub process_name: Option<String>,
+    pub attribution: Attribution,
+    /// Its local addresses, loopback left out, sorted.
+    pub addresses: Vec<IpAddr>,
+    /// Its sockets, owners attached after the walk.
+    pub sockets: Vec<Socket>,
+    tries: u8,
+}
+
+/// What the walk found besides the agent's own namespace.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    own: u64,
+    cap: usize,
+    pub found: Vec<Namespace>,
+    /// Namespace inode → index in `found`, or `None` for one over the cap.
+    seen: HashMap<u64, Option<usize>, FastHash>,
+    /// Processes whose `ns/net` link could not be read (permissions, exited).
+    pub unreadable: usize,
+    /// Namespaces given up on after [`ATTRIBUTION_TRIES`] failed reads.
+    failed: usize,
+    /// Failed reads of a namespace not collected yet.
+    attempts: HashMap<u64, u8, FastHash>,
+}
+
+/// What one other namespace contributed to the report, for `metadata.namespaces`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub inode: u64,
+    pub pid: u32,
+    pub process_name: Option<String>,
+    pub attribution: Attribution,
+    pub addresses: Vec<IpAddr>,
+    /// Sockets read from its tables.
+    pub sockets: usize,
+    /// Connection records it adds to the report (wildcards expanded).
+    pub connections: usize,
+    /// Sockets left out because both ends are its own loopback.
+    pub loopback_left_out: usize,
+}
+
+/// The other namespaces of one run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Namespaces {
+    pub list: Vec<Summary>,
+    /// Namespaces seen but not collected because of the cap ([`MAX_NAMESPACES`]).
+    pub over_cap: usize,
+}
+
+/// Owners for `sockets` (the agent's own namespace) and, when `own` names the agent's
+/// namespace, the other namespaces (at most `cap`, the first found) with their sockets and
+/// owners: one walk over `<proc_root>/<pid>`.
+pub fn walk(
+    proc_root: &Path,
+    mut sockets: Vec<Socket>,
+    own: Option<u64>,
+    cap: usize,
+) -> (Vec<Socket>, Option<Discovery>) {
+    let mut owners = Owners::new(&sockets, own.is_some());
+    let mut discovery = own.map(|own| Discovery::new(own, cap));
+    procfs::walk(proc_root, &mut owners, |root_fd, pid, owners| {
+        if let Some(d) = &mut discovery {
+            d.visit(proc_root, root_fd, pid, owners);
+        }
+    });
+    owners.attach(&mut sockets);
+    if let Some(d) = &mut discovery {
+        for ns in &mut d.found {
+            owners.attach(&mut ns.sockets);
+        }
+        // Report order does not depend on the order the directory was listed in.
+        d.found.sort_by_key(|ns| ns.pid);
+    }
+    (sockets, discovery)
+}
+
+/// The inode of the agent's own network namespace: from the proc root when it shows this
+/// process (`self`), else from the mounted `/proc`.
+pub fn own_inode(proc_root: &Path) -> Option<u64> {
+    [
+        proc_root.join("self/ns/net"),
+        Path::new("/proc/self/ns/net").into(),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_link(p).ok())
+    .and_then(|target| namespace_inode(target.as_os_str().as_encoded_bytes()))
+}
+
+/// The inode of a `net:[N]` link target.
+pub fn namespace_inode(target: &[u8]) -> Option<u64> {
+    let digits = target.strip_prefix(b"net:[")?.strip_suffix(b"]")?;
+    if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+impl Discovery {
+    /// Discovery relative to the agent's own namespace `own`, collecting at most `cap`.
+    pub fn new(own: u64, cap: usize) -> Discovery {
+        Discovery {
+            own,
+            cap,
+            ..Discovery::default()
+        }
+    }
+
+    /// Called by the walk for each process before its descriptors are scanned: a namespace
+    /// seen for the first time is read now, while its process surely exists, and its sockets
+    /// become wanted owners.
+    pub fn visit(&mut self, proc_root: &Path, root_fd: libc::c_int, pid: u32, owners: &mut Owners) {
+        let Some(inode) = read_namespace(root_fd, pid) else {
+            self.unreadable += 1;
+            return;
+        };
+        if inode == self.own {
+            return;
+        }
+        match self.seen.get(&inode) {
+            Some(Some(i)) => {
+                let ns = &mut self.found[*i];
+                // /proc lists pids in order; another root (a copy, a fixture) may not: the
+                // lowest pid represents the namespace either way.
+                if pid < ns.pid {
+                    ns.pid = pid;
+                    ns.process_name = procfs::read_comm(proc_root, pid);
+                    let lower = read_attribution(proc_root, pid);
+                    if lower.runtime.is_some() || lower.pod_uid.is_some() {
+                        ns.attribution = lower;
+                    }
+                }
+                // The first process had no telling cgroup (a helper joined first): ask a few more.
+                if ns.attribution.runtime.is_none() && ns.tries < ATTRIBUTION_TRIES {
+                    ns.tries += 1;
+                    let other = read_attribution(proc_root, pid);
+                    if other.runtime.is_some() || other.pod_uid.is_some() {
+                        ns.attribution = other;
+                    }
+                }
+                return;
+            }
+            Some(None) => return,
+            None => {}
+        }
+        if self.found.len() >= self.cap {
+            self.seen.insert(inode, None);
+            return;
+        }
+        let dir = proc_root.join(pid.to_string());
+        let sockets = match procfs::sockets(&dir) {
+            Ok(sockets) => sockets,
+            Err(e) => {
+                // The process may have exited while being read: the namespace's next
+                // processes get a few more chances.
+                debug!("network namespace {inode} of pid {pid}: {e}");
+                let tries = self.attempts.entry(inode).or_insert(0);
+                *tries += 1;
+                if *tries >= ATTRIBUTION_TRIES {
+                    self.failed += 1;
+                    self.seen.insert(inode, None);
+                }
+                return;
+            }
+        };
+        owners.want(&sockets);
+        let mut addresses = read_if_inet6(&dir.join("net/if_inet6"));
+        addresses.extend(read_fib_trie(&dir.join("net/fib_trie")));
+        addresses.sort();
+        addresses.dedup();
+        self.seen.insert(inode, Some(self.found.len()));
+        self.found.push(Namespace {
+            inode,
+            pid,
+            process_name: procfs::read_comm(proc_root, pid),
+            attribution: read_attribution(proc_root, pid),
+            addresses,
+            sockets,
+            tries: 0,
+        });
+    }
+
+    /// Namespaces seen but not collected because of the cap.
+    pub fn over_cap(&self) -> usize {
+        self.seen.values().filter(|v| v.is_none()).count() - self.failed
+    }
+
+    /// Namespaces whose tables could not be read, whether or not their last chance came.
+    pub fn failed(&self) -> usize {
+        self.attempts
+            .keys()
+            .filter(|inode| !matches!(self.seen.get(inode), Some(Some(_))))
+            .count()
+    }
+}
+
+/// `readlinkat(<root>/<pid>/ns/net)`, relative to the open proc root.
+fn read_namespace(root_fd: libc::c_int, pid: u32) -> Option<u64> {
+    let path = format!("{pid}/ns/net\0");
+    let path = CStr::from_bytes_with_nul(path.as_bytes()).ok()?;
+    let mut link = [0u8; LINK_BUFFER];
+    // SAFETY: `path` is NUL-terminated, `link` a live buffer of the given length.
+    let len =
+        unsafe { libc::readlinkat(root_fd, path.as_ptr(), link.as_mut_ptr().cast(), link.len()) };
+    let len = usize::try_from(len).ok()?;
+    namespace_inode(link.get(..len)?)
+}
+
+fn read_attribution(proc_root: &Path, pid: u32) -> Attribution {
+    let path = proc_root.join(pid.to_string()).join("cgroup");
+    let mut text = String::new();
+    // A real cgroup file is a few hundred bytes; the bound keeps a strange one cheap.
+    match crate::input::open_regular(&path, crate::input::Links::Follow)
+        .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
+    {
+        Ok(_) => cgroup::attribute(&text),
+        Err(e) => {
+            debug!("cannot read {}: {e}", path.display());
+            Attribution::default()
+        }
+    }
+}
+
+/// The IPv6 addresses of `/proc/<pid>/net/if_inet6` (`<32 hex> <ifindex> <prefix> <scope>
+/// <flags> <name>`), without those of `lo` and loopback.
+pub fn parse_if_inet6(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+            let [hex, _, _, _, _, name] = fields.as_slice() else {
+                return None;
+            };
+            if hex.len() != 32 || *name == "lo" {
+                return None;
+            }
+            let mut octets = [0u8; 16];
+            for (i, octet) in octets.iter_mut().enumerate() {
+                *octet = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+            }
+            ip_from_bytes(&octets).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        })
+        .collect()
+}
+
+fn read_if_inet6(path: &Path) -> Vec<IpAddr> {
+    let mut text = String::new();
+    match crate::input::open_regular(path, crate::input::Links::Follow)
+        .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
+    {
+        Ok(_) => parse_if_inet6(&text),
+        // No IPv6 in that namespace (disabled) is ordinary.
+        Err(e) => {
+            debug!("cannot read {}: {e}", path.display());
+            Vec::new()
+        }
+    }
+}
+
+/// The IPv4 addresses of a `fib_trie` listing: each leaf `|-- <ip>` followed by a
+/// `/32 host LOCAL` entry is an address of the namespace (loopback left out).
+pub fn parse_fib_trie(reader: impl BufRead) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut leaf: Option<Ipv4Addr> = None;
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        let line = line.trim();
+        if let Some(ip) = line.strip_prefix("|-- ") {
+            leaf = ip.parse().ok();
+        } else if line.starts_with('/') {
+            let mut fields = line.split_ascii_whitespace();
+            let local = fields.next() == Some("/32") && fields.nth(1).is_some_and(|t| t == "LOCAL");
+            if let Some(ip) = leaf.filter(|ip| local && !ip.is_loopback() && !ip.is_unspecified()) {
+                out.push(IpAddr::V4(ip));
+            }
+        } else {
+            leaf = None;
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn read_fib_trie(path: &Path) -> Vec<IpAddr> {
+    match crate::input::open_regular(path, crate::input::Links::Follow) {
+        Ok(f) => parse_fib_trie(BufReader::with_capacity(16 * 1024, f.take(MAX_FIB_TRIE))),
+        Err(e) => {
+            debug!("cannot read {}: {e}", path.display());
+            Vec::new()
+        }
+    }
+}
+
+/// True for a socket only its own namespace can use: local loopback, and a remote that is
+/// loopback too or none at all (a listener, an unconnected socket). Every container has its
+/// own 127.0.0.1; on the server these would all be one host and map nothing.
+fn loopback_only(c: &Connection) -> bool {
+    c.local_ip.is_loopback()
+        && c.remote_ip
+            .is_none_or(|r| r.is_loopback() || r.is_unspecified())
+}
+
+/// The connection records of one other namespace and what it contributed: loopback-only
+/// sockets left out, wildcard listeners expanded over the namespace's own addresses.
+///
+/// `/proc` does not say whether a `::` socket is `IPV6_V6ONLY`. It is taken as dual-stack
+/// (the kernel's default, `bindv6only=0`) unless the namespace also has a `0.0.0.0` socket of
+/// the same protocol and port, which could not have been bound next to a dual-stack one.
+pub fn report(ns: Namespace) -> (Vec<Connection>, Summary, usize) {
+    let mut v4_wildcards: Vec<(Protocol, u16)> = ns
+        .sockets
+        .iter()
+        .filter(|s| s.connection.local_ip == IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .map(|s| (s.connection.protocol, s.connection.local_port))
+        .collect();
+    v4_wildcards.sort_unstable();
+    v4_wildcards.dedup();
+    let total = ns.sockets.len();
+    let mut loopback = 0;
+    let sockets: Vec<Socket> = ns
+        .sockets
+        .into_iter()
+        .filter(|s| {
+            let keep = !loopback_only(&s.connection);
+            loopback += usize::from(!keep);
+            keep
+        })
+        .map(|mut s| {
+            let c = &s.connection;
+            if c.local_ip.is_ipv6() && c.local_ip.is_unspecified() {
+                s.dual_stack = v4_wildcards
+                    .binary_search(&(c.protocol, c.local_port))
+                    .is_err();
+            }
+            s
+        })
+        .collect();
+    let (connections, unexpanded) = expand(sockets, &ns.addresses);
+    let summary = Summary {
+        inode: ns.inode,
+        pid: ns.pid,
+        process_name: ns.process_name,
+        attribution: ns.attribution,
+        addresses: ns.addresses,
+        sockets: total,
+        connections: connections.len(),
+        loopback_left_out: loopback,
+    };
+    (connections, summary, unexpanded)
+}
+
+impl Namespaces {
+    /// True when the run saw no other namespace: the report is then exactly that of a
+    /// single-namespace host.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty() && self.over_cap == 0
+    }
+
+    /// `metadata.namespaces` as JSON, at most about `limit` bytes: the counts, then as many
+    /// namespaces as fit (in pid order). Empty when there is nothing to say.
+    pub fn metadata(&self, limit: usize) -> String {
+        if self.is_empty() {
+            return String::new();
+        }
+        let mut items = String::from("[");
+        let mut listed = 0;
+        // Room for the counts around the list.
+        let room = limit.saturating_sub(128);
+        for s in &self.list {
+            let item = summary_json(s);
+            if items.len() + item.len() + 2 > room {
+                break;
+            }
+            if listed > 0 {
+                items.push(',');
+            }
+            items.push_str(&item);
+            listed += 1;
+        }
+        items.push(']');
+        let mut out = String::new();
+        let mut o = Object::new(&mut out);
+        o.num("collected", self.list.len())
+            .num("over_cap", self.over_cap)
+            .num("listed", listed)
+            .raw("list", &items);
+        o.end();
+        out
+    }
+}
+
+fn summary_json(s: &Summary) -> String {
+    let mut addresses = String::from("[");
+    for (i, ip) in s.addresses.iter().take(LISTED_ADDRESSES).enumerate() {
+        if i > 0 {
+            addresses.push(',');
+        }
+        addresses.push('"');
+        addresses.push_str(&ip.to_string());
+        addresses.push('"');
+    }
+    addresses.push(']');
+    let a = &s.attribution;
+    let mut out = String::new();
+    let mut o = Object::new(&mut out);
+    o.num("inode", s.inode)
+        .num("pid", s.pid)
+        .opt_str("process_name", s.process_name.as_deref())
+        .opt_str("runtime", a.runtime.map(cgroup::Runtime::as_str))
+        .opt_str("container_id", a.container_id.as_deref())
+        .opt_str("pod_uid", a.pod_uid.as_deref())
+        .opt_str("name", a.name.as_deref())
+        .raw("addresses", &addresses)
+        .num("sockets", s.sockets)
+        .num("connections", s.connections)
+        .num("loopback_left_out", s.loopback_left_out);
+    o.end();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ConnState;
+
+    const FIB_TRIE: &str = "Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 10.88.0.0/16 2 0 2
+        |-- 10.88.0.0
+           /16 link UNICAST
+        |-- 10.88.0.7
+           /32 host LOCAL
+        |-- 10.88.255.255
+           /32 link BROADCAST
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     |-- 192.0.2.9
+        /24 link UNICAST
+        /32 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 10.88.0.7
+        /32 host LOCAL
+";
+
+    const IF_INET6: &str = "00000000000000000000000000000001 01 80 10 80       lo
+fe800000000000000c4a13fffe6a7b01 02 40 20 80     eth0
+fd000db8000000000000000000000007 02 40 00 80     eth0
+fd000db80000000000000000000000 02 40 00 80     eth0
+20010db8000000000000000000000009 03 40 00 80
+";
+
+    #[test]
+    fn fib_trie_local_entries_are_the_ipv4_addresses() {
+        assert_eq!(
+            parse_fib_trie(FIB_TRIE.as_bytes()),
+            ["10.88.0.7", "192.0.2.9"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+        assert_eq!(
+            parse_fib_trie(&b"garbage\n/32 host LOCAL\n|-- x\n"[..]),
+            Vec::<IpAddr>::new()
+        );
+    }
+
+    #[test]
+    fn if_inet6_lists_addresses_without_loopback_or_bad_lines() {
+        assert_eq!(
+            parse_if_inet6(IF_INET6),
+            ["fe80::c4a:13ff:fe6a:7b01", "fd00:db8::7"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+    }
+
+    #[test]
+    fn random_and_mutated_namespace_files_never_panic() {
+        use crate::collect::netlink::fuzz::{mutate, XorShift};
+        let cgroup = "12:pids:/kubepods/besteffort/pod7c0c4a3e-5f0b-4e3a-9a6b-2d1c0e9f8b7a/3f1b1e8c0a5e4b0b9d7c6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b\n0::/system.slice/docker-3f1b1e8c0a5e4b0b9d7c6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b.scope\n0::/machine.slice/systemd-nspawn@a\\x2db.service\n";
+        let mut rng = XorShift(0x005e_ed0f_4a11);
+        for round in 0..20_000 {
+            let seed = [FIB_TRIE, IF_INET6, cgroup][round % 3];
+            let bytes = mutate(&mut rng, seed.as_bytes());
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = parse_fib_trie(text.as_bytes());
+            let _ = parse_if_inet6(&text);
+            let _ = cgroup::attribute(&text);
+            let _ = namespace_inode(&bytes);
+        }
+    }
+
+    #[test]
+    fn namespace_links_are_recognised_exactly() {
+        assert_eq!(namespace_inode(b"net:[4026531840]"), Some(4026531840));
+        assert_eq!(namespace_inode(b"net:[]"), None);
+        assert_eq!(namespace_inode(b"mnt:[4026531840]"), None);
+        assert_eq!(namespace_inode(b"net:[99999999999999999999]"), None);
+        assert_eq!(namespace_inode(b"net:[12x]"), None);
+    }
+
+    fn socket(local: &str, port: u16, remote: Option<&str>, protocol: Protocol) -> Socket {
+        Socket {
+            connection: Connection {
+                protocol,
+                local_ip: local.parse().unwrap(),
+                local_port: port,
+                remote_ip: remote.map(|r| r.parse().unwrap()),
+                remote_port: remote.map(|_| 40000),
+                state: Some(if remote.is_some() {
+                    ConnState::Established
+                } else {
+                    ConnState::Listen
+                }),
+                pid: Some(42),
+                process_name: Some("app".into()),
+            },
+            inode: 1,
+            dual_stack: false,
+        }
+    }
+
+    #[test]
+    fn other_namespace_drops_loopback_and_expands_over_its_own_addresses() {
+        use Protocol::{Tcp, Udp};
+        let ns = Namespace {
+            inode: 4026532300,
+            pid: 42,
+            process_name: Some("app".into()),
+            attribution: Attribution::default(),
+            addresses: vec!["10.88.0.7".parse().unwrap(), "fd00:db8::7".parse().unwrap()],
+            sockets: vec![
+                socket("0.0.0.0", 80, None, Tcp),
+                socket("::", 80, None, Tcp), // next to 0.0.0.0:80: IPv6 only
+                socket("::", 443, None, Tcp), // alone: dual-stack
+                socket("127.0.0.1", 5432, None, Tcp),
+                socket("127.0.0.1", 5432, Some("127.0.0.1"), Tcp),
+                socket("::1", 53, None, Udp),
+                socket("10.88.0.7", 80, Some("10.88.0.1"), Tcp),
+            ],
+            tries: 0,
+        };
+        let (connections, summary, unexpanded) = report(ns);
+        let got: Vec<(String, u16, Option<String>)> = connections
+            .iter()
+            .map(|c| {
+                (
+                    c.local_ip.to_string(),
+                    c.local_port,
+                    c.remote_ip.map(|r| r.to_string()),
+                )
+            })
+            .collect();
+        let want = [
+            ("10.88.0.7", 80, None),
+            ("fd00:db8::7", 80, None),
+            ("10.88.0.7", 443, None),
+            ("fd00:db8::7", 443, None),
+            ("10.88.0.7", 80, Some("10.88.0.1")),
+        ]
+        .map(|(l, p, r)| (l.to_string(), p, r.map(String::from)));
+        // Listeners keep the kernel's remote; the helper above has none, so compare locals.
+        assert_eq!(got, want);
+        assert_eq!(unexpanded, 0);
+        assert_eq!(
+            (
+                summary.sockets,
+                summary.connections,
+                summary.loopback_left_out
+            ),
+            (7, 5, 3)
+        );
+    }
+
+    #[test]
+    fn metadata_lists_what_fits_and_counts_the_rest() {
+        let summary = |pid| {
+            Summary {
+            inode: 4026532000 + u64::from(pid),
+            pid,
+            process_name: Some("nginx".into()),
+            attribution: cgroup::from_path(
+                "/system.slice/docker-3f1b1e8c0a5e4b0b9d7c6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b.scope",
+            ),
+            addresses: vec!["172.17.0.2".parse().unwrap()],
+            sockets: 3,
+            connections: 2,
+            loopback_left_out: 1,
+        }
+        };
+        let all = Namespaces {
+            list: (1..=40).map(summary).collect(),
+            over_cap: 2,
+        };
+        let one = Namespaces {
+            list: vec![summary(7)],
+            over_cap: 0,
+        };
+        assert_eq!(
+            one.metadata(10_000),
+            concat!(
+                r#"{"collected":1,"over_cap":0,"listed":1,"list":[{"inode":4026532007,"pid":7,"process_name":"nginx","#,
+                r#""runtime":"docker","container_id":"3f1b1e8c0a5e4b0b9d7c6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b","#,
+                r#""pod_uid":null,"name":null,"addresses":["172.17.0.2"],"sockets":3,"connections":2,"loopback_left_out":1}]}"#
+            )
+        );
+        let bounded = all.metadata(2_000);
+        assert!(bounded.len() <= 2_000, "{}", bounded.len());
+        assert!(
+            bounded.starts_with(
+                r#"{"collected":40,"over_cap":2,"listed":7,"list":[{"inode":4026532001,"#
+            ),
+            "{bounded}"
+        );
+        assert_eq!(Namespaces::default().metadata(10_000), "");
+    }
+}
