@@ -107,7 +107,7 @@ fn pico(e: pico_args::Error) -> Error {
 }
 
 /// The flags that take a value.
-const VALUE_FLAGS: [&str; 15] = [
+const VALUE_FLAGS: [&str; 16] = [
     "--config",
     "--server-url",
     "--enrollment-key",
@@ -122,6 +122,7 @@ const VALUE_FLAGS: [&str; 15] = [
     "--log-level",
     "--collector",
     "--proc-root",
+    "--namespaces",
     "--full-snapshot-interval-seconds",
 ];
 /// The flags that take none, with their short forms.
