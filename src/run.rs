@@ -375,11 +375,12 @@ fn plan(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
             pending: current,
         };
     }
+    let (kept, pending) = report::partition(base, current);
     Plan {
         full,
         removed,
-        kept: report::intersection(base, &current),
-        pending: report::difference(base, &current),
+        kept,
+        pending,
     }
 }
 
@@ -393,16 +394,6 @@ fn header(cfg: &Config, uuid: &str, host: &Host, now: i64, left_out: usize) -> H
         platform_release: host.release.clone(),
         collector: cfg.collector.as_str(),
         records_left_out: left_out,
-    }
-}
-
-/// The parts' records from `from` (per-table start indices) on.
-fn rest(s: &Snapshot, from: &Counts) -> Snapshot {
-    Snapshot {
-        addresses: s.addresses[from[0].min(s.addresses.len())..].to_vec(),
-        neighbors: s.neighbors[from[1].min(s.neighbors.len())..].to_vec(),
-        connections: s.connections[from[2].min(s.connections.len())..].to_vec(),
-        routes: s.routes[from[3].min(s.routes.len())..].to_vec(),
     }
 }
 
@@ -425,86 +416,109 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
     let Plan {
         full,
         removed,
-        mut kept,
-        mut pending,
+        kept,
+        pending,
     } = plan(state, current, cfg, now);
     let header = header(cfg, uuid, host, now, left_out);
+    // When nothing changed, state.json already holds the snapshot: only the small fields are
+    // saved. Otherwise the next state.json grows part by part as the server accepts them.
+    let unchanged = !full && pending.is_empty() && removed == [0; 4] && state.snapshot_saved();
+    let mut progress = if unchanged {
+        None
+    } else {
+        Some(dir.begin_report(state, full)?)
+    };
+    // The snapshot this run started from is no longer needed: `kept` holds what remains.
+    if progress.is_some() {
+        state.set_snapshot(None);
+    }
     let mut budget = report::part_budget(policy.max_report_bytes);
-    let (mut sent, mut done) = (0, 0);
-    'split: loop {
-        let parts = report::split(&header, &pending, &removed, budget);
-        let total = done + parts.len();
-        for part in &parts {
-            if Instant::now() >= deadline {
-                return Err(Error::Transient(format!(
-                    "the run's time is up after {done} of {total} parts; the next run sends the rest"
-                )));
+    let mut parts = report::split(&header, &pending, &removed, budget);
+    let (mut next, mut done, mut sent) = (0, 0, 0);
+    let mut body = String::new();
+    while next < parts.len() {
+        let part = &parts[next];
+        let total = done + parts.len() - next;
+        let last = next + 1 == parts.len();
+        if Instant::now() >= deadline {
+            return Err(Error::Transient(format!(
+                "the run's time is up after {done} of {total} parts; the next run sends the rest"
+            )));
+        }
+        let seq = state.sequence_number + 1;
+        report::render_into(
+            &mut body,
+            &header,
+            seq,
+            full,
+            (done + 1, total),
+            &removed,
+            &pending,
+            part,
+        );
+        let gz = gzip::compress(body.as_bytes());
+        if let Some(p) = progress.as_mut() {
+            p.stage(&kept, &pending, part, last)?;
+        }
+        let result = if gz.len() > report::RAW_LIMIT {
+            Err(Failure::Status {
+                status: 413,
+                detail: "larger than the server's raw limit".into(),
+                errors: vec![],
+            })
+        } else {
+            client.check_in(&gz, key)
+        };
+        match result {
+            Ok(answer) => {
+                done += 1;
+                next += 1;
+                sent += part.len();
+                accepted(state, &answer, seq, full, last, now);
+                debug!(
+                    "part {done}/{total} accepted: {} records, {} bytes gzip",
+                    part.len(),
+                    gz.len()
+                );
+                match progress.as_mut() {
+                    None => dir.save_state(state)?,
+                    Some(p) if !last => p.commit(state)?,
+                    Some(_) => {}
+                }
             }
-            let seq = state.sequence_number + 1;
-            let body = report::render(
-                &header,
-                seq,
-                full,
-                (done + 1, total),
-                &removed,
-                &pending,
-                part,
-            );
-            let gz = gzip::compress(body.as_bytes());
-            let result = if gz.len() > report::RAW_LIMIT {
-                Err(Failure::Status {
-                    status: 413,
-                    detail: "larger than the server's raw limit".into(),
-                    errors: vec![],
-                })
-            } else {
-                client.check_in(&gz, key)
-            };
-            match result {
-                Ok(answer) => {
-                    done += 1;
-                    let snapshot = report::advance(&kept, &pending, &report::ends(part));
-                    accepted(state, &answer, seq, snapshot, full, done == total, now);
-                    dir.save_state(state)?;
-                    sent += part.len();
-                    debug!(
-                        "part {done}/{total} accepted: {} records, {} bytes gzip",
-                        part.len(),
-                        gz.len()
-                    );
+            Err(Failure::Status {
+                status: 413,
+                detail,
+                ..
+            }) if budget > 4_096 => {
+                budget /= 2;
+                warn!(
+                    "server refused part {} as too large ({detail}); splitting the rest into parts of {budget} bytes",
+                    done + 1
+                );
+                if let Some(p) = progress.as_mut() {
+                    p.unstage()?;
                 }
-                Err(Failure::Status {
-                    status: 413,
-                    detail,
+                parts = report::split_from(&header, &pending, &removed, budget, part.start());
+                next = 0;
+            }
+            Err(f) => {
+                if let Failure::Status {
+                    status: 422,
+                    errors,
                     ..
-                }) if budget > 4_096 => {
-                    budget /= 2;
-                    warn!(
-                        "server refused part {} as too large ({detail}); splitting the rest into parts of {budget} bytes",
-                        done + 1
-                    );
-                    // What this run had accepted joins the base; the rest is split again.
-                    let from = part.ranges.clone().map(|r| r.start);
-                    kept = report::advance(&kept, &pending, &from);
-                    pending = rest(&pending, &from);
-                    continue 'split;
-                }
-                Err(f) => {
-                    if let Failure::Status {
-                        status: 422,
-                        errors,
-                        ..
-                    } = &f
-                    {
-                        for line in offending_records(errors, &pending, part) {
-                            debug!("refused record: {line}");
-                        }
+                } = &f
+                {
+                    for line in offending_records(errors, &pending, part) {
+                        debug!("refused record: {line}");
                     }
-                    return Err(f.into_error("check-in"));
                 }
+                return Err(f.into_error("check-in"));
             }
         }
-        break;
+    }
+    if let Some(p) = progress {
+        p.finish(state, report::union(kept, pending))?;
     }
     info!(
         "check-in accepted: {} records sent ({}), sequence number {}",
@@ -553,17 +567,9 @@ fn offending_records(errors: &[String], pending: &Snapshot, part: &report::Part)
     out
 }
 
-fn accepted(
-    state: &mut State,
-    answer: &Answer,
-    seq: u64,
-    snapshot: Snapshot,
-    full: bool,
-    last_part: bool,
-    now: i64,
-) {
+/// Takes in what an accepted part changes besides the snapshot (which the report file keeps).
+fn accepted(state: &mut State, answer: &Answer, seq: u64, full: bool, last_part: bool, now: i64) {
     state.sequence_number = seq;
-    state.last_snapshot = Some(snapshot);
     state.last_successful_checkin_at = Some(now);
     state.report_incomplete = !last_part;
     state.full_snapshot_in_progress = full && !last_part;
@@ -574,8 +580,8 @@ fn accepted(
     }
     if let Some(v) = &answer.body {
         remember_agent(state, v);
-        if let Some(summary) = json::get(v, "summary").filter(|s| !matches!(s, Value::Null)) {
-            state.last_checkin_summary = Some(miniserde::json::to_string(summary));
+        if let Some(summary) = json::get(v, "summary").and_then(state::summary_scalars) {
+            state.last_checkin_summary = Some(summary);
         }
     }
 }
