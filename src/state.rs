@@ -1211,4 +1211,280 @@ mod tests {
         assert!(check_api_key("gpak_has space inside it").is_err());
         assert!(check_api_key(&"x".repeat(513)).is_err());
     }
+
+    use crate::model::{ConnState, Connection, Protocol};
+    use crate::report::{self, Header};
+
+    fn conn(port: u16) -> Connection {
+        Connection {
+            protocol: Protocol::Tcp,
+            local_ip: "127.0.0.1".parse().unwrap(),
+            local_port: port,
+            remote_ip: Some("127.0.0.1".parse().unwrap()),
+            remote_port: Some(8000),
+            state: Some(ConnState::Established),
+            pid: Some(4242),
+            process_name: Some("holder".into()),
+        }
+    }
+
+    fn snap(ports: impl IntoIterator<Item = u16>) -> Snapshot {
+        let mut s = Snapshot {
+            connections: ports.into_iter().map(conn).collect(),
+            ..Snapshot::default()
+        };
+        s.normalize();
+        s
+    }
+
+    fn header() -> Header {
+        Header {
+            agent_uuid: "804c722f-7186-47c7-89fd-03e36f90dee4".into(),
+            observed_at: 1_795_744_647,
+            hostname: "vm".into(),
+            agent_version: "0.1.0".into(),
+            platform: "linux".into(),
+            platform_release: "6.1.0".into(),
+            collector: "native",
+            records_left_out: 0,
+        }
+    }
+
+    fn names(dir: &StateDir) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A directory whose state.json holds `base` at sequence 7.
+    fn saved(tag: &str, base: Snapshot) -> (TempDir, StateDir) {
+        let t = TempDir::new(tag);
+        let dir = StateDir::create(&t.0).unwrap();
+        let mut s = State {
+            sequence_number: 7,
+            ..State::default()
+        };
+        s.set_snapshot(Some(base));
+        dir.save_state(&s).unwrap();
+        (t, dir)
+    }
+
+    /// Sends `parts` of the delta from `base` to `current` the way a check-in does, accepting
+    /// the first `accepted` of them; `finish` when all were accepted.
+    fn send(
+        dir: &StateDir,
+        current: Snapshot,
+        budget: usize,
+        accepted: usize,
+    ) -> (usize, Snapshot) {
+        let mut state = dir.load_state(true).unwrap();
+        let full = state.last_snapshot.is_none();
+        let base = state.last_snapshot.clone().unwrap_or_default();
+        let (kept, pending) = report::partition(&base, current);
+        let parts = report::split(&header(), &pending, &[0; 4], budget);
+        let mut progress = dir.begin_report(&state, full).unwrap();
+        state.set_snapshot(None);
+        for (i, part) in parts.iter().enumerate().take(accepted) {
+            let last = i + 1 == parts.len();
+            progress.stage(&kept, &pending, part, last).unwrap();
+            state.sequence_number += 1;
+            state.report_incomplete = !last;
+            if last {
+                progress
+                    .finish(&mut state, report::union(kept, pending))
+                    .unwrap();
+                return (parts.len(), state.last_snapshot.unwrap());
+            }
+            progress.commit(&state).unwrap();
+        }
+        // The part after the accepted ones is staged, then the process dies before an answer.
+        if let Some(part) = parts.get(accepted) {
+            progress
+                .stage(&kept, &pending, part, accepted + 1 == parts.len())
+                .unwrap();
+        }
+        std::mem::forget(progress);
+        let mut expect = kept;
+        for part in &parts[..accepted] {
+            expect
+                .connections
+                .extend_from_slice(&pending.connections[part.ranges[2].clone()]);
+        }
+        expect.normalize();
+        (parts.len(), expect)
+    }
+
+    #[test]
+    fn a_delta_with_no_change_writes_only_the_small_fields() {
+        let (_t, dir) = saved("nochange", snap(1..=2000));
+        let before = fs::read(dir.path().join(STATE_FILE)).unwrap();
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 8;
+        s.last_successful_checkin_at = Some(1_795_744_700);
+        dir.save_state(&s).unwrap();
+        assert_eq!(fs::read(dir.path().join(STATE_FILE)).unwrap(), before);
+        let cursor = fs::metadata(dir.path().join(CURSOR_FILE)).unwrap().len();
+        assert!(cursor < 4096, "{cursor} bytes");
+        assert_eq!(dir.load_state(true).unwrap(), s);
+        assert_eq!(names(&dir), [CURSOR_FILE, STATE_FILE]);
+    }
+
+    #[test]
+    fn a_report_stopped_after_part_k_resumes_from_its_accepted_records() {
+        let (_t, dir) = saved("resume", snap(1..=100));
+        // 100 kept, 2,900 new: several parts of a small budget.
+        let (parts, accepted) = send(&dir, snap(1..=3000), 16_000, 3);
+        assert!(parts > 5, "{parts} parts");
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.sequence_number, 10);
+        assert!(s.report_incomplete);
+        assert_eq!(s.last_snapshot.as_ref(), Some(&accepted));
+        assert!(!s.snapshot_saved());
+        // The resumed run sends exactly what is left and ends at the collected snapshot.
+        let (rest, done) = send(&dir, snap(1..=3000), 16_000, usize::MAX);
+        assert_eq!(done, snap(1..=3000));
+        assert!(rest < parts);
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.last_snapshot, Some(snap(1..=3000)));
+        assert_eq!(s.sequence_number, 10 + rest as u64);
+        assert!(!s.report_incomplete && s.snapshot_saved());
+        assert_eq!(names(&dir), [STATE_FILE], "no cursor or report file left");
+    }
+
+    #[test]
+    fn a_full_report_cut_short_forgets_the_tables_it_had_not_reached() {
+        let t = TempDir::new("fullcut");
+        let dir = StateDir::create(&t.0).unwrap();
+        let mut current = snap(1..=3000);
+        current.routes = vec![crate::model::Route {
+            destination: "default".into(),
+            gateway: None,
+            interface: None,
+            source_ip: None,
+        }];
+        let (_, accepted) = send(&dir, current, 16_000, 2);
+        let s = dir.load_state(true).unwrap();
+        let got = s.last_snapshot.unwrap();
+        assert_eq!(got, accepted);
+        assert!(got.routes.is_empty(), "routes were not reached: sent again");
+    }
+
+    #[test]
+    fn a_finished_report_reads_as_the_earlier_agent_format() {
+        let (_t, dir) = saved("format", snap(1..=10));
+        send(&dir, snap(5..=40), 4_000, usize::MAX);
+        let text = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        let v: Value = miniserde::json::from_str(&text).unwrap();
+        let Value::Object(map) = &v else { panic!() };
+        let keys: Vec<&str> = map.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "agent_id",
+                "enrollment_state",
+                "full_snapshot_in_progress",
+                "last_checkin_summary",
+                "last_full_snapshot_at",
+                "last_jitter_seconds",
+                "last_snapshot",
+                "last_successful_checkin_at",
+                "policy",
+                "report_incomplete",
+                "sequence_number",
+            ]
+        );
+        let at = text.find("\"last_snapshot\":").unwrap() + "\"last_snapshot\":".len();
+        let end = text.find(",\"policy\"").unwrap();
+        assert_eq!(
+            records::snapshot_from_text(&text[at..end]),
+            Some((snap(5..=40), 0))
+        );
+    }
+
+    #[test]
+    fn staged_records_of_an_unanswered_part_are_not_taken_as_accepted() {
+        let (_t, dir) = saved("staged", snap(1..=10));
+        let (_, accepted) = send(&dir, snap(1..=2000), 16_000, 0);
+        assert_eq!(accepted, snap(1..=10));
+        // Nothing was accepted: no cursor names the report file, which the next run removes.
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.last_snapshot, Some(snap(1..=10)));
+        assert_eq!(names(&dir), [STATE_FILE]);
+    }
+
+    #[test]
+    fn small_fields_written_for_a_replaced_state_json_are_ignored() {
+        let (_t, dir) = saved("replaced", snap(1..=10));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 99;
+        dir.save_state(&s).unwrap();
+        // The earlier agent rewrites state.json (new inode): its own fields count.
+        let text = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        let replaced = text.replace("\"sequence_number\":7", "\"sequence_number\":12");
+        fs::write(dir.path().join("tmp"), replaced).unwrap();
+        fs::rename(dir.path().join("tmp"), dir.path().join(STATE_FILE)).unwrap();
+        assert_eq!(dir.load_state(true).unwrap().sequence_number, 12);
+    }
+
+    #[test]
+    fn sequence_numbers_read_back_as_u64() {
+        let t = TempDir::new("seq");
+        let dir = StateDir::create(&t.0).unwrap();
+        let s = State {
+            sequence_number: u64::MAX,
+            ..State::default()
+        };
+        dir.save_state(&s).unwrap();
+        assert_eq!(dir.load_state(true).unwrap().sequence_number, u64::MAX);
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_strings_cost_no_memory_and_count_as_corrupt_or_dropped() {
+        let t = TempDir::new("hostile");
+        let dir = StateDir::create(&t.0).unwrap();
+        let deep = format!(r#"{{"sequence_number":3,"x":{}}}"#, "[".repeat(1 << 20));
+        fs::write(dir.path().join(STATE_FILE), deep).unwrap();
+        assert_eq!(dir.load_state(true).unwrap(), State::default());
+        // A record with a megabyte-long name is dropped; its neighbours are kept.
+        let long = format!(
+            r#"{{"sequence_number":3,"last_snapshot":{{"connections":[{},{}]}}}}"#,
+            records::snapshot_json(&snap([1]))
+                .split("\"connections\":[")
+                .nth(1)
+                .unwrap()
+                .split(']')
+                .next()
+                .unwrap(),
+            r#"{"local_ip":"127.0.0.1","local_port":2,"protocol":"tcp","process_name":""#
+                .to_string()
+                + &"x".repeat(1 << 20)
+                + "\"}"
+        );
+        fs::write(dir.path().join(STATE_FILE), long).unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!((s.sequence_number, s.last_snapshot), (3, Some(snap([1]))));
+    }
+
+    #[test]
+    fn only_the_scalar_members_of_a_summary_are_kept() {
+        let reply: Value = miniserde::json::from_str(&format!(
+            r#"{{"hosts_created":1,"name":"x","ratio":0.5,"deep":{}1{},"list":[1,2],"none":null}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        ))
+        .unwrap();
+        assert_eq!(
+            summary_scalars(&reply).as_deref(),
+            Some(r#"{"hosts_created":1,"name":"x","none":null,"ratio":0.5}"#)
+        );
+        let text = r#"{"last_checkin_summary":{"a":1,"b":{"c":[2]},"d":"e"}}"#;
+        let (s, _) = read_state(&mut Reader::new(text.as_bytes()), true).unwrap();
+        assert_eq!(
+            s.last_checkin_summary.as_deref(),
+            Some(r#"{"a":1,"d":"e"}"#)
+        );
+    }
 }
