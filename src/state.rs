@@ -652,8 +652,9 @@ impl StateDir {
         }
     }
 
-    /// Removes report files that neither the loaded state nor `checkin.json` refers to: what a
-    /// run killed before its first accepted part, or a finished resume, left behind.
+    /// Removes report files that neither the loaded state nor `checkin.json` refers to (what a
+    /// run killed before its first accepted part, or a finished resume, left behind), and the
+    /// temporary files of writes a killed run did not finish.
     fn remove_stale_reports(&self, state: &State) {
         let keep = state.origin.report_file.borrow().clone();
         let Ok(entries) = fs::read_dir(&self.path) else {
@@ -662,9 +663,11 @@ impl StateDir {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if is_report_file(name) && keep.as_deref() != Some(name) {
+            let stale =
+                (is_report_file(name) && keep.as_deref() != Some(name)) || is_temp_file(name);
+            if stale {
                 match fs::remove_file(entry.path()) {
-                    Ok(()) => debug!("removed the unfinished report file {name}"),
+                    Ok(()) => debug!("removed {name}, left by a run that was stopped"),
                     Err(e) => warn!("cannot remove {}: {e}", entry.path().display()),
                 }
             }
@@ -786,6 +789,23 @@ fn choose<T>(begun: bool, full: bool, accepted: Vec<T>, base: Vec<T>) -> Vec<T> 
         (false, true) => Vec::new(),
         (false, false) => base,
     }
+}
+
+/// `.state.json.tmp-<pid>` and the like, from [`StateDir::write`]; the caller holds the lock, so
+/// no other run is writing one.
+fn is_temp_file(name: &str) -> bool {
+    [STATE_FILE, CURSOR_FILE, KEY_FILE, UUID_FILE]
+        .iter()
+        .any(|f| {
+            name.strip_prefix('.')
+                .and_then(|n| n.strip_prefix(f))
+                .and_then(|n| n.strip_prefix(".tmp-"))
+                .is_some_and(|pid| {
+                    !pid.is_empty()
+                        && pid.bytes().all(|b| b.is_ascii_digit())
+                        && pid != std::process::id().to_string()
+                })
+        })
 }
 
 fn is_report_file(name: &str) -> bool {
