@@ -8,8 +8,8 @@
 //!       <ready-file> once every connection is established and accepted.
 //!   helper measure <timeout-seconds> <command> [args...]
 //!       Runs the command (stdout and stderr to /dev/null) and prints
-//!       `<exit code> <wall s> <user+sys CPU s> <peak RSS KiB>`: CPU and peak RSS from the
-//!       rusage of wait4, to the microsecond (GNU time prints CPU to the hundredth of a second,
+//!       `<exit code> <wall s> <user+sys CPU s> <peak RSS KiB> <bytes written>`: CPU, peak RSS
+//!       and bytes written to storage (ru_oublock × 512) from the rusage of wait4, to the microsecond (GNU time prints CPU to the hundredth of a second,
 //!       too coarse for a run of a few milliseconds).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -182,5 +182,7 @@ fn measure(timeout: u64, cmd: &[String]) {
     } else {
         128 + (status & 0x7f)
     };
-    println!("{code} {wall:.6} {cpu:.6} {}", ru.maxrss);
+    // ru_oublock: blocks of 512 bytes the process caused to be written to storage (its
+    // /proc/<pid>/io write_bytes), children included.
+    println!("{code} {wall:.6} {cpu:.6} {} {}", ru.maxrss, ru.rest[7] * 512);
 }

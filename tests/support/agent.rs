@@ -12,6 +12,12 @@ use miniserde::json::Value;
 /// The enrollment key the tests register with.
 pub const ENROLLMENT_KEY: &str = "gaek_integrationTestEnrollmentKey0001";
 
+/// The agent binary cargo built for the integration tests (`option_env!`: the benchmark's
+/// server, an example, compiles this module without one).
+fn agent_binary() -> &'static str {
+    option_env!("CARGO_BIN_EXE_grapheon-agent").expect("the agent binary is built for tests only")
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -106,7 +112,7 @@ impl Agent {
 
     /// The command for one run, not yet started.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_grapheon-agent"));
+        let mut cmd = Command::new(agent_binary());
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -121,7 +127,7 @@ impl Agent {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_grapheon-agent")])
+            .args(["netns", "exec", netns, agent_binary()])
             .args(args)
             .stdin(Stdio::null());
         cmd
