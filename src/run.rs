@@ -446,7 +446,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
             )));
         }
         let seq = state.sequence_number + 1;
-        report::render_into(
+        let at = report::render_into(
             &mut body,
             &header,
             seq,
@@ -458,7 +458,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
         );
         let gz = gzip::compress(body.as_bytes());
         if let Some(p) = progress.as_mut() {
-            p.stage(&kept, &pending, part, last)?;
+            p.stage(&kept, part, at.map(|r| &body[r]), last)?;
         }
         let result = if gz.len() > report::RAW_LIMIT {
             Err(Failure::Status {

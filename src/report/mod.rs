@@ -171,7 +171,7 @@ pub fn split_from(
     // The part-independent overhead, with the widest numbers a part can carry.
     let widest = (u32::MAX as usize, u32::MAX as usize);
     let mut overhead = String::new();
-    render_into(
+    let _ = render_into(
         &mut overhead,
         header,
         u64::MAX,
@@ -272,7 +272,7 @@ pub fn render(
     part: &Part,
 ) -> String {
     let mut out = String::new();
-    render_into(
+    let _ = render_into(
         &mut out,
         header,
         sequence_number,
@@ -286,6 +286,8 @@ pub fn render(
 }
 
 /// [`render`] into `out` (cleared first), so one buffer serves every part of a report.
+/// Returns where each table's records are in `out` (`rec,rec,…`, without the brackets), so
+/// the state file can take them as rendered.
 #[allow(clippy::too_many_arguments)]
 pub fn render_into(
     out: &mut String,
@@ -296,7 +298,8 @@ pub fn render_into(
     removed: &Counts,
     delta: &Snapshot,
     part: &Part,
-) {
+) -> [Range<usize>; 4] {
+    let mut at = [0..0, 0..0, 0..0, 0..0];
     out.clear();
     out.reserve(part.len() * 170 + 1024);
     let mut o = Object::new(out);
@@ -316,15 +319,18 @@ pub fn render_into(
         o.raw(key, "");
         let out = o.out();
         out.push('[');
+        let start = out.len();
         for (n, i) in part.ranges[t].clone().enumerate() {
             if n > 0 {
                 out.push(',');
             }
             push_record(out, delta, t, i);
         }
+        at[t] = start..out.len();
         out.push(']');
     }
     o.end();
+    at
 }
 
 /// The report's `metadata` object.

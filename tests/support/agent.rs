@@ -15,7 +15,10 @@ pub const ENROLLMENT_KEY: &str = "gaek_integrationTestEnrollmentKey0001";
 /// The agent binary cargo built for the integration tests (`option_env!`: the benchmark's
 /// server, an example, compiles this module without one).
 fn agent_binary() -> &'static str {
-    option_env!("CARGO_BIN_EXE_grapheon-agent").expect("the agent binary is built for tests only")
+    match option_env!("CARGO_BIN_EXE_grapheon-agent") {
+        Some(path) => path,
+        None => panic!("the agent binary is built for integration tests only"),
+    }
 }
 
 /// A temporary directory removed on drop.
