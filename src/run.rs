@@ -428,10 +428,6 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
     } else {
         Some(dir.begin_report(state, full)?)
     };
-    // The snapshot this run started from is no longer needed: `kept` holds what remains.
-    if progress.is_some() {
-        state.set_snapshot(None);
-    }
     let mut budget = report::part_budget(policy.max_report_bytes);
     let mut parts = report::split(&header, &pending, &removed, budget);
     let (mut next, mut done, mut sent) = (0, 0, 0);

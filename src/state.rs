@@ -685,7 +685,8 @@ impl StateDir {
 
     /// Persists the state. When `state.json` still holds this state's snapshot, only the small
     /// fields are written (`checkin.json`, well under 4 KiB); otherwise `state.json` is
-    /// replaced whole.
+    /// replaced whole. While a report is in progress, [`Report::commit`] saves instead (this
+    /// would forget the report's accepted parts, which would then be sent again).
     pub fn save_state(&self, state: &State) -> Result<()> {
         let on_disk = self.state_file_id()?;
         if let Some(id) =
