@@ -13,6 +13,8 @@
 #             the largest of the four
 #   agent-cmd grapheon-agent --dry-run --collector commands (for context: the agent, its
 #             children and its own parsing)
+#   floor     scripts/bench/helper.rs floor: a minimal sock_diag + /proc/*/fd dump, what any
+#             socket lister must do at least
 #   full      grapheon-agent --force against the contract server (examples/bench_server.rs, in a
 #             namespace of its own behind a veth pair, so its sockets are not collected) from a
 #             freshly registered state: a full snapshot, in parts
@@ -167,13 +169,15 @@ EOF
     echo "   $established established sockets; connection records: native $native_records" >&2
   fi
 
-  : >"$work/native" && : >"$work/commands" && : >"$work/agentcmd"
+  : >"$work/native" && : >"$work/commands" && : >"$work/agentcmd" && : >"$work/floor"
   for c in "${cmds[@]}"; do : >"$work/cmd-${c// /_}"; done
   for r in $(seq 0 "$runs"); do
     # Run 0 warms the page cache and is not counted.
     a=$(measure "$agent" "${agent_args[@]}" --collector native)
+    fl=$(measure "$helper" floor)
     if [ "$r" -gt 0 ]; then
       echo "$a" >>"$work/native"
+      echo "$fl" >>"$work/floor"
     fi
     [ "$with_commands" = 1 ] || continue
     wall=0 cpu=0 rss=0
@@ -250,7 +254,8 @@ EOF
   fw=$(col full 1) fc=$(col full 2) fr=$(col full 3) fb=$(col full 4)
   dw=$(col delta 1) dc=$(col delta 2) dr=$(col delta 3) db=$(col delta 4)
   size=$(median <"$work/size")
-  checkins+=("| $n | $(ms "$nc") | $(mib "$nr") | $(ms "$fc") | $(ms "$fw") | $(mib "$fr") | $(mb "$fb") | $(mb "$size") | $(ratio "$fb" "$size") | $(ms "$dc") | $(ms "$dw") | $(mib "$dr") | $(kib "$db") |")
+  flc=$(col floor 2)
+  checkins+=("| $n | $(ms "$flc") | $(ms "$nc") | $(ratio "$nc" "$flc") | $(mib "$nr") | $(ms "$fc") | $(ms "$fw") | $(mib "$fr") | $(mb "$fb") | $(mb "$size") | $(ratio "$fb" "$size") | $(ms "$dc") | $(ms "$dw") | $(mib "$dr") | $(kib "$db") |")
   if [ "$with_commands" = 1 ]; then
     cw=$(col commands 1) cc=$(col commands 2) cr=$(col commands 3)
     aw=$(col agentcmd 1) ac=$(col agentcmd 2) ar=$(col agentcmd 3)
@@ -279,11 +284,13 @@ grapheon-agent $("$agent" --version 2>/dev/null | head -1) ($target, $(stat -c %
 $(nproc) CPUs ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), Linux $(uname -r), $(ip -V), $(ss -V)
 Median of $runs runs. CPU = user+sys. Load average (1, 5, 15 min) after each size: ${loads[*]}
 
-Check-ins (native collector) against the contract server. Written = bytes written to the state
-directory's filesystem by the run; state.json = its size after the full check-in.
+Check-ins (native collector) against the contract server. Floor = a minimal sock_diag and
+/proc/*/fd dump; dry-run = grapheon-agent --dry-run --collector native. Written = bytes written
+to the state directory's filesystem by the run (ru_oublock); state.json = its size after the
+full check-in.
 
-| connections | dry-run CPU ms | dry-run peak RSS MiB | full CPU ms | full wall ms | full peak RSS MiB | full written MB | state.json MB | written / state.json | delta CPU ms | delta wall ms | delta peak RSS MiB | delta written KiB |
-|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| connections | floor CPU ms | dry-run CPU ms | dry-run / floor | dry-run peak RSS MiB | full CPU ms | full wall ms | full peak RSS MiB | full written MB | state.json MB | written / state.json | delta CPU ms | delta wall ms | delta peak RSS MiB | delta written KiB |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 EOF
 printf '%s\n' "${checkins[@]}"
 [ "$with_commands" = 1 ] || exit 0
