@@ -139,7 +139,8 @@ fn lifecycle(cfg: &Config) -> Result<()> {
         return Ok(());
     };
     let uuid = dir.ensure_uuid()?;
-    let mut state = dir.load_state(true)?;
+    // The snapshot is read after collection (see `check_in`).
+    let mut state = dir.load_state_deferred(true)?;
     let client = Client::new(cfg, server)?;
     let host = Host::detect(cfg);
     let run = Session {
@@ -158,6 +159,8 @@ fn lifecycle(cfg: &Config) -> Result<()> {
         )));
     }
     if key.is_none() || cfg.action == Action::RegisterOnly {
+        // Registration saves the state: whole, with its snapshot.
+        run.dir.load_snapshot(&mut state)?;
         match register(&run, &mut state, key.is_some())? {
             Some(new_key) => key = Some(new_key),
             None if key.is_none() => return Ok(()), // pending approval
@@ -412,6 +415,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str) -> Result<()> {
         snapshot: current,
         left_out,
     } = collect::collect(&collect_options(cfg, &policy));
+    dir.load_snapshot(state)?;
     let now = timefmt::now();
     let Plan {
         full,

@@ -72,6 +72,10 @@ struct Origin {
     snapshot_saved: Cell<bool>,
     /// The report file (`state.json.partial-…`) the snapshot was resumed from.
     report_file: RefCell<Option<String>>,
+    /// The snapshot is not read yet ([`StateDir::load_state_deferred`]); the report to resume
+    /// it from, if any, waits here.
+    deferred: Cell<bool>,
+    resume: RefCell<Option<Cursor>>,
 }
 
 impl PartialEq for Origin {
@@ -112,7 +116,7 @@ impl FileId {
 
 /// What `checkin.json` adds to the small fields: which `state.json` they go with, and the
 /// progress of a report being sent in parts.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Cursor {
     state_file: Option<String>,
     report_file: Option<String>,
@@ -493,10 +497,27 @@ impl StateDir {
     /// `repair`) and the run continues from a fresh state. With `repair` (the caller holds the
     /// lock), report files nothing refers to any more are removed.
     pub fn load_state(&self, repair: bool) -> Result<State> {
-        let mut state = self.load_state_file(repair)?;
+        self.load(repair, true)
+    }
+
+    /// [`StateDir::load_state`] without the snapshot, which [`StateDir::load_snapshot`] reads
+    /// later: a run collects before it needs the snapshot, and so never holds both the
+    /// collection's buffers and the saved records at once.
+    pub fn load_state_deferred(&self, repair: bool) -> Result<State> {
+        self.load(repair, false)
+    }
+
+    fn load(&self, repair: bool, snapshot: bool) -> Result<State> {
+        let mut state = self.load_state_file(repair, snapshot)?;
         let cursor = self.load_cursor(&state);
         if let Some((fields, cursor)) = cursor {
-            self.resume(&mut state, fields, cursor);
+            self.take_fields(&mut state, fields);
+            if snapshot {
+                self.resume(&mut state, cursor);
+            } else {
+                *state.origin.report_file.borrow_mut() = cursor.report_file.clone();
+                *state.origin.resume.borrow_mut() = Some(cursor);
+            }
         }
         if repair {
             self.remove_stale_reports(&state);
@@ -504,7 +525,45 @@ impl StateDir {
         Ok(state)
     }
 
-    fn load_state_file(&self, repair: bool) -> Result<State> {
+    /// Reads the snapshot a [`StateDir::load_state_deferred`] left out (and the accepted parts
+    /// of a report cut short); nothing when it is already read.
+    pub fn load_snapshot(&self, state: &mut State) -> Result<()> {
+        if !state.origin.deferred.get() {
+            return Ok(());
+        }
+        let path = self.path.join(STATE_FILE);
+        if let Some(id) = state.origin.file.get() {
+            let file = File::open(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| Error::io("cannot read", &path, e))?;
+            if FileId::of(&meta) != id {
+                return Err(Error::Transient(format!(
+                    "{} was replaced while this run held the lock; the next run reads it again",
+                    path.display()
+                )));
+            }
+            let reader = &mut Reader::new(BufReader::with_capacity(64 << 10, file));
+            match read_state(reader, true) {
+                Ok((read, _)) => state.last_snapshot = read.last_snapshot,
+                Err(Fault::Io(e)) => return Err(Error::io("cannot read", &path, e)),
+                Err(_) => {
+                    return Err(Error::Transient(format!(
+                        "{} no longer parses; the next run reads it again",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        state.origin.deferred.set(false);
+        let cursor = state.origin.resume.borrow_mut().take();
+        if let Some(cursor) = cursor {
+            self.resume(state, cursor);
+        }
+        Ok(())
+    }
+
+    fn load_state_file(&self, repair: bool, snapshot: bool) -> Result<State> {
         let path = self.path.join(STATE_FILE);
         let file = match File::open(&path) {
             Ok(file) => file,
@@ -519,13 +578,14 @@ impl StateDir {
         } else {
             read_state(
                 &mut Reader::new(BufReader::with_capacity(64 << 10, file)),
-                true,
+                snapshot,
             )
         };
         match parsed {
             Ok((state, _)) => {
                 state.origin.file.set(Some(FileId::of(&meta)));
                 state.origin.snapshot_saved.set(true);
+                state.origin.deferred.set(!snapshot);
                 return Ok(state);
             }
             Err(Fault::Io(e)) if e.kind() != ErrorKind::InvalidData => {
@@ -584,14 +644,17 @@ impl StateDir {
         }
     }
 
-    /// Takes the small fields of `checkin.json` and, when a report was cut short, the records
-    /// of its accepted parts.
-    fn resume(&self, state: &mut State, fields: State, cursor: Cursor) {
+    /// Takes the small fields of `checkin.json`.
+    fn take_fields(&self, state: &mut State, fields: State) {
         let snapshot = state.last_snapshot.take();
         let origin = std::mem::take(&mut state.origin);
         *state = fields;
         state.last_snapshot = snapshot;
         state.origin = origin;
+    }
+
+    /// When a report was cut short, takes the records of its accepted parts.
+    fn resume(&self, state: &mut State, cursor: Cursor) {
         let Some(name) = cursor.report_file else {
             return;
         };
@@ -1307,7 +1370,10 @@ mod tests {
         budget: usize,
         accepted: usize,
     ) -> (usize, Snapshot) {
-        let mut state = dir.load_state(true).unwrap();
+        // As a run does: the snapshot is read after collection.
+        let mut state = dir.load_state_deferred(true).unwrap();
+        assert_eq!(state.last_snapshot, None);
+        dir.load_snapshot(&mut state).unwrap();
         let full = state.last_snapshot.is_none();
         let base = state.last_snapshot.clone().unwrap_or_default();
         let (kept, pending) = report::partition(&base, current);
