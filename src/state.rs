@@ -229,7 +229,7 @@ fn read_state<R: BufRead>(r: &mut Reader<R>, snapshot: bool) -> Step<(State, Cur
                         tally.dropped
                     );
                 }
-                s.normalize();
+                tidy(&mut s);
                 state.last_snapshot = Some(s);
             }
             "last_successful_checkin_at" => {
@@ -668,7 +668,7 @@ impl StateDir {
                     connections: choose(begun[2], full, accepted.connections, base.connections),
                     routes: choose(begun[3], full, accepted.routes, base.routes),
                 };
-                s.normalize();
+                tidy(&mut s);
                 state.last_snapshot = Some(s);
                 state.origin.snapshot_saved.set(false);
                 *state.origin.report_file.borrow_mut() = Some(name);
@@ -843,6 +843,23 @@ impl StateDir {
             Error::io("cannot write", &path, e)
         })
     }
+}
+
+/// Sorts and de-duplicates a snapshot read from a file, in place and without the stable sort's
+/// buffer (equal records are identical), and gives back the tables' spare capacity: at 200,000
+/// records that is tens of megabytes a delta run would otherwise hold beside the collection.
+fn tidy(s: &mut Snapshot) {
+    fn table<T: Ord>(v: &mut Vec<T>) {
+        if !v.is_sorted() {
+            v.sort_unstable();
+        }
+        v.dedup();
+        v.shrink_to_fit();
+    }
+    table(&mut s.addresses);
+    table(&mut s.neighbors);
+    table(&mut s.connections);
+    table(&mut s.routes);
 }
 
 /// A table of a resumed snapshot: what the report file holds once the report reached the table;
