@@ -2,6 +2,8 @@
 //!
 //! Output is written by hand: field order is fixed, nothing is allocated per field, and the
 //! same record always produces the same bytes, which the delta and the size budget rely on.
+pub mod read;
+
 use std::net::IpAddr;
 
 use miniserde::json::{Number, Value};
@@ -118,8 +120,21 @@ impl<'a, S: Sink + ?Sized> Object<'a, S> {
             self.out.put_char(',');
         }
         self.first = false;
-        push_str(self.out, key);
-        self.out.put_char(':');
+        // Keys are the program's own names: plain ASCII, nothing to escape. Others (a summary
+        // relayed from the server) go through the escaper.
+        if key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            self.out.put_char('"');
+            self.out.put(key);
+            self.out.put("\":");
+        } else {
+            push_str(self.out, key);
+            self.out.put_char(':');
+        }
+    }
+
+    /// The output, to write a member's value directly after `raw(key, "")`.
+    pub fn out(&mut self) -> &mut S {
+        self.out
     }
 
     /// A string member.
@@ -132,22 +147,42 @@ impl<'a, S: Sink + ?Sized> Object<'a, S> {
     /// An address member, written without `fmt` (the hot path of large reports).
     pub fn ip(&mut self, key: &str, ip: IpAddr) -> &mut Self {
         self.key(key);
-        self.out.put_char('"');
         match ip {
             IpAddr::V4(v4) => {
+                // `"255.255.255.255"` at most, built on the stack and written at once.
+                let mut text = [0u8; 17];
+                let mut at = 0;
+                text[at] = b'"';
+                at += 1;
                 for (i, octet) in v4.octets().into_iter().enumerate() {
                     if i > 0 {
-                        self.out.put_char('.');
+                        text[at] = b'.';
+                        at += 1;
                     }
-                    push_u64(self.out, u64::from(octet));
+                    if octet >= 100 {
+                        text[at] = b'0' + octet / 100;
+                        at += 1;
+                    }
+                    if octet >= 10 {
+                        text[at] = b'0' + octet / 10 % 10;
+                        at += 1;
+                    }
+                    text[at] = b'0' + octet % 10;
+                    at += 1;
                 }
+                text[at] = b'"';
+                at += 1;
+                // Only ASCII was written.
+                self.out
+                    .put(std::str::from_utf8(&text[..at]).unwrap_or("null"));
             }
             // IPv6 text has compression rules worth leaving to the standard library.
             IpAddr::V6(v6) => {
+                self.out.put_char('"');
                 let _ = write!(self.out, "{v6}");
+                self.out.put_char('"');
             }
         }
-        self.out.put_char('"');
         self
     }
 
@@ -165,15 +200,13 @@ impl<'a, S: Sink + ?Sized> Object<'a, S> {
             return self.raw(key, "null");
         };
         self.key(key);
-        self.out.put_char('"');
+        let mut text = *b"\"00:00:00:00:00:00\"";
         for (i, octet) in octets.into_iter().enumerate() {
-            if i > 0 {
-                self.out.put_char(':');
-            }
-            self.out.put_char(char::from(HEX[usize::from(octet >> 4)]));
-            self.out.put_char(char::from(HEX[usize::from(octet & 0xf)]));
+            text[1 + i * 3] = HEX[usize::from(octet >> 4)];
+            text[2 + i * 3] = HEX[usize::from(octet & 0xf)];
         }
-        self.out.put_char('"');
+        // Only ASCII was written.
+        self.out.put(std::str::from_utf8(&text).unwrap_or("null"));
         self
     }
 

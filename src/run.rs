@@ -209,7 +209,8 @@ fn lifecycle(cfg: &Config) -> Result<()> {
     };
     dir.tidy()?;
     let uuid = dir.ensure_uuid()?;
-    let mut state = dir.load_state(true)?;
+    // The snapshot is read after collection (see `check_in`).
+    let mut state = dir.load_state_deferred(true)?;
     let client = Client::new(cfg, server)?;
     let host = Host::detect(cfg);
     let run = Session {
@@ -228,6 +229,8 @@ fn lifecycle(cfg: &Config) -> Result<()> {
         )));
     }
     if key.is_none() || cfg.action == Action::RegisterOnly {
+        // Registration saves the state: whole, with its snapshot.
+        run.dir.load_snapshot(&mut state)?;
         match register(&run, &mut state, key.is_some())? {
             Some(new_key) => key = Some(new_key),
             None if key.is_none() => return Ok(()), // pending approval
@@ -571,11 +574,12 @@ fn plan_read(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
             pending: current,
         };
     }
+    let (kept, pending) = report::partition(base, current);
     Plan {
         full,
         removed,
-        kept: report::intersection(base, &current),
-        pending: report::difference(base, &current),
+        kept,
+        pending,
     }
 }
 
@@ -607,15 +611,6 @@ fn header(
     }
 }
 
-/// Drops the records before `from` (per-table start indices), in place: a copy of the rest
-/// would double the memory of a large report each time parts are cut again.
-fn drop_sent(s: &mut Snapshot, from: &Counts) {
-    s.addresses.drain(..from[0].min(s.addresses.len()));
-    s.neighbors.drain(..from[1].min(s.neighbors.len()));
-    s.connections.drain(..from[2].min(s.connections.len()));
-    s.routes.drain(..from[3].min(s.routes.len()));
-}
-
 fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) -> Result<()> {
     let Session {
         cfg,
@@ -627,166 +622,200 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
     let policy = state.policy();
     let deadline = Instant::now() + RUN_TIME;
     client.set_deadline(deadline);
+    // The saved snapshot is read after collecting, so a run never holds the collection's
+    // buffers and the saved records at once; only a failed address table needs it earlier.
+    let mut known = || match dir.load_snapshot(state) {
+        Ok(()) => known_addresses(state).to_vec(),
+        Err(e) => {
+            warn!("{e}");
+            Vec::new()
+        }
+    };
     let collect::Collected {
         snapshot: current,
         left_out,
         failed,
         namespaces,
-    } = collect::collect(&collect_options(cfg, &policy), known_addresses(state));
+    } = collect::collect(&collect_options(cfg, &policy), &mut known);
+    dir.load_snapshot(state)?;
     let now = timefmt::now();
     let Plan {
         full,
         removed,
-        mut kept,
-        mut pending,
+        kept,
+        pending,
     } = plan(state, current, &failed, cfg, now);
     let limits = limits(cfg, &policy);
     let mut budget = pace.budget(&limits);
     let mut header = header(cfg, uuid, host, now, left_out, failed);
     header.namespaces = namespaces_metadata(&namespaces, budget);
-    let (mut sent, mut done) = (0, 0);
-    'split: loop {
-        let parts = report::split(&header, &pending, &removed, budget);
-        let total = done + parts.len();
-        for part in &parts {
-            if Instant::now() >= deadline {
+    // When nothing changed, state.json already holds the snapshot: only the small fields are
+    // saved. Otherwise the next state.json grows part by part as the server accepts them.
+    let unchanged = !full && pending.is_empty() && removed == [0; 4] && state.snapshot_saved();
+    let mut progress = if unchanged {
+        None
+    } else {
+        Some(dir.begin_report(state, full)?)
+    };
+    let mut parts = report::split(&header, &pending, &removed, budget);
+    let (mut next, mut done, mut sent) = (0, 0, 0);
+    let mut body = String::new();
+    while next < parts.len() {
+        let part = &parts[next];
+        let total = done + parts.len() - next;
+        let last = next + 1 == parts.len();
+        if Instant::now() >= deadline {
+            return Err(Error::Transient(format!(
+                "the run's time is up after {done} of {total} parts; the next run sends the rest"
+            )));
+        }
+        let seq = state.sequence_number + 1;
+        let at = report::render_into(
+            &mut body,
+            &header,
+            seq,
+            full,
+            (done + 1, total),
+            &removed,
+            &pending,
+            part,
+        );
+        let gz = gzip::compress(body.as_bytes());
+        pace.compressed(body.len(), gz.len());
+        if gz.len() > report::RAW_LIMIT {
+            // Never sent: cut again to what this host's reports compress to.
+            let smaller = pace.budget(&limits).min(budget / 2);
+            if smaller < budget && budget > 4_096 {
+                debug!(
+                    "part {} is {} bytes compressed, over the server's raw limit; cutting parts of {smaller} bytes",
+                    done + 1,
+                    gz.len()
+                );
+                budget = smaller;
+                header.namespaces = namespaces_metadata(&namespaces, budget);
+                parts = report::split_from(&header, &pending, &removed, budget, part.start());
+                next = 0;
+                continue;
+            }
+        }
+        if let Some(p) = progress.as_mut() {
+            p.stage(&kept, part, at.map(|r| &body[r]), last)?;
+        }
+        let result = if gz.len() > report::RAW_LIMIT {
+            Err(Failure::status(413, "larger than the server's raw limit"))
+        } else {
+            // Recorded before it goes out: a run killed while waiting leaves the next one
+            // knowing the part may be stored.
+            pace.sending(timefmt::now(), body.len());
+            pacing::save(dir, pace)?;
+            client.check_in(&gz, key)
+        };
+        match result {
+            Ok(answer) => {
+                done += 1;
+                next += 1;
+                sent += part.len();
+                accepted(state, &answer, seq, full, last, now);
+                // Recorded first: the window in which an accepted part is not yet known to be
+                // accepted is the only one in which a part can be sent twice (by the next run).
+                match progress.as_mut() {
+                    None => dir.save_state(state)?,
+                    Some(p) if !last => p.commit(state)?,
+                    Some(_) => {}
+                }
+                pace.accepted(
+                    &limits,
+                    timefmt::now(),
+                    body.len(),
+                    part.len(),
+                    answer.elapsed,
+                );
+                let resized = pace.budget(&limits);
+                debug!(
+                    "part {done}/{total} accepted: {} records, {} bytes ({} gzip) in {} ms; next part {resized} bytes",
+                    part.len(),
+                    body.len(),
+                    gz.len(),
+                    answer.elapsed.as_millis()
+                );
+                // The rest is cut again when the server's pace moved the part size enough.
+                if next < parts.len()
+                    && (resized < budget - budget / 10 || resized > budget + budget / 4)
+                {
+                    budget = resized;
+                    header.namespaces = namespaces_metadata(&namespaces, budget);
+                    parts =
+                        report::split_from(&header, &pending, &removed, budget, parts[next].start());
+                    next = 0;
+                }
+            }
+            Err(Failure::Status {
+                status: 413,
+                detail,
+                ..
+            }) if budget > 4_096 => {
+                pace.settled();
+                budget /= 2;
+                pace.too_large(&limits, budget);
+                warn!(
+                    "server refused part {} as too large ({detail}); splitting the rest into parts of {budget} bytes",
+                    done + 1
+                );
+                if let Some(p) = progress.as_mut() {
+                    p.unstage()?;
+                }
+                header.namespaces = namespaces_metadata(&namespaces, budget);
+                parts = report::split_from(&header, &pending, &removed, budget, part.start());
+                next = 0;
+            }
+            Err(Failure::InDoubt(why)) => {
+                let unanswered = pace.in_flight.unwrap_or(pacing::Sent {
+                    at: timefmt::now(),
+                    bytes: body.len() as u64,
+                });
+                pace.unanswered(&limits, unanswered);
+                pace.failed(
+                    timefmt::now(),
+                    &backoff(cfg, &policy),
+                    None,
+                    pacing::random(),
+                );
                 return Err(Error::Transient(format!(
-                    "the run's time is up after {done} of {total} parts; the next run sends the rest"
+                    "check-in part {} of {total} ({} bytes) failed: {why}. The server may have stored it or may \
+                     still be storing it, so it is not sent again in this run; the next run sends it in parts of \
+                     at most {} bytes, not before {}",
+                    done + 1,
+                    body.len(),
+                    pace.budget(&limits),
+                    timefmt::format_utc(pace.hold_until.unwrap_or(unanswered.at)),
                 )));
             }
-            let seq = state.sequence_number + 1;
-            let body = report::render(
-                &header,
-                seq,
-                full,
-                (done + 1, total),
-                &removed,
-                &pending,
-                part,
-            );
-            let gz = gzip::compress(body.as_bytes());
-            pace.compressed(body.len(), gz.len());
-            if gz.len() > report::RAW_LIMIT {
-                // Never sent: cut again to what this host's reports compress to.
-                let smaller = pace.budget(&limits).min(budget / 2);
-                if smaller < budget && budget > 4_096 {
-                    debug!(
-                        "part {} is {} bytes compressed, over the server's raw limit; cutting parts of {smaller} bytes",
-                        done + 1,
-                        gz.len()
-                    );
-                    budget = smaller;
-                    let from = part.ranges.clone().map(|r| r.start);
-                    kept = report::advance(&kept, &pending, &from);
-                    drop_sent(&mut pending, &from);
-                    continue 'split;
-                }
-            }
-            let result = if gz.len() > report::RAW_LIMIT {
-                Err(Failure::status(413, "larger than the server's raw limit"))
-            } else {
-                // Recorded before it goes out: a run killed while waiting leaves the next one
-                // knowing the part may be stored.
-                pace.sending(timefmt::now(), body.len());
-                pacing::save(dir, pace)?;
-                client.check_in(&gz, key)
-            };
-            match result {
-                Ok(answer) => {
-                    done += 1;
-                    pace.accepted(
-                        &limits,
-                        timefmt::now(),
-                        body.len(),
-                        part.len(),
-                        answer.elapsed,
-                    );
-                    let snapshot = report::advance(&kept, &pending, &report::ends(part));
-                    accepted(state, &answer, seq, snapshot, full, done == total, now);
-                    dir.save_state(state)?;
-                    sent += part.len();
-                    let next = pace.budget(&limits);
-                    debug!(
-                        "part {done}/{total} accepted: {} records, {} bytes ({} gzip) in {} ms; next part {next} bytes",
-                        part.len(),
-                        body.len(),
-                        gz.len(),
-                        answer.elapsed.as_millis()
-                    );
-                    // The rest is cut again when the server's pace moved the part size enough.
-                    if done < total && (next < budget - budget / 10 || next > budget + budget / 4) {
-                        budget = next;
-                        let from = report::ends(part);
-                        kept = report::advance(&kept, &pending, &from);
-                        drop_sent(&mut pending, &from);
-                        continue 'split;
-                    }
-                }
-                Err(Failure::Status {
-                    status: 413,
-                    detail,
-                    ..
-                }) if budget > 4_096 => {
-                    pace.settled();
-                    budget /= 2;
-                    pace.too_large(&limits, budget);
-                    warn!(
-                        "server refused part {} as too large ({detail}); splitting the rest into parts of {budget} bytes",
-                        done + 1
-                    );
-                    // What this run had accepted joins the base; the rest is split again.
-                    let from = part.ranges.clone().map(|r| r.start);
-                    kept = report::advance(&kept, &pending, &from);
-                    drop_sent(&mut pending, &from);
-                    continue 'split;
-                }
-                Err(Failure::InDoubt(why)) => {
-                    let unanswered = pace.in_flight.unwrap_or(pacing::Sent {
-                        at: timefmt::now(),
-                        bytes: body.len() as u64,
-                    });
-                    pace.unanswered(&limits, unanswered);
+            Err(f) => {
+                pace.settled();
+                if f.transient() {
                     pace.failed(
                         timefmt::now(),
                         &backoff(cfg, &policy),
-                        None,
+                        f.retry_after(),
                         pacing::random(),
                     );
-                    return Err(Error::Transient(format!(
-                        "check-in part {} of {total} ({} bytes) failed: {why}. The server may have stored it or may \
-                         still be storing it, so it is not sent again in this run; the next run sends it in parts of \
-                         at most {} bytes, not before {}",
-                        done + 1,
-                        body.len(),
-                        pace.budget(&limits),
-                        timefmt::format_utc(pace.hold_until.unwrap_or(unanswered.at)),
-                    )));
                 }
-                Err(f) => {
-                    pace.settled();
-                    if f.transient() {
-                        pace.failed(
-                            timefmt::now(),
-                            &backoff(cfg, &policy),
-                            f.retry_after(),
-                            pacing::random(),
-                        );
+                if let Failure::Status {
+                    status: 422,
+                    errors,
+                    ..
+                } = &f
+                {
+                    for line in offending_records(errors, &pending, part) {
+                        debug!("refused record: {line}");
                     }
-                    if let Failure::Status {
-                        status: 422,
-                        errors,
-                        ..
-                    } = &f
-                    {
-                        for line in offending_records(errors, &pending, part) {
-                            debug!("refused record: {line}");
-                        }
-                    }
-                    return Err(f.into_error("check-in"));
                 }
+                return Err(f.into_error("check-in"));
             }
         }
-        break;
+    }
+    if let Some(p) = progress {
+        p.finish(state, report::union(kept, pending))?;
     }
     info!(
         "check-in accepted: {} records sent ({}), sequence number {}",
@@ -835,17 +864,9 @@ fn offending_records(errors: &[String], pending: &Snapshot, part: &report::Part)
     out
 }
 
-fn accepted(
-    state: &mut State,
-    answer: &Answer,
-    seq: u64,
-    snapshot: Snapshot,
-    full: bool,
-    last_part: bool,
-    now: i64,
-) {
+/// Takes in what an accepted part changes besides the snapshot (which the report file keeps).
+fn accepted(state: &mut State, answer: &Answer, seq: u64, full: bool, last_part: bool, now: i64) {
     state.sequence_number = seq;
-    state.last_snapshot = Some(snapshot);
     state.last_successful_checkin_at = Some(now);
     state.report_incomplete = !last_part;
     state.full_snapshot_in_progress = full && !last_part;
@@ -856,8 +877,8 @@ fn accepted(
     }
     if let Some(v) = &answer.body {
         remember_agent(state, v);
-        if let Some(summary) = json::get(v, "summary").filter(|s| !matches!(s, Value::Null)) {
-            state.last_checkin_summary = Some(miniserde::json::to_string(summary));
+        if let Some(summary) = json::get(v, "summary").and_then(state::summary_scalars) {
+            state.last_checkin_summary = Some(summary);
         }
     }
 }
@@ -879,10 +900,9 @@ fn dry_run(cfg: &Config) -> Result<()> {
         left_out,
         failed,
         namespaces,
-    } = collect::collect(
-        &collect_options(cfg, &state.policy()),
-        known_addresses(&state),
-    );
+    } = collect::collect(&collect_options(cfg, &state.policy()), &mut || {
+        known_addresses(&state).to_vec()
+    });
     let now = timefmt::now();
     let p = plan(&state, current, &failed, cfg, now);
     // The size the next run starts with; a run resizes later parts as the server answers.
@@ -1071,13 +1091,12 @@ mod tests {
     const NOW: i64 = 1_795_744_647;
 
     fn accepted_state(last: Snapshot, full_at: i64) -> State {
-        State {
-            sequence_number: 7,
-            last_snapshot: Some(last),
-            last_successful_checkin_at: Some(NOW - 60),
-            last_full_snapshot_at: Some(full_at),
-            ..State::default()
-        }
+        let mut state = State::default();
+        state.sequence_number = 7;
+        state.last_snapshot = Some(last);
+        state.last_successful_checkin_at = Some(NOW - 60);
+        state.last_full_snapshot_at = Some(full_at);
+        state
     }
 
     fn routes_failed() -> [Option<String>; 4] {
@@ -1108,7 +1127,7 @@ mod tests {
         assert_eq!(p.kept, snapshot(&["default"], &[]));
         // Once accepted, the saved snapshot still holds the route.
         assert_eq!(
-            report::advance(&p.kept, &p.pending, &[0, 0, 1, 0]),
+            report::union(p.kept, p.pending),
             snapshot(&["default"], &[1])
         );
     }

@@ -4,8 +4,9 @@
 //! a crash or a full disk leaves either the old file or the new one, never a torn one. The
 //! directory is 0700 and every file 0600. One run at a time holds `agent.lock`.
 
+use std::cell::{Cell, RefCell};
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -15,10 +16,11 @@ use miniserde::json::Value;
 
 use crate::error::{Error, Result};
 use crate::input;
-use crate::json::{self, Object};
+use crate::json::read::{Fault, Number, Reader, Scalar, Step};
+use crate::json::Object;
 use crate::model::Snapshot;
 use crate::policy::Policy;
-use crate::report::records;
+use crate::report::{records, Part};
 use crate::timefmt;
 
 const UUID_FILE: &str = "agent_uuid";
@@ -29,11 +31,18 @@ const LOCK_FILE: &str = "agent.lock";
 const KEY_RESERVATION: &str = ".api_key.reserved";
 /// The room reserved for the key (the longest key accepted is 512 bytes).
 const KEY_ROOM: u64 = 4096;
+/// The small fields of the last check-in and the progress of a report in parts.
+const CURSOR_FILE: &str = "checkin.json";
+/// The next `state.json` while a report is sent in parts (followed by random hex).
+const REPORT_PREFIX: &str = "state.json.partial-";
+const MAX_CURSOR_BYTES: u64 = 64 << 10;
+/// A report file's buffer is written out when it holds this much.
+const FLUSH_AT: usize = 256 << 10;
 /// Larger state files are not read: no real snapshot comes near this, and reading one whole
 /// would take the memory of a small host.
 const MAX_STATE_BYTES: u64 = 256 << 20;
 
-/// What the agent remembers between runs (`state.json`).
+/// What the agent remembers between runs (`state.json`, with `checkin.json` beside it).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
     pub policy: Option<Policy>,
@@ -42,10 +51,12 @@ pub struct State {
     /// The sequence number of the last accepted check-in (0: none yet).
     pub sequence_number: u64,
     /// What the server has accepted so far; `None` until the first accepted check-in, which
-    /// makes the next report a full snapshot.
+    /// makes the next report a full snapshot. Replace it with [`State::set_snapshot`], so that
+    /// saving knows the file no longer holds it.
     pub last_snapshot: Option<Snapshot>,
     pub last_successful_checkin_at: Option<i64>,
-    /// The server's summary of the last accepted check-in, kept as JSON text.
+    /// The scalar members of the server's summary of the last accepted check-in, as a JSON
+    /// object.
     pub last_checkin_summary: Option<String>,
     pub last_jitter_seconds: Option<u32>,
     /// When the last complete full snapshot was accepted.
@@ -55,6 +66,205 @@ pub struct State {
     /// A report sent in parts was interrupted: the next run sends the rest without waiting for
     /// the cadence.
     pub report_incomplete: bool,
+    origin: Origin,
+}
+
+/// Which `state.json` a state was read from or last written to, and whether its snapshot is
+/// still the one in that file. Bookkeeping, not part of the state's value: equality ignores it.
+#[derive(Clone, Debug, Default)]
+struct Origin {
+    file: Cell<Option<FileId>>,
+    snapshot_saved: Cell<bool>,
+    /// The report file (`state.json.partial-…`) the snapshot was resumed from.
+    report_file: RefCell<Option<String>>,
+    /// The snapshot is not read yet ([`StateDir::load_state_deferred`]); the report to resume
+    /// it from, if any, waits here.
+    deferred: Cell<bool>,
+    resume: RefCell<Option<Cursor>>,
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, _: &Origin) -> bool {
+        true
+    }
+}
+
+/// Identifies one version of `state.json`: whoever replaces it (this agent or the earlier
+/// one) changes its inode, size or modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileId {
+    fn of(meta: &fs::Metadata) -> FileId {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        }
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "{}:{}:{}:{}.{:09}",
+            self.dev, self.ino, self.size, self.mtime, self.mtime_nsec
+        )
+    }
+}
+
+/// What `checkin.json` adds to the small fields: which `state.json` they go with, and the
+/// progress of a report being sent in parts.
+#[derive(Clone, Debug, Default)]
+struct Cursor {
+    state_file: Option<String>,
+    report_file: Option<String>,
+    report_length: u64,
+    report_full: bool,
+}
+
+/// Longest summary kept: the server's summary is a handful of counters.
+const MAX_SUMMARY_MEMBERS: usize = 64;
+const MAX_SUMMARY_STRING: usize = 1024;
+
+/// The scalar members of the server's `summary` (counters, names), as a JSON object; nested
+/// values are left out, so a hostile reply cannot make the state file grow. `None` when the
+/// summary is not an object.
+pub fn summary_scalars(summary: &Value) -> Option<String> {
+    let Value::Object(map) = summary else {
+        return None;
+    };
+    let mut out = String::new();
+    let mut o = Object::new(&mut out);
+    let mut kept = 0;
+    for (key, value) in map.iter() {
+        if kept == MAX_SUMMARY_MEMBERS || key.len() > 64 {
+            continue;
+        }
+        match value {
+            Value::Null => o.raw(key, "null"),
+            Value::Bool(b) => o.num(key, b),
+            Value::Number(miniserde::json::Number::U64(n)) => o.int(key, *n),
+            Value::Number(miniserde::json::Number::I64(n)) => o.num(key, n),
+            Value::Number(miniserde::json::Number::F64(f)) if f.is_finite() => o.num(key, f),
+            Value::String(s) if s.len() <= MAX_SUMMARY_STRING => o.str(key, s),
+            _ => continue,
+        };
+        kept += 1;
+    }
+    o.end();
+    Some(out)
+}
+
+/// Reads a summary object member by member, keeping the scalars as [`summary_scalars`] does.
+fn read_summary<R: BufRead>(r: &mut Reader<R>) -> Step<Option<String>> {
+    if !r.at_object()? {
+        r.skip()?;
+        return Ok(None);
+    }
+    let mut out = String::new();
+    let mut o = Object::new(&mut out);
+    r.begin_object()?;
+    let (mut first, mut key, mut kept) = (true, String::new(), 0);
+    while r.next_key(&mut first, &mut key, 64)? {
+        let value = r.scalar(MAX_SUMMARY_STRING)?;
+        if kept == MAX_SUMMARY_MEMBERS || key.is_empty() {
+            continue;
+        }
+        match value {
+            Scalar::Null => o.raw(&key, "null"),
+            Scalar::Bool(b) => o.num(&key, b),
+            Scalar::Number(Number::Unsigned(n)) => o.int(&key, n),
+            Scalar::Number(Number::Negative(n)) => o.num(&key, n),
+            Scalar::Number(Number::Float(f)) => o.num(&key, f),
+            Scalar::String(s) => o.str(&key, &s),
+            Scalar::LongString | Scalar::Compound => continue,
+        };
+        kept += 1;
+    }
+    o.end();
+    Ok(Some(out))
+}
+
+/// Reads the members of `state.json` or `checkin.json` (the same keys) without a JSON tree.
+/// The snapshot is read only when `snapshot` is set (`checkin.json` has none).
+fn read_state<R: BufRead>(r: &mut Reader<R>, snapshot: bool) -> Step<(State, Cursor)> {
+    let mut state = State::default();
+    let mut cursor = Cursor::default();
+    let mut captured = Vec::new();
+    r.begin_object()?;
+    let (mut first, mut key) = (true, String::new());
+    let text = |s: Scalar| match s {
+        Scalar::String(s) => Some(s),
+        _ => None,
+    };
+    let number = |s: Scalar| match s {
+        Scalar::Number(n) => Some(n),
+        _ => None,
+    };
+    while r.next_key(&mut first, &mut key, 64)? {
+        match key.as_str() {
+            "policy" => {
+                captured.clear();
+                if r.capture(&mut captured, 64 << 10)? {
+                    state.policy = std::str::from_utf8(&captured)
+                        .ok()
+                        .and_then(|t| miniserde::json::from_str::<Value>(t).ok())
+                        .and_then(|v| Policy::from_value(&v));
+                }
+            }
+            "agent_id" => state.agent_id = number(r.scalar(0)?).and_then(Number::as_i64),
+            "enrollment_state" => state.enrollment_state = text(r.scalar(255)?),
+            "sequence_number" => {
+                state.sequence_number = number(r.scalar(0)?).and_then(Number::as_u64).unwrap_or(0)
+            }
+            "last_snapshot" if snapshot && r.at_object()? => {
+                let mut s = Snapshot::default();
+                let mut tally = records::Tally::default();
+                records::read_snapshot(r, &mut s, &mut tally)?;
+                if tally.dropped > 0 {
+                    debug!(
+                        "{} cached records no longer parse; they will be reported again",
+                        tally.dropped
+                    );
+                }
+                tidy(&mut s);
+                state.last_snapshot = Some(s);
+            }
+            "last_successful_checkin_at" => {
+                state.last_successful_checkin_at =
+                    text(r.scalar(64)?).and_then(|t| timefmt::parse(&t))
+            }
+            "last_full_snapshot_at" => {
+                state.last_full_snapshot_at = text(r.scalar(64)?).and_then(|t| timefmt::parse(&t))
+            }
+            "last_checkin_summary" => state.last_checkin_summary = read_summary(r)?,
+            "last_jitter_seconds" => {
+                state.last_jitter_seconds = number(r.scalar(0)?)
+                    .and_then(Number::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+            }
+            "full_snapshot_in_progress" => {
+                state.full_snapshot_in_progress = r.scalar(0)? == Scalar::Bool(true)
+            }
+            "report_incomplete" => state.report_incomplete = r.scalar(0)? == Scalar::Bool(true),
+            "state_file" => cursor.state_file = text(r.scalar(255)?),
+            "report_file" => cursor.report_file = text(r.scalar(255)?),
+            "report_length" => {
+                cursor.report_length = number(r.scalar(0)?).and_then(Number::as_u64).unwrap_or(0)
+            }
+            "report_full" => cursor.report_full = r.scalar(0)? == Scalar::Bool(true),
+            _ => r.skip()?,
+        }
+    }
+    r.end()?;
+    Ok((state, cursor))
 }
 
 impl State {
@@ -63,16 +273,27 @@ impl State {
         self.policy.clone().unwrap_or_default()
     }
 
-    fn to_json(&self) -> String {
-        let snapshot = self.last_snapshot.as_ref().map(records::snapshot_json);
+    /// Replaces the snapshot (the file no longer holds it until the next save).
+    pub fn set_snapshot(&mut self, snapshot: Option<Snapshot>) {
+        self.last_snapshot = snapshot;
+        self.origin.snapshot_saved.set(false);
+    }
+
+    /// True when `state.json` holds exactly this state's snapshot, so saving rewrites only the
+    /// small fields.
+    pub fn snapshot_saved(&self) -> bool {
+        self.origin.snapshot_saved.get() && self.origin.file.get().is_some()
+    }
+
+    /// Every member except the snapshot, as one JSON object.
+    fn fields_json(&self) -> String {
         let policy = self.policy.as_ref().map(Policy::to_json);
-        let mut out = String::with_capacity(512 + snapshot.as_ref().map_or(0, String::len));
+        let mut out = String::with_capacity(1024);
         let mut o = Object::new(&mut out);
         o.raw("policy", policy.as_deref().unwrap_or("null"))
             .opt_num("agent_id", self.agent_id)
             .opt_str("enrollment_state", self.enrollment_state.as_deref())
             .num("sequence_number", self.sequence_number)
-            .raw("last_snapshot", snapshot.as_deref().unwrap_or("null"))
             .opt_str(
                 "last_successful_checkin_at",
                 self.last_successful_checkin_at
@@ -96,45 +317,37 @@ impl State {
         out
     }
 
-    /// Parses `state.json` text; `None` when it is not a JSON object at all (corrupt).
-    fn from_json(text: &str) -> Option<State> {
-        let v: Value = miniserde::json::from_str(text).ok()?;
-        if !matches!(v, Value::Object(_)) {
-            return None;
+    /// The whole `state.json`: the snapshot first, then the other members.
+    fn to_json(&self) -> String {
+        let snapshot = self.last_snapshot.as_ref().map(records::snapshot_json);
+        let fields = self.fields_json();
+        let mut out =
+            String::with_capacity(32 + fields.len() + snapshot.as_ref().map_or(0, String::len));
+        out.push_str("{\"last_snapshot\":");
+        out.push_str(snapshot.as_deref().unwrap_or("null"));
+        out.push(',');
+        out.push_str(&fields[1..]);
+        out
+    }
+
+    /// `checkin.json`: the members besides the snapshot, the `state.json` they go with, and
+    /// the progress of a report in parts.
+    fn cursor_json(&self, state_file: FileId, report: Option<(&str, u64, bool)>) -> String {
+        let fields = self.fields_json();
+        let mut extra = String::new();
+        let mut o = Object::new(&mut extra);
+        o.str("state_file", &state_file.text());
+        if let Some((name, length, full)) = report {
+            o.str("report_file", name)
+                .int("report_length", length)
+                .num("report_full", full);
         }
-        let snapshot = match json::get(&v, "last_snapshot") {
-            Some(s @ Value::Object(_)) => {
-                let (snapshot, dropped) = records::snapshot_from(s);
-                if dropped > 0 {
-                    debug!("{dropped} cached records no longer parse; they will be reported again");
-                }
-                Some(snapshot)
-            }
-            _ => None,
-        };
-        let summary = match json::get(&v, "last_checkin_summary") {
-            None | Some(Value::Null) => None,
-            Some(s) => Some(miniserde::json::to_string(s)),
-        };
-        Some(State {
-            policy: json::get(&v, "policy").and_then(Policy::from_value),
-            agent_id: json::get_i64(&v, "agent_id"),
-            enrollment_state: json::get_str(&v, "enrollment_state").map(str::to_string),
-            sequence_number: json::get_i64(&v, "sequence_number")
-                .and_then(|n| u64::try_from(n).ok())
-                .unwrap_or(0),
-            last_snapshot: snapshot,
-            last_successful_checkin_at: json::get_str(&v, "last_successful_checkin_at")
-                .and_then(timefmt::parse),
-            last_checkin_summary: summary,
-            last_jitter_seconds: json::get_i64(&v, "last_jitter_seconds")
-                .and_then(|n| u32::try_from(n).ok()),
-            last_full_snapshot_at: json::get_str(&v, "last_full_snapshot_at")
-                .and_then(timefmt::parse),
-            full_snapshot_in_progress: json::get_bool(&v, "full_snapshot_in_progress")
-                .unwrap_or(false),
-            report_incomplete: json::get_bool(&v, "report_incomplete").unwrap_or(false),
-        })
+        o.end();
+        let mut out = String::with_capacity(fields.len() + extra.len());
+        out.push_str(&fields[..fields.len() - 1]);
+        out.push(',');
+        out.push_str(&extra[1..]);
+        out
     }
 }
 
@@ -573,21 +786,116 @@ impl StateDir {
             })
     }
 
-    /// Loads `state.json`. A missing file is a fresh state; a corrupt one is moved aside with a
-    /// warning (when `repair`) and the run continues from a fresh state.
+    /// Loads the state: `state.json`, the small fields of `checkin.json` laid over it when
+    /// they belong to this very `state.json`, and the accepted parts of a report cut short. A
+    /// missing file is a fresh state; a corrupt one is moved aside with a warning (when
+    /// `repair`) and the run continues from a fresh state. With `repair` (the caller holds the
+    /// lock), report files nothing refers to any more are removed.
     pub fn load_state(&self, repair: bool) -> Result<State> {
-        let path = self.path.join(STATE_FILE);
-        let text = match read_own(&path, MAX_STATE_BYTES) {
-            Ok(text) => text,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(State::default()),
-            // Moved aside below like any corrupt state: renaming a link or FIFO is harmless.
-            Err(e) if e.kind() == ErrorKind::InvalidData || input::not_a_file(&e).is_some() => {
-                String::new()
+        self.load(repair, true)
+    }
+
+    /// [`StateDir::load_state`] without the snapshot, which [`StateDir::load_snapshot`] reads
+    /// later: a run collects before it needs the snapshot, and so never holds both the
+    /// collection's buffers and the saved records at once.
+    pub fn load_state_deferred(&self, repair: bool) -> Result<State> {
+        self.load(repair, false)
+    }
+
+    fn load(&self, repair: bool, snapshot: bool) -> Result<State> {
+        let mut state = self.load_state_file(repair, snapshot)?;
+        let cursor = self.load_cursor(&state);
+        if let Some((fields, cursor)) = cursor {
+            self.take_fields(&mut state, fields);
+            if snapshot {
+                self.resume(&mut state, cursor);
+            } else {
+                *state.origin.report_file.borrow_mut() = cursor.report_file.clone();
+                *state.origin.resume.borrow_mut() = Some(cursor);
             }
+        }
+        if repair {
+            self.remove_stale_reports(&state);
+        }
+        Ok(state)
+    }
+
+    /// Reads the snapshot a [`StateDir::load_state_deferred`] left out (and the accepted parts
+    /// of a report cut short); nothing when it is already read.
+    pub fn load_snapshot(&self, state: &mut State) -> Result<()> {
+        if !state.origin.deferred.get() {
+            return Ok(());
+        }
+        let path = self.path.join(STATE_FILE);
+        if let Some(id) = state.origin.file.get() {
+            let file = input::open_regular(&path, input::Links::Refuse).map_err(|e| Error::io("cannot read", &path, e))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| Error::io("cannot read", &path, e))?;
+            if FileId::of(&meta) != id {
+                return Err(Error::Transient(format!(
+                    "{} was replaced while this run held the lock; the next run reads it again",
+                    path.display()
+                )));
+            }
+            let reader = &mut Reader::new(BufReader::with_capacity(64 << 10, file));
+            match read_state(reader, true) {
+                Ok((read, _)) => state.last_snapshot = read.last_snapshot,
+                Err(Fault::Io(e)) => return Err(Error::io("cannot read", &path, e)),
+                Err(_) => {
+                    return Err(Error::Transient(format!(
+                        "{} no longer parses; the next run reads it again",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        state.origin.deferred.set(false);
+        let cursor = state.origin.resume.borrow_mut().take();
+        if let Some(cursor) = cursor {
+            self.resume(state, cursor);
+        }
+        Ok(())
+    }
+
+    fn load_state_file(&self, repair: bool, snapshot: bool) -> Result<State> {
+        let path = self.path.join(STATE_FILE);
+        // Never through a link, only a regular file: a link or a FIFO is moved aside below like
+        // any corrupt state (renaming one is harmless).
+        let opened = match input::open_regular(&path, input::Links::Refuse) {
+            Ok(file) => Ok(file),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(State::default()),
+            Err(e) if input::not_a_file(&e).is_some() => Err(e),
             Err(e) => return Err(Error::io("cannot read", &path, e)),
         };
-        if let Some(state) = State::from_json(&text) {
-            return Ok(state);
+        let parsed = match opened {
+            Err(_) => Err(Fault::Syntax),
+            Ok(file) => {
+                let meta = file
+                    .metadata()
+                    .map_err(|e| Error::io("cannot read", &path, e))?;
+                if meta.len() > MAX_STATE_BYTES || !meta.is_file() {
+                    Err(Fault::Syntax)
+                } else {
+                    read_state(
+                        &mut Reader::new(BufReader::with_capacity(64 << 10, file)),
+                        snapshot,
+                    )
+                    .map(|read| (read, FileId::of(&meta)))
+                }
+            }
+        };
+        match parsed {
+            Ok(((state, _), id)) => {
+                state.origin.file.set(Some(id));
+                state.origin.snapshot_saved.set(true);
+                state.origin.deferred.set(!snapshot);
+                return Ok(state);
+            }
+            Err(Fault::Io(e)) if e.kind() != ErrorKind::InvalidData => {
+                return Err(Error::io("cannot read", &path, e))
+            }
+            Err(_) => {}
         }
         if repair {
             let aside = self
@@ -608,9 +916,210 @@ impl StateDir {
         Ok(State::default())
     }
 
-    /// Saves `state.json` atomically.
+    /// `checkin.json`, when it belongs to the `state.json` just read.
+    fn load_cursor(&self, state: &State) -> Option<(State, Cursor)> {
+        let base = state.origin.file.get()?;
+        let path = self.path.join(CURSOR_FILE);
+        let file = match input::open_regular(&path, input::Links::Refuse) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return None,
+            Err(e) => {
+                warn!(
+                    "cannot read {} ({e}); using the fields of {STATE_FILE}",
+                    path.display()
+                );
+                return None;
+            }
+        };
+        let mut reader = Reader::new(BufReader::new(file.take(MAX_CURSOR_BYTES)));
+        match read_state(&mut reader, false) {
+            Ok((fields, cursor)) if cursor.state_file.as_deref() == Some(&base.text()) => {
+                Some((fields, cursor))
+            }
+            // Written for an earlier state.json (replaced since, e.g. by the earlier agent).
+            Ok(_) => None,
+            Err(_) => {
+                warn!(
+                    "{} is unreadable; using the fields of {STATE_FILE} (the last check-in's sequence number and time may be older)",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Takes the small fields of `checkin.json`.
+    fn take_fields(&self, state: &mut State, fields: State) {
+        let snapshot = state.last_snapshot.take();
+        let origin = std::mem::take(&mut state.origin);
+        *state = fields;
+        state.last_snapshot = snapshot;
+        state.origin = origin;
+    }
+
+    /// When a report was cut short, takes the records of its accepted parts.
+    fn resume(&self, state: &mut State, cursor: Cursor) {
+        let Some(name) = cursor.report_file else {
+            return;
+        };
+        match self.read_report(&name, cursor.report_length) {
+            Ok((accepted, begun)) => {
+                let base = state.last_snapshot.take().unwrap_or_default();
+                let full = cursor.report_full;
+                let mut s = Snapshot {
+                    addresses: choose(begun[0], full, accepted.addresses, base.addresses),
+                    neighbors: choose(begun[1], full, accepted.neighbors, base.neighbors),
+                    connections: choose(begun[2], full, accepted.connections, base.connections),
+                    routes: choose(begun[3], full, accepted.routes, base.routes),
+                };
+                tidy(&mut s);
+                state.last_snapshot = Some(s);
+                state.origin.snapshot_saved.set(false);
+                *state.origin.report_file.borrow_mut() = Some(name);
+            }
+            Err(why) => warn!(
+                "the report in progress cannot be resumed ({why}); its accepted parts will be sent again"
+            ),
+        }
+    }
+
+    /// The accepted prefix of a report file: its records and which tables it had begun.
+    fn read_report(
+        &self,
+        name: &str,
+        length: u64,
+    ) -> std::result::Result<(Snapshot, [bool; 4]), String> {
+        if !is_report_file(name) {
+            return Err(format!("{CURSOR_FILE} names {name:?}, not a report file"));
+        }
+        let path = self.path.join(name);
+        let file = input::open_regular(&path, input::Links::Refuse).map_err(|e| format!("{}: {e}", path.display()))?;
+        let size = file.metadata().map_err(|e| e.to_string())?.len();
+        if size < length {
+            return Err(format!(
+                "{} is shorter than its accepted parts",
+                path.display()
+            ));
+        }
+        let mut r = Reader::new(BufReader::with_capacity(64 << 10, file.take(length)));
+        let mut s = Snapshot::default();
+        let mut tally = records::Tally::default();
+        let result = (|| -> Step<()> {
+            r.begin_object()?;
+            let (mut first, mut key) = (true, String::new());
+            if !r.next_key(&mut first, &mut key, 64)? || key != "last_snapshot" {
+                return Err(Fault::Syntax);
+            }
+            records::read_snapshot(&mut r, &mut s, &mut tally)
+        })();
+        match result {
+            // The accepted prefix ends between records, or after the snapshot's last table.
+            Ok(()) | Err(Fault::Eof) => Ok((s, tally.begun)),
+            Err(_) => Err(format!("{} is damaged", path.display())),
+        }
+    }
+
+    /// Removes report files that neither the loaded state nor `checkin.json` refers to (what a
+    /// run killed before its first accepted part, or a finished resume, left behind), and the
+    /// temporary files of writes a killed run did not finish.
+    fn remove_stale_reports(&self, state: &State) {
+        let keep = state.origin.report_file.borrow().clone();
+        let Ok(entries) = fs::read_dir(&self.path) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let stale =
+                (is_report_file(name) && keep.as_deref() != Some(name)) || is_temp_file(name);
+            if stale {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => debug!("removed {name}, left by a run that was stopped"),
+                    Err(e) => warn!("cannot remove {}: {e}", entry.path().display()),
+                }
+            }
+        }
+    }
+
+    fn state_file_id(&self) -> Result<Option<FileId>> {
+        let path = self.path.join(STATE_FILE);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) => Ok(Some(FileId::of(&meta))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("cannot read", &path, e)),
+        }
+    }
+
+    /// Persists the state. When `state.json` still holds this state's snapshot, only the small
+    /// fields are written (`checkin.json`, well under 4 KiB); otherwise `state.json` is
+    /// replaced whole. While a report is in progress, [`Report::commit`] saves instead (this
+    /// would forget the report's accepted parts, which would then be sent again).
     pub fn save_state(&self, state: &State) -> Result<()> {
-        self.write(STATE_FILE, state.to_json().as_bytes())
+        let on_disk = self.state_file_id()?;
+        if let Some(id) =
+            on_disk.filter(|id| state.snapshot_saved() && state.origin.file.get() == Some(*id))
+        {
+            return self.write(CURSOR_FILE, state.cursor_json(id, None).as_bytes());
+        }
+        self.write(STATE_FILE, state.to_json().as_bytes())?;
+        state.origin.file.set(self.state_file_id()?);
+        state.origin.snapshot_saved.set(true);
+        // The fields now live in state.json; a report resumed from is folded in.
+        self.remove_quietly(CURSOR_FILE);
+        if let Some(name) = state.origin.report_file.borrow_mut().take() {
+            self.remove_quietly(&name);
+        }
+        Ok(())
+    }
+
+    fn remove_quietly(&self, name: &str) {
+        let path = self.path.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
+
+    /// Starts the file of a report about to be sent in parts (see [`Report`]). `state.json`
+    /// must be the file the state was read from; when it is not (a fresh or corrupt state, a
+    /// file replaced meanwhile), the state is saved first so the progress has a base.
+    pub fn begin_report(&self, state: &State, full: bool) -> Result<Report<'_>> {
+        let on_disk = self.state_file_id()?;
+        if on_disk.is_none() || on_disk != state.origin.file.get() {
+            self.save_state(state)?;
+        }
+        let base = state
+            .origin
+            .file
+            .get()
+            .ok_or_else(|| Error::Transient(format!("{STATE_FILE} vanished while saving")))?;
+        let mut b = [0u8; 6];
+        getrandom::fill(&mut b)
+            .map_err(|e| Error::Transient(format!("no randomness for a file name: {e}")))?;
+        let name: String = format!(
+            "{REPORT_PREFIX}{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        );
+        let path = self.path.join(&name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| Error::io("cannot create", &path, e))?;
+        Ok(Report {
+            dir: self,
+            file,
+            name,
+            base,
+            full,
+            buf: String::with_capacity(FLUSH_AT + 4096),
+            staged: Pen::default(),
+            committed: Pen::default(),
+            finished: false,
+        })
     }
 
     /// Atomic, durable replacement of one file, mode 0600.
@@ -637,6 +1146,247 @@ impl StateDir {
             let _ = fs::remove_file(&tmp);
             Error::io("cannot write", &path, e)
         })
+    }
+}
+
+/// Sorts and de-duplicates a snapshot read from a file, in place and without the stable sort's
+/// buffer (equal records are identical), and gives back the tables' spare capacity: at 200,000
+/// records that is tens of megabytes a delta run would otherwise hold beside the collection.
+fn tidy(s: &mut Snapshot) {
+    fn table<T: Ord>(v: &mut Vec<T>) {
+        if !v.is_sorted() {
+            v.sort_unstable();
+        }
+        v.dedup();
+        v.shrink_to_fit();
+    }
+    table(&mut s.addresses);
+    table(&mut s.neighbors);
+    table(&mut s.connections);
+    table(&mut s.routes);
+}
+
+/// A table of a resumed snapshot: what the report file holds once the report reached the table;
+/// before that, what the server had (a delta) or nothing (a full snapshot sends it again).
+fn choose<T>(begun: bool, full: bool, accepted: Vec<T>, base: Vec<T>) -> Vec<T> {
+    match (begun, full) {
+        (true, _) => accepted,
+        (false, true) => Vec::new(),
+        (false, false) => base,
+    }
+}
+
+/// `.state.json.tmp-<pid>` and the like, from [`StateDir::write`]; the caller holds the lock, so
+/// no other run is writing one.
+fn is_temp_file(name: &str) -> bool {
+    [STATE_FILE, CURSOR_FILE, KEY_FILE, UUID_FILE]
+        .iter()
+        .any(|f| {
+            name.strip_prefix('.')
+                .and_then(|n| n.strip_prefix(f))
+                .and_then(|n| n.strip_prefix(".tmp-"))
+                .is_some_and(|pid| {
+                    !pid.is_empty()
+                        && pid.bytes().all(|b| b.is_ascii_digit())
+                        && pid != std::process::id().to_string()
+                })
+        })
+}
+
+fn is_report_file(name: &str) -> bool {
+    name.strip_prefix(REPORT_PREFIX)
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Where a report file's writer stands.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pen {
+    /// Bytes in the file.
+    bytes: u64,
+    /// Tables whose array was begun (report order).
+    begun: usize,
+    /// The current array has an item (the next one needs a comma).
+    items: bool,
+    /// The snapshot object is closed.
+    closed: bool,
+}
+
+/// A report sent in parts, recorded as the next `state.json` growing part by part.
+///
+/// The file is `{"last_snapshot":{` followed, table by table, by the records of the old
+/// snapshot still present (`kept`) and then the records of each accepted part, in report order.
+/// A part's records are appended before it is sent ([`Report::stage`]); once the server accepts
+/// it, [`Report::commit`] makes them durable and records the accepted length in `checkin.json`.
+/// After the last part, [`Report::finish`] appends the other members and renames the file over
+/// `state.json`: the snapshot is written once per run, however many parts it takes. A run that
+/// stops between parts leaves `state.json` as it was plus `checkin.json` naming the accepted
+/// prefix of this file, from which the next run resumes (see `docs/state.md`).
+pub struct Report<'d> {
+    dir: &'d StateDir,
+    file: File,
+    name: String,
+    /// The `state.json` the progress is recorded against.
+    base: FileId,
+    full: bool,
+    buf: String,
+    staged: Pen,
+    committed: Pen,
+    finished: bool,
+}
+
+const TABLES: [&str; 4] = ["addresses", "neighbors", "connections", "routes"];
+
+impl Report<'_> {
+    /// Appends the records of `part` (`rendered`: each table's records as the report body has
+    /// them, `rec,rec,…`), the `kept` records of every table the report enters, and with
+    /// `last` the end of the snapshot; not yet durable.
+    pub fn stage(
+        &mut self,
+        kept: &Snapshot,
+        part: &Part,
+        rendered: [&str; 4],
+        last: bool,
+    ) -> Result<()> {
+        let mut pen = self.staged;
+        if pen.bytes == 0 && self.buf.is_empty() {
+            self.buf.push_str("{\"last_snapshot\":{");
+        }
+        for (t, records) in rendered.into_iter().enumerate() {
+            if part.ranges[t].is_empty() {
+                continue;
+            }
+            self.begin_through(&mut pen, t, kept)?;
+            if pen.items {
+                self.buf.push(',');
+            }
+            self.buf.push_str(records);
+            pen.items = true;
+            if self.buf.len() >= FLUSH_AT {
+                self.flush(&mut pen)?;
+            }
+        }
+        if last && !pen.closed {
+            self.begin_through(&mut pen, 3, kept)?;
+            self.buf.push_str("]}");
+            pen.closed = true;
+        }
+        self.flush(&mut pen)?;
+        self.staged = pen;
+        Ok(())
+    }
+
+    fn begin_through(&mut self, pen: &mut Pen, t: usize, kept: &Snapshot) -> Result<()> {
+        while pen.begun <= t {
+            if pen.begun > 0 {
+                self.buf.push_str("],");
+            }
+            crate::json::push_str(&mut self.buf, TABLES[pen.begun]);
+            self.buf.push_str(":[");
+            pen.items = false;
+            let table = pen.begun;
+            pen.begun += 1;
+            for i in 0..crate::report::table_len(kept, table) {
+                self.record(pen, kept, table, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, pen: &mut Pen, s: &Snapshot, t: usize, i: usize) -> Result<()> {
+        if pen.items {
+            self.buf.push(',');
+        }
+        pen.items = true;
+        crate::report::push_record(&mut self.buf, s, t, i);
+        if self.buf.len() >= FLUSH_AT {
+            self.flush(pen)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, pen: &mut Pen) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(self.buf.as_bytes(), pen.bytes)
+            .map_err(|e| Error::io("cannot write", &self.dir.path.join(&self.name), e))?;
+        pen.bytes += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Forgets what was staged since the last commit (the part was not accepted).
+    pub fn unstage(&mut self) -> Result<()> {
+        self.buf.clear();
+        self.staged = self.committed;
+        self.file
+            .set_len(self.committed.bytes)
+            .map_err(|e| Error::io("cannot truncate", &self.dir.path.join(&self.name), e))
+    }
+
+    /// Records that the staged part was accepted: its records durable, then `checkin.json`
+    /// naming the new accepted length with the state's small fields.
+    pub fn commit(&mut self, state: &State) -> Result<()> {
+        let path = self.dir.path.join(&self.name);
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("cannot write", &path, e))?;
+        let cursor = state.cursor_json(self.base, Some((&self.name, self.staged.bytes, self.full)));
+        self.dir.write(CURSOR_FILE, cursor.as_bytes())?;
+        self.committed = self.staged;
+        // The file this report resumed from is no longer referred to.
+        let previous = state.origin.report_file.replace(Some(self.name.clone()));
+        if let Some(previous) = previous.filter(|p| *p != self.name) {
+            self.dir.remove_quietly(&previous);
+        }
+        Ok(())
+    }
+
+    /// After the last part was accepted (staged with `last`): appends the state's other members
+    /// and makes the file `state.json`. `snapshot` becomes the state's snapshot in memory.
+    pub fn finish(mut self, state: &mut State, snapshot: Snapshot) -> Result<()> {
+        let path = self.dir.path.join(&self.name);
+        if !self.staged.closed {
+            return Err(Error::Transient(format!(
+                "{} was finished before its last part",
+                path.display()
+            )));
+        }
+        let fields = state.fields_json();
+        self.buf.push(',');
+        self.buf.push_str(&fields[1..]);
+        let mut pen = self.staged;
+        self.flush(&mut pen)?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("cannot write", &path, e))?;
+        let target = self.dir.path.join(STATE_FILE);
+        fs::rename(&path, &target).map_err(|e| Error::io("cannot replace", &target, e))?;
+        self.finished = true;
+        File::open(&self.dir.path)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("cannot write", &self.dir.path, e))?;
+        // checkin.json belongs to the old state.json now; the new one carries every field.
+        self.dir.remove_quietly(CURSOR_FILE);
+        if let Some(previous) = state.origin.report_file.borrow_mut().take() {
+            if previous != self.name {
+                self.dir.remove_quietly(&previous);
+            }
+        }
+        state.last_snapshot = Some(snapshot);
+        state.origin.file.set(self.dir.state_file_id()?);
+        state.origin.snapshot_saved.set(true);
+        Ok(())
+    }
+}
+
+impl Drop for Report<'_> {
+    fn drop(&mut self) {
+        // A report no part of which was accepted leaves nothing to resume from.
+        if !self.finished && self.committed.bytes == 0 {
+            self.dir.remove_quietly(&self.name);
+        }
     }
 }
 
@@ -1362,5 +2112,291 @@ mod tests {
         assert!(check_api_key("short").is_err());
         assert!(check_api_key("gpak_has space inside it").is_err());
         assert!(check_api_key(&"x".repeat(513)).is_err());
+    }
+
+    use crate::model::{ConnState, Connection, Protocol};
+    use crate::report::{self, Header};
+
+    fn conn(port: u16) -> Connection {
+        Connection {
+            protocol: Protocol::Tcp,
+            local_ip: "127.0.0.1".parse().unwrap(),
+            local_port: port,
+            remote_ip: Some("127.0.0.1".parse().unwrap()),
+            remote_port: Some(8000),
+            state: Some(ConnState::Established),
+            pid: Some(4242),
+            process_name: Some("holder".into()),
+        }
+    }
+
+    fn snap(ports: impl IntoIterator<Item = u16>) -> Snapshot {
+        let mut s = Snapshot {
+            connections: ports.into_iter().map(conn).collect(),
+            ..Snapshot::default()
+        };
+        s.normalize();
+        s
+    }
+
+    fn header() -> Header {
+        Header {
+            agent_uuid: "804c722f-7186-47c7-89fd-03e36f90dee4".into(),
+            observed_at: 1_795_744_647,
+            hostname: "vm".into(),
+            agent_version: "0.1.0".into(),
+            platform: "linux".into(),
+            platform_release: "6.1.0".into(),
+            collector: "native",
+            records_left_out: 0,
+            failed_tables: Default::default(),
+            namespaces: String::new(),
+        }
+    }
+
+    /// A directory whose state.json holds `base` at sequence 7.
+    fn saved(tag: &str, base: Snapshot) -> (TempDir, StateDir) {
+        let t = TempDir::new(tag);
+        let dir = StateDir::create(&t.0).unwrap();
+        let mut s = State {
+            sequence_number: 7,
+            ..State::default()
+        };
+        s.set_snapshot(Some(base));
+        dir.save_state(&s).unwrap();
+        (t, dir)
+    }
+
+    /// Sends `parts` of the delta from `base` to `current` the way a check-in does, accepting
+    /// the first `accepted` of them; `finish` when all were accepted.
+    fn send(
+        dir: &StateDir,
+        current: Snapshot,
+        budget: usize,
+        accepted: usize,
+    ) -> (usize, Snapshot) {
+        // As a run does: the snapshot is read after collection.
+        let mut state = dir.load_state_deferred(true).unwrap();
+        assert_eq!(state.last_snapshot, None);
+        dir.load_snapshot(&mut state).unwrap();
+        let full = state.last_snapshot.is_none();
+        let base = state.last_snapshot.clone().unwrap_or_default();
+        let (kept, pending) = report::partition(&base, current);
+        let parts = report::split(&header(), &pending, &[0; 4], budget);
+        let mut progress = dir.begin_report(&state, full).unwrap();
+        state.set_snapshot(None);
+        let mut body = String::new();
+        let mut stage = |progress: &mut Report<'_>, part: &Part, last: bool| {
+            let at = report::render_into(
+                &mut body,
+                &header(),
+                1,
+                full,
+                (1, 1),
+                &[0; 4],
+                &pending,
+                part,
+            );
+            progress
+                .stage(&kept, part, at.map(|r| &body[r]), last)
+                .unwrap();
+        };
+        for (i, part) in parts.iter().enumerate().take(accepted) {
+            let last = i + 1 == parts.len();
+            stage(&mut progress, part, last);
+            state.sequence_number += 1;
+            state.report_incomplete = !last;
+            if last {
+                progress
+                    .finish(&mut state, report::union(kept, pending))
+                    .unwrap();
+                return (parts.len(), state.last_snapshot.unwrap());
+            }
+            progress.commit(&state).unwrap();
+        }
+        // The part after the accepted ones is staged, then the process dies before an answer.
+        if let Some(part) = parts.get(accepted) {
+            stage(&mut progress, part, accepted + 1 == parts.len());
+        }
+        std::mem::forget(progress);
+        let mut expect = kept;
+        for part in &parts[..accepted] {
+            expect
+                .connections
+                .extend_from_slice(&pending.connections[part.ranges[2].clone()]);
+        }
+        expect.normalize();
+        (parts.len(), expect)
+    }
+
+    #[test]
+    fn a_delta_with_no_change_writes_only_the_small_fields() {
+        let (_t, dir) = saved("nochange", snap(1..=2000));
+        let before = fs::read(dir.path().join(STATE_FILE)).unwrap();
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 8;
+        s.last_successful_checkin_at = Some(1_795_744_700);
+        dir.save_state(&s).unwrap();
+        assert_eq!(fs::read(dir.path().join(STATE_FILE)).unwrap(), before);
+        let cursor = fs::metadata(dir.path().join(CURSOR_FILE)).unwrap().len();
+        assert!(cursor < 4096, "{cursor} bytes");
+        assert_eq!(dir.load_state(true).unwrap(), s);
+        assert_eq!(names(&dir), [CURSOR_FILE, STATE_FILE]);
+    }
+
+    #[test]
+    fn a_report_stopped_after_part_k_resumes_from_its_accepted_records() {
+        let (_t, dir) = saved("resume", snap(1..=100));
+        // 100 kept, 2,900 new: several parts of a small budget.
+        let (parts, accepted) = send(&dir, snap(1..=3000), 16_000, 3);
+        assert!(parts > 5, "{parts} parts");
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.sequence_number, 10);
+        assert!(s.report_incomplete);
+        assert_eq!(s.last_snapshot.as_ref(), Some(&accepted));
+        assert!(!s.snapshot_saved());
+        // The resumed run sends exactly what is left and ends at the collected snapshot.
+        let (rest, done) = send(&dir, snap(1..=3000), 16_000, usize::MAX);
+        assert_eq!(done, snap(1..=3000));
+        assert!(rest < parts);
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.last_snapshot, Some(snap(1..=3000)));
+        assert_eq!(s.sequence_number, 10 + rest as u64);
+        assert!(!s.report_incomplete && s.snapshot_saved());
+        assert_eq!(names(&dir), [STATE_FILE], "no cursor or report file left");
+    }
+
+    #[test]
+    fn a_full_report_cut_short_forgets_the_tables_it_had_not_reached() {
+        let t = TempDir::new("fullcut");
+        let dir = StateDir::create(&t.0).unwrap();
+        let mut current = snap(1..=3000);
+        current.routes = vec![crate::model::Route {
+            destination: "default".into(),
+            gateway: None,
+            interface: None,
+            source_ip: None,
+        }];
+        let (_, accepted) = send(&dir, current, 16_000, 2);
+        let s = dir.load_state(true).unwrap();
+        let got = s.last_snapshot.unwrap();
+        assert_eq!(got, accepted);
+        assert!(got.routes.is_empty(), "routes were not reached: sent again");
+    }
+
+    #[test]
+    fn a_finished_report_reads_as_the_earlier_agent_format() {
+        let (_t, dir) = saved("format", snap(1..=10));
+        send(&dir, snap(5..=40), 4_000, usize::MAX);
+        let text = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        let v: Value = miniserde::json::from_str(&text).unwrap();
+        let Value::Object(map) = &v else { panic!() };
+        let keys: Vec<&str> = map.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "agent_id",
+                "enrollment_state",
+                "full_snapshot_in_progress",
+                "last_checkin_summary",
+                "last_full_snapshot_at",
+                "last_jitter_seconds",
+                "last_snapshot",
+                "last_successful_checkin_at",
+                "policy",
+                "report_incomplete",
+                "sequence_number",
+            ]
+        );
+        let at = text.find("\"last_snapshot\":").unwrap() + "\"last_snapshot\":".len();
+        let end = text.find(",\"policy\"").unwrap();
+        assert_eq!(
+            records::snapshot_from_text(&text[at..end]),
+            Some((snap(5..=40), 0))
+        );
+    }
+
+    #[test]
+    fn staged_records_of_an_unanswered_part_are_not_taken_as_accepted() {
+        let (_t, dir) = saved("staged", snap(1..=10));
+        let (_, accepted) = send(&dir, snap(1..=2000), 16_000, 0);
+        assert_eq!(accepted, snap(1..=10));
+        // Nothing was accepted: no cursor names the report file, which the next run removes.
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.last_snapshot, Some(snap(1..=10)));
+        assert_eq!(names(&dir), [STATE_FILE]);
+    }
+
+    #[test]
+    fn small_fields_written_for_a_replaced_state_json_are_ignored() {
+        let (_t, dir) = saved("replaced", snap(1..=10));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 99;
+        dir.save_state(&s).unwrap();
+        // The earlier agent rewrites state.json (new inode): its own fields count.
+        let text = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        let replaced = text.replace("\"sequence_number\":7", "\"sequence_number\":12");
+        fs::write(dir.path().join("tmp"), replaced).unwrap();
+        fs::rename(dir.path().join("tmp"), dir.path().join(STATE_FILE)).unwrap();
+        assert_eq!(dir.load_state(true).unwrap().sequence_number, 12);
+    }
+
+    #[test]
+    fn sequence_numbers_read_back_as_u64() {
+        let t = TempDir::new("seq");
+        let dir = StateDir::create(&t.0).unwrap();
+        let s = State {
+            sequence_number: u64::MAX,
+            ..State::default()
+        };
+        dir.save_state(&s).unwrap();
+        assert_eq!(dir.load_state(true).unwrap().sequence_number, u64::MAX);
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_strings_cost_no_memory_and_count_as_corrupt_or_dropped() {
+        let t = TempDir::new("hostile");
+        let dir = StateDir::create(&t.0).unwrap();
+        let deep = format!(r#"{{"sequence_number":3,"x":{}}}"#, "[".repeat(1 << 20));
+        fs::write(dir.path().join(STATE_FILE), deep).unwrap();
+        assert_eq!(dir.load_state(true).unwrap(), State::default());
+        // A record with a megabyte-long name is dropped; its neighbours are kept.
+        let long = format!(
+            r#"{{"sequence_number":3,"last_snapshot":{{"connections":[{},{}]}}}}"#,
+            records::snapshot_json(&snap([1]))
+                .split("\"connections\":[")
+                .nth(1)
+                .unwrap()
+                .split(']')
+                .next()
+                .unwrap(),
+            r#"{"local_ip":"127.0.0.1","local_port":2,"protocol":"tcp","process_name":""#
+                .to_string()
+                + &"x".repeat(1 << 20)
+                + "\"}"
+        );
+        fs::write(dir.path().join(STATE_FILE), long).unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!((s.sequence_number, s.last_snapshot), (3, Some(snap([1]))));
+    }
+
+    #[test]
+    fn only_the_scalar_members_of_a_summary_are_kept() {
+        let reply: Value = miniserde::json::from_str(&format!(
+            r#"{{"hosts_created":1,"name":"x","ratio":0.5,"deep":{}1{},"list":[1,2],"none":null}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        ))
+        .unwrap();
+        assert_eq!(
+            summary_scalars(&reply).as_deref(),
+            Some(r#"{"hosts_created":1,"name":"x","none":null,"ratio":0.5}"#)
+        );
+        let text = r#"{"last_checkin_summary":{"a":1,"b":{"c":[2]},"d":"e"}}"#;
+        let (s, _) = read_state(&mut Reader::new(text.as_bytes()), true).unwrap();
+        assert_eq!(
+            s.last_checkin_summary.as_deref(),
+            Some(r#"{"a":1,"d":"e"}"#)
+        );
     }
 }

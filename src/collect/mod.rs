@@ -212,10 +212,11 @@ pub struct Collected {
 }
 
 /// Collects every table the policy enables and applies the shared normalisation. `known`
-/// are the addresses the server last accepted: when no source can read the addresses now,
-/// wildcard listeners are expanded over those rather than left out (left out, they would count
-/// as removed and come back as new).
-pub fn collect(opts: &Options, known: &[Address]) -> Collected {
+/// gives the addresses the server last accepted, asked only when no source can read the
+/// addresses now (reading them means reading the saved snapshot): wildcard listeners are then
+/// expanded over those rather than left out (left out, they would count as removed and come
+/// back as new).
+pub fn collect(opts: &Options, known: &mut dyn FnMut() -> Vec<Address>) -> Collected {
     let t = opts.command_timeout;
     let proc_root = opts.proc_root.as_path();
     let on = opts.tables;
@@ -277,14 +278,19 @@ pub fn collect(opts: &Options, known: &[Address]) -> Collected {
     // With no addresses accepted either (a first run), such listeners are left out and
     // counted in `left_out`: freezing the whole table instead would hold back every other
     // connection for as long as the addresses fail.
-    let over = if addresses_failed && !known.is_empty() {
+    let accepted = if addresses_failed {
+        known()
+    } else {
+        Vec::new()
+    };
+    let over = if accepted.is_empty() {
+        &addresses
+    } else {
         debug!(
             "listeners on every address expanded over the {} addresses last accepted",
-            known.len()
+            accepted.len()
         );
-        known
-    } else {
-        &addresses
+        &accepted
     };
     let (sockets, others) = owned_sockets(opts, sockets);
     let (mut connections, mut unexpanded) = expand_wildcards(sockets, over);

@@ -83,34 +83,57 @@ pub fn removed(base: &Snapshot, current: &Snapshot) -> Counts {
     ]
 }
 
-/// The snapshot to remember once the records of `delta` up to `upto` (per-table end indices)
-/// are accepted: the records of the old snapshot still present (`kept`) plus those sent.
-pub fn advance(kept: &Snapshot, delta: &Snapshot, upto: &Counts) -> Snapshot {
-    fn join<T: Ord + Clone>(kept: &[T], sent: &[T]) -> Vec<T> {
-        let mut v = Vec::with_capacity(kept.len() + sent.len());
-        v.extend_from_slice(kept);
-        v.extend_from_slice(sent);
-        v.sort();
-        v.dedup();
-        v
+/// Splits `current` into the records `base` already has (`kept`) and the others (`new`),
+/// moving them rather than copying. Both snapshots must be normalised; so are the results.
+pub fn partition(base: &Snapshot, current: Snapshot) -> (Snapshot, Snapshot) {
+    fn split<T: Ord>(base: &[T], current: Vec<T>) -> (Vec<T>, Vec<T>) {
+        let mut b = base.iter().peekable();
+        let (mut kept, mut new) = (Vec::new(), Vec::with_capacity(current.len()));
+        for item in current {
+            while b.next_if(|x| **x < item).is_some() {}
+            if b.next_if(|x| **x == item).is_some() {
+                kept.push(item);
+            } else {
+                new.push(item);
+            }
+        }
+        (kept, new)
+    }
+    let (addresses, new_addresses) = split(&base.addresses, current.addresses);
+    let (neighbors, new_neighbors) = split(&base.neighbors, current.neighbors);
+    let (connections, new_connections) = split(&base.connections, current.connections);
+    let (routes, new_routes) = split(&base.routes, current.routes);
+    (
+        Snapshot {
+            addresses,
+            neighbors,
+            connections,
+            routes,
+        },
+        Snapshot {
+            addresses: new_addresses,
+            neighbors: new_neighbors,
+            connections: new_connections,
+            routes: new_routes,
+        },
+    )
+}
+
+/// The union of two normalised snapshots with no record in common (what was kept and what
+/// was sent), normalised, moving the records.
+pub fn union(a: Snapshot, b: Snapshot) -> Snapshot {
+    fn join<T: Ord>(mut a: Vec<T>, mut b: Vec<T>) -> Vec<T> {
+        a.append(&mut b);
+        // Two sorted runs: the standard sort merges them in one pass.
+        a.sort();
+        a.dedup();
+        a
     }
     Snapshot {
-        addresses: join(
-            &kept.addresses,
-            &delta.addresses[..upto[0].min(delta.addresses.len())],
-        ),
-        neighbors: join(
-            &kept.neighbors,
-            &delta.neighbors[..upto[1].min(delta.neighbors.len())],
-        ),
-        connections: join(
-            &kept.connections,
-            &delta.connections[..upto[2].min(delta.connections.len())],
-        ),
-        routes: join(
-            &kept.routes,
-            &delta.routes[..upto[3].min(delta.routes.len())],
-        ),
+        addresses: join(a.addresses, b.addresses),
+        neighbors: join(a.neighbors, b.neighbors),
+        connections: join(a.connections, b.connections),
+        routes: join(a.routes, b.routes),
     }
 }
 
@@ -141,9 +164,23 @@ pub fn part_budget(max_report_bytes: u32) -> usize {
 /// There is always at least one part, so an empty delta still checks in (the server then knows
 /// the agent is alive).
 pub fn split(header: &Header, delta: &Snapshot, removed: &Counts, budget: usize) -> Vec<Part> {
+    split_from(header, delta, removed, budget, 0)
+}
+
+/// [`split`] for the records from position `from` of the report order on (the rest of a
+/// report whose parts turned out too large). One pass over the records: each is measured once.
+pub fn split_from(
+    header: &Header,
+    delta: &Snapshot,
+    removed: &Counts,
+    budget: usize,
+    from: usize,
+) -> Vec<Part> {
     // The part-independent overhead, with the widest numbers a part can carry.
     let widest = (u32::MAX as usize, u32::MAX as usize);
-    let overhead = render(
+    let mut overhead = String::new();
+    let _ = render_into(
+        &mut overhead,
         header,
         u64::MAX,
         true,
@@ -151,13 +188,19 @@ pub fn split(header: &Header, delta: &Snapshot, removed: &Counts, budget: usize)
         removed,
         &Snapshot::default(),
         &Part::of(delta, 0..0),
-    )
-    .len();
-    let room = budget.saturating_sub(overhead).max(1);
-    let mut cuts = vec![0];
+    );
+    let room = budget.saturating_sub(overhead.len()).max(1);
+    let mut cuts = vec![from];
     let (mut used, mut position) = (0, 0);
     for t in 0..4 {
-        for i in 0..table_len(delta, t) {
+        let len = table_len(delta, t);
+        if position + len <= from {
+            position += len;
+            continue;
+        }
+        let skip = from.saturating_sub(position);
+        position += skip;
+        for i in skip..len {
             let mut length = Length::default();
             push_record(&mut length, delta, t, i);
             let len = length.0 + 1; // and its comma
@@ -169,7 +212,7 @@ pub fn split(header: &Header, delta: &Snapshot, removed: &Counts, budget: usize)
             position += 1;
         }
     }
-    cuts.push(position);
+    cuts.push(position.max(from));
     cuts.windows(2)
         .map(|w| Part::of(delta, w[0]..w[1]))
         .collect()
@@ -198,9 +241,16 @@ impl Part {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Where the part starts in the report order (all tables one after another).
+    pub fn start(&self) -> usize {
+        // Tables before the part contribute their whole length, the first one its offset.
+        self.ranges.iter().map(|r| r.start).sum()
+    }
 }
 
-fn table_len(s: &Snapshot, t: usize) -> usize {
+/// Number of records in table `t` (report order) of `s`.
+pub fn table_len(s: &Snapshot, t: usize) -> usize {
     match t {
         0 => s.addresses.len(),
         1 => s.neighbors.len(),
@@ -209,23 +259,14 @@ fn table_len(s: &Snapshot, t: usize) -> usize {
     }
 }
 
-fn push_record<S: Sink + ?Sized>(out: &mut S, s: &Snapshot, t: usize, i: usize) {
+/// Appends record `i` of table `t` (report order) of `s`.
+pub fn push_record<S: Sink + ?Sized>(out: &mut S, s: &Snapshot, t: usize, i: usize) {
     match t {
         0 => records::push_address(out, &s.addresses[i]),
         1 => records::push_neighbor(out, &s.neighbors[i]),
         2 => records::push_connection(out, &s.connections[i]),
         _ => records::push_route(out, &s.routes[i]),
     }
-}
-
-/// Per-table end indices of all records up to and including `part`.
-pub fn ends(part: &Part) -> Counts {
-    [
-        part.ranges[0].end,
-        part.ranges[1].end,
-        part.ranges[2].end,
-        part.ranges[3].end,
-    ]
 }
 
 /// Renders one check-in body. `which` is (this part, number of parts), both from 1.
@@ -238,8 +279,70 @@ pub fn render(
     delta: &Snapshot,
     part: &Part,
 ) -> String {
-    let size: usize = (0..4).map(|t| part.ranges[t].len()).sum::<usize>() * 170 + 1024;
-    let mut out = String::with_capacity(size);
+    let mut out = String::new();
+    let _ = render_into(
+        &mut out,
+        header,
+        sequence_number,
+        full_snapshot,
+        which,
+        removed,
+        delta,
+        part,
+    );
+    out
+}
+
+/// [`render`] into `out` (cleared first), so one buffer serves every part of a report.
+/// Returns where each table's records are in `out` (`rec,rec,…`, without the brackets), so
+/// the state file can take them as rendered.
+#[allow(clippy::too_many_arguments)]
+pub fn render_into(
+    out: &mut String,
+    header: &Header,
+    sequence_number: u64,
+    full_snapshot: bool,
+    which: (usize, usize),
+    removed: &Counts,
+    delta: &Snapshot,
+    part: &Part,
+) -> [Range<usize>; 4] {
+    let mut at = [0..0, 0..0, 0..0, 0..0];
+    out.clear();
+    out.reserve(part.len() * 170 + 1024);
+    let mut o = Object::new(out);
+    o.str("agent_uuid", &header.agent_uuid)
+        .str("observed_at", &timefmt::format_utc(header.observed_at))
+        .num("sequence_number", sequence_number)
+        .num("full_snapshot", full_snapshot)
+        .str("hostname", &header.hostname)
+        .str("agent_version", &header.agent_version)
+        .str("platform", &header.platform)
+        .str("platform_release", &header.platform_release)
+        .raw("metadata", &metadata(header, which, removed));
+    for (t, key) in ["addresses", "neighbors", "connections", "routes"]
+        .iter()
+        .enumerate()
+    {
+        o.raw(key, "");
+        let out = o.out();
+        out.push('[');
+        let start = out.len();
+        for (n, i) in part.ranges[t].clone().enumerate() {
+            if n > 0 {
+                out.push(',');
+            }
+            push_record(out, delta, t, i);
+        }
+        at[t] = start..out.len();
+        out.push(']');
+    }
+    o.end();
+    at
+}
+
+/// The report's `metadata` object.
+fn metadata(header: &Header, which: (usize, usize), removed: &Counts) -> String {
     let mut meta = String::new();
     let mut m = Object::new(&mut meta);
     let mut gone = String::new();
@@ -271,30 +374,7 @@ pub fn render(
         m.raw("namespaces", &header.namespaces);
     }
     m.end();
-    let mut o = Object::new(&mut out);
-    o.str("agent_uuid", &header.agent_uuid)
-        .str("observed_at", &timefmt::format_utc(header.observed_at))
-        .num("sequence_number", sequence_number)
-        .num("full_snapshot", full_snapshot)
-        .str("hostname", &header.hostname)
-        .str("agent_version", &header.agent_version)
-        .str("platform", &header.platform)
-        .str("platform_release", &header.platform_release)
-        .raw("metadata", &meta);
-    for (t, key) in TABLES.iter().enumerate() {
-        let mut items = String::new();
-        items.push('[');
-        for (n, i) in part.ranges[t].clone().enumerate() {
-            if n > 0 {
-                items.push(',');
-            }
-            push_record(&mut items, delta, t, i);
-        }
-        items.push(']');
-        o.raw(key, &items);
-    }
-    o.end();
-    out
+    meta
 }
 
 /// The addresses as a JSON array, for the registration body.
@@ -368,13 +448,26 @@ mod tests {
     }
 
     #[test]
-    fn advancing_part_by_part_ends_at_the_current_snapshot() {
+    fn partition_moves_records_into_kept_and_new_and_union_restores_them() {
         let base = snap([1, 2, 3]);
         let current = snap([2, 3, 4, 5, 6]);
-        let delta = difference(&base, &current);
-        let kept = intersection(&base, &current);
-        assert_eq!(advance(&kept, &delta, &[0, 0, 1, 0]), snap([2, 3, 4]));
-        assert_eq!(advance(&kept, &delta, &[0, 0, 3, 0]), current);
+        let (kept, new) = partition(&base, current.clone());
+        assert_eq!((kept.clone(), new.clone()), (snap([2, 3]), snap([4, 5, 6])));
+        assert_eq!(union(kept, new), current);
+    }
+
+    #[test]
+    fn the_rest_of_a_report_is_split_from_where_it_stopped() {
+        let delta = snap(1..=3000);
+        let budget = part_budget(262_144);
+        let all = split(&header(), &delta, &[0; 4], budget);
+        let from = all[1].start();
+        let rest = split_from(&header(), &delta, &[0; 4], budget, from);
+        assert_eq!(rest, all[1..]);
+        let halves = split_from(&header(), &delta, &[0; 4], budget / 2, from);
+        assert_eq!(halves.first().map(Part::start), Some(from));
+        assert_eq!(halves.last().map(|p| p.ranges[2].end), Some(3000));
+        assert!(halves.len() > rest.len());
     }
 
     #[test]
@@ -399,7 +492,7 @@ mod tests {
             for c in crate::json::get_array(&v, "connections").unwrap() {
                 seen.push(crate::json::get_i64(c, "local_port").unwrap() as u16);
             }
-            assert_eq!(ends(part)[2], seen.len());
+            assert_eq!(part.ranges[2].end, seen.len());
         }
         assert_eq!(seen, (1..=3000).collect::<Vec<u16>>());
     }

@@ -1,9 +1,10 @@
 //! Records as JSON: compact encoding for reports and `state.json`, lenient decoding of the
 //! snapshot cached by this agent or by the earlier Python agent.
 
-use miniserde::json::Value;
+use std::io::BufRead;
 
-use crate::json::{self, Object, Sink};
+use crate::json::read::{Reader, Scalar, Step};
+use crate::json::{Object, Sink};
 use crate::model::{
     parse_ip, Address, ConnState, Connection, Mac, Neighbor, Protocol, Route, Snapshot,
 };
@@ -79,103 +80,207 @@ pub fn snapshot_json(s: &Snapshot) -> String {
     out
 }
 
-fn opt_string(v: &Value, key: &str) -> Option<Option<String>> {
-    match json::get(v, key) {
-        None | Some(Value::Null) => Some(None),
-        Some(Value::String(s)) => Some(Some(s.clone())),
-        Some(_) => None,
+/// Longer cached strings are not real record fields (the server allows 255 characters).
+const MAX_FIELD: usize = 4096;
+
+/// The field names a cached record may carry; any other member is skipped.
+const FIELDS: [&str; 15] = [
+    "interface",
+    "ip_address",
+    "mac_address",
+    "prefix_length",
+    "state",
+    "local_ip",
+    "local_port",
+    "remote_ip",
+    "remote_port",
+    "protocol",
+    "pid",
+    "process_name",
+    "destination",
+    "gateway",
+    "source_ip",
+];
+
+/// The known members of one cached record object, as read.
+#[derive(Default)]
+struct Fields([Option<Scalar>; 15]);
+
+impl Fields {
+    fn get(&self, key: &str) -> Option<&Scalar> {
+        let at = FIELDS.iter().position(|f| *f == key)?;
+        self.0[at].as_ref()
+    }
+
+    fn str(&self, key: &str) -> Option<&str> {
+        self.get(key)?.as_str()
+    }
+
+    fn int(&self, key: &str) -> Option<i64> {
+        match self.get(key)? {
+            Scalar::Number(n) => n.as_i64(),
+            _ => None,
+        }
+    }
+
+    /// `Some(None)` for a missing or null member, `None` for a wrong type.
+    fn opt_string(&self, key: &str) -> Option<Option<String>> {
+        match self.get(key) {
+            None | Some(Scalar::Null) => Some(None),
+            Some(Scalar::String(s)) => Some(Some(s.clone())),
+            Some(_) => None,
+        }
+    }
+
+    fn opt_ip(&self, key: &str) -> Option<Option<std::net::IpAddr>> {
+        match self.get(key) {
+            None | Some(Scalar::Null) => Some(None),
+            Some(Scalar::String(s)) => parse_ip(s).map(Some),
+            Some(_) => None,
+        }
+    }
+
+    fn mac(&self) -> Option<Mac> {
+        self.str("mac_address").and_then(Mac::parse)
+    }
+
+    fn opt_int<T: TryFrom<i64>>(&self, key: &str) -> Option<Option<T>> {
+        match self.get(key) {
+            None | Some(Scalar::Null) => Some(None),
+            Some(_) => T::try_from(self.int(key)?).ok().map(Some),
+        }
+    }
+
+    fn address(&self) -> Option<Address> {
+        Some(Address {
+            interface: self.str("interface")?.to_string(),
+            ip_address: parse_ip(self.str("ip_address")?)?,
+            prefix_length: u8::try_from(self.int("prefix_length")?)
+                .ok()
+                .filter(|p| *p <= 128)?,
+            mac_address: self.mac(),
+        })
+    }
+
+    fn neighbor(&self) -> Option<Neighbor> {
+        Some(Neighbor {
+            interface: self.str("interface")?.to_string(),
+            ip_address: parse_ip(self.str("ip_address")?)?,
+            mac_address: self.mac(),
+            state: self.opt_string("state")?,
+        })
+    }
+
+    fn connection(&self) -> Option<Connection> {
+        Some(Connection {
+            protocol: Protocol::parse(self.str("protocol")?)?,
+            local_ip: parse_ip(self.str("local_ip")?)?,
+            local_port: u16::try_from(self.int("local_port")?).ok()?,
+            remote_ip: self.opt_ip("remote_ip")?,
+            remote_port: self.opt_int("remote_port")?,
+            state: self.opt_string("state")?.map(|s| ConnState::parse(&s)),
+            pid: self.opt_int("pid")?,
+            process_name: self.opt_string("process_name")?,
+        })
+    }
+
+    fn route(&self) -> Option<Route> {
+        Some(Route {
+            destination: self
+                .str("destination")
+                .filter(|d| !d.is_empty())?
+                .to_string(),
+            gateway: self.opt_ip("gateway")?,
+            interface: self.opt_string("interface")?,
+            source_ip: self.opt_ip("source_ip")?,
+        })
     }
 }
 
-fn opt_ip(v: &Value, key: &str) -> Option<Option<std::net::IpAddr>> {
-    match opt_string(v, key)? {
-        None => Some(None),
-        Some(s) => parse_ip(&s).map(Some),
+fn read_fields<R: BufRead>(r: &mut Reader<R>, key: &mut String) -> Step<Fields> {
+    let mut fields = Fields::default();
+    r.begin_object()?;
+    let mut first = true;
+    while r.next_key(&mut first, key, 32)? {
+        match FIELDS.iter().position(|f| *f == key.as_str()) {
+            Some(at) => fields.0[at] = Some(r.scalar(MAX_FIELD)?),
+            None => r.skip()?,
+        }
     }
+    Ok(fields)
 }
 
-fn opt_mac(v: &Value) -> Option<Mac> {
-    json::get_str(v, "mac_address").and_then(Mac::parse)
+/// What reading a cached snapshot found besides its records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Records that did not parse (they are simply reported again as new).
+    pub dropped: usize,
+    /// Which tables' arrays were begun, in report order: a file cut short (a report in
+    /// progress) has only its first tables.
+    pub begun: [bool; 4],
 }
 
-fn opt_int<T: TryFrom<i64>>(v: &Value, key: &str) -> Option<Option<T>> {
-    match json::get(v, key) {
-        None | Some(Value::Null) => Some(None),
-        Some(n) => T::try_from(json::as_i64(n)?).ok().map(Some),
+/// Reads a snapshot object (`{"addresses":[…],…}`) into `into`, record by record, without
+/// building a JSON tree. Records that are not valid are dropped and counted. Stops at the first
+/// fault, keeping what was read before it (the caller decides whether a cut-off file counts).
+/// The tables are left unsorted.
+pub fn read_snapshot<R: BufRead>(
+    r: &mut Reader<R>,
+    into: &mut Snapshot,
+    tally: &mut Tally,
+) -> Step<()> {
+    let mut key = String::new();
+    let mut table_key = String::new();
+    r.begin_object()?;
+    let mut first = true;
+    while r.next_key(&mut first, &mut table_key, 32)? {
+        let t = match table_key.as_str() {
+            "addresses" => 0,
+            "neighbors" => 1,
+            "connections" => 2,
+            "routes" => 3,
+            _ => {
+                r.skip()?;
+                continue;
+            }
+        };
+        if !r.at_array()? {
+            r.skip()?;
+            continue;
+        }
+        r.begin_array()?;
+        tally.begun[t] = true;
+        let mut first_item = true;
+        while r.next_item(&mut first_item)? {
+            if !r.at_object()? {
+                r.skip()?;
+                tally.dropped += 1;
+                continue;
+            }
+            let fields = read_fields(r, &mut key)?;
+            let kept = match t {
+                0 => fields.address().map(|a| into.addresses.push(a)),
+                1 => fields.neighbor().map(|n| into.neighbors.push(n)),
+                2 => fields.connection().map(|c| into.connections.push(c)),
+                _ => fields.route().map(|x| into.routes.push(x)),
+            };
+            if kept.is_none() {
+                tally.dropped += 1;
+            }
+        }
     }
+    Ok(())
 }
 
-/// Reads one cached address; `None` when it is not a valid record.
-pub fn address_from(v: &Value) -> Option<Address> {
-    Some(Address {
-        interface: json::get_str(v, "interface")?.to_string(),
-        ip_address: parse_ip(json::get_str(v, "ip_address")?)?,
-        prefix_length: u8::try_from(json::get_i64(v, "prefix_length")?)
-            .ok()
-            .filter(|p| *p <= 128)?,
-        mac_address: opt_mac(v),
-    })
-}
-
-/// Reads one cached neighbour.
-pub fn neighbor_from(v: &Value) -> Option<Neighbor> {
-    Some(Neighbor {
-        interface: json::get_str(v, "interface")?.to_string(),
-        ip_address: parse_ip(json::get_str(v, "ip_address")?)?,
-        mac_address: opt_mac(v),
-        state: opt_string(v, "state")?,
-    })
-}
-
-/// Reads one cached connection.
-pub fn connection_from(v: &Value) -> Option<Connection> {
-    Some(Connection {
-        protocol: Protocol::parse(json::get_str(v, "protocol")?)?,
-        local_ip: parse_ip(json::get_str(v, "local_ip")?)?,
-        local_port: u16::try_from(json::get_i64(v, "local_port")?).ok()?,
-        remote_ip: opt_ip(v, "remote_ip")?,
-        remote_port: opt_int(v, "remote_port")?,
-        state: opt_string(v, "state")?.map(|s| ConnState::parse(&s)),
-        pid: opt_int(v, "pid")?,
-        process_name: opt_string(v, "process_name")?,
-    })
-}
-
-/// Reads one cached route.
-pub fn route_from(v: &Value) -> Option<Route> {
-    Some(Route {
-        destination: json::get_str(v, "destination")
-            .filter(|d| !d.is_empty())?
-            .to_string(),
-        gateway: opt_ip(v, "gateway")?,
-        interface: opt_string(v, "interface")?,
-        source_ip: opt_ip(v, "source_ip")?,
-    })
-}
-
-/// Reads a cached snapshot; records that do not parse are dropped and counted, so they are
-/// simply reported again as new.
-pub fn snapshot_from(v: &Value) -> (Snapshot, usize) {
-    let mut dropped = 0;
-    fn table<T>(
-        v: &Value,
-        key: &str,
-        read: fn(&Value) -> Option<T>,
-        dropped: &mut usize,
-    ) -> Vec<T> {
-        let items = json::get_array(v, key).unwrap_or(&[]);
-        let out: Vec<T> = items.iter().filter_map(read).collect();
-        *dropped += items.len() - out.len();
-        out
-    }
-    let mut s = Snapshot {
-        addresses: table(v, "addresses", address_from, &mut dropped),
-        neighbors: table(v, "neighbors", neighbor_from, &mut dropped),
-        connections: table(v, "connections", connection_from, &mut dropped),
-        routes: table(v, "routes", route_from, &mut dropped),
-    };
+/// Reads a whole snapshot from JSON text (tests and small inputs); `None` when it is not JSON.
+pub fn snapshot_from_text(text: &str) -> Option<(Snapshot, usize)> {
+    let mut r = Reader::new(text.as_bytes());
+    let mut s = Snapshot::default();
+    let mut tally = Tally::default();
+    read_snapshot(&mut r, &mut s, &mut tally).ok()?;
+    r.end().ok()?;
     s.normalize();
-    (s, dropped)
+    Some((s, tally.dropped))
 }
 
 #[cfg(test)]
@@ -233,8 +338,7 @@ mod tests {
     #[test]
     fn snapshot_round_trips_through_json() {
         let text = snapshot_json(&sample());
-        let (back, dropped) = snapshot_from(&miniserde::json::from_str(&text).unwrap());
-        assert_eq!((back, dropped), (sample(), 0));
+        assert_eq!(snapshot_from_text(&text), Some((sample(), 0)));
     }
 
     #[test]
@@ -244,8 +348,14 @@ mod tests {
             "/tests/fixtures/state/python-agent/state.json"
         ))
         .unwrap();
-        let v: Value = miniserde::json::from_str(&text).unwrap();
-        let (s, dropped) = snapshot_from(json::get(&v, "last_snapshot").unwrap());
+        let at = text.find("\"last_snapshot\"").unwrap();
+        let object = &text[at + "\"last_snapshot\":".len()..];
+        let mut r = Reader::new(object.as_bytes());
+        let mut s = Snapshot::default();
+        let mut tally = Tally::default();
+        read_snapshot(&mut r, &mut s, &mut tally).unwrap();
+        s.normalize();
+        let dropped = tally.dropped;
         // One connection has port 70000 and one neighbour has no ip_address: both dropped.
         assert_eq!(dropped, 2);
         assert_eq!(

@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +11,15 @@ use miniserde::json::Value;
 
 /// The enrollment key the tests register with.
 pub const ENROLLMENT_KEY: &str = "gaek_integrationTestEnrollmentKey0001";
+
+/// The agent binary cargo built for the integration tests (`option_env!`: the benchmark's
+/// server, an example, compiles this module without one).
+fn agent_binary() -> &'static str {
+    match option_env!("CARGO_BIN_EXE_grapheon-agent") {
+        Some(path) => path,
+        None => panic!("the agent binary is built for integration tests only"),
+    }
+}
 
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -111,7 +120,7 @@ impl Agent {
 
     /// The command for one run, not yet started.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_grapheon-agent"));
+        let mut cmd = Command::new(agent_binary());
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -126,7 +135,7 @@ impl Agent {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_grapheon-agent")])
+            .args(["netns", "exec", netns, agent_binary()])
             .args(args)
             .stdin(Stdio::null());
         cmd
@@ -182,10 +191,39 @@ impl Agent {
             .to_string()
     }
 
-    /// `state.json`, parsed.
+    /// `state.json`, parsed, with the small fields of `checkin.json` laid over it when that
+    /// file names this very `state.json` (inode, size, mtime), as the agent reads them.
     pub fn state(&self) -> Value {
-        miniserde::json::from_str(&self.file("state.json").expect("state.json"))
-            .expect("state.json is JSON")
+        let mut state: Value =
+            miniserde::json::from_str(&self.file("state.json").expect("state.json"))
+                .expect("state.json is JSON");
+        let Some(text) = self.file("checkin.json") else {
+            return state;
+        };
+        let cursor: Value = miniserde::json::from_str(&text).expect("checkin.json is JSON");
+        let meta = fs::metadata(self.state_dir.join("state.json")).unwrap();
+        let id = format!(
+            "{}:{}:{}:{}.{:09}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        );
+        let (Value::Object(fields), Value::Object(into)) = (cursor, &mut state) else {
+            panic!("state.json and checkin.json are objects");
+        };
+        if matches!(fields.get("state_file"), Some(Value::String(s)) if *s == id) {
+            for (key, value) in fields {
+                if !matches!(
+                    key.as_str(),
+                    "state_file" | "report_file" | "report_length" | "report_full"
+                ) {
+                    into.insert(key, value);
+                }
+            }
+        }
+        state
     }
 
     /// Permission bits of a path.

@@ -300,7 +300,12 @@ pub struct ContractServer {
 impl ContractServer {
     /// Starts a server on 127.0.0.1 with an ephemeral port, no keys and no agents.
     pub fn start() -> ContractServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        ContractServer::start_on("127.0.0.1:0")
+    }
+
+    /// Starts a server listening on `addr` (the benchmark puts it in a namespace of its own).
+    pub fn start_on(addr: &str) -> ContractServer {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         let addr = listener.local_addr().expect("listener address");
         // Polling accept lets the thread notice the stop flag without a wake-up connection.
         listener

@@ -1,0 +1,620 @@
+//! A pull reader for JSON text from a byte stream, for files too large to hold as a tree.
+//!
+//! The caller walks the document (objects, arrays, scalars) and builds its own typed values as
+//! it goes; what it does not want is skipped without being stored. Memory stays bounded whatever
+//! the input: nesting deeper than [`MAX_DEPTH`] is refused (a run of `[` costs one counter, not a
+//! stack), and strings longer than the caller's limit are skipped, not kept.
+
+use std::io::{self, BufRead};
+
+/// Deeper nesting is refused: no file this agent reads nests more than a few levels.
+pub const MAX_DEPTH: usize = 64;
+
+/// Why reading stopped.
+#[derive(Debug)]
+pub enum Fault {
+    /// The text is not JSON (or not the shape the caller expects).
+    Syntax,
+    /// Nested deeper than [`MAX_DEPTH`].
+    TooDeep,
+    /// The input ended inside the document.
+    Eof,
+    /// The input could not be read.
+    Io(io::Error),
+}
+
+/// Result of one reading step.
+pub type Step<T> = Result<T, Fault>;
+
+/// A JSON number, as exact as its text allows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Number {
+    Unsigned(u64),
+    Negative(i64),
+    Float(f64),
+}
+
+impl Number {
+    /// The number as an integer when it is one (a float without fraction counts).
+    pub fn as_i64(self) -> Option<i64> {
+        match self {
+            Number::Unsigned(n) => i64::try_from(n).ok(),
+            Number::Negative(n) => Some(n),
+            Number::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(f as i64),
+            Number::Float(_) => None,
+        }
+    }
+
+    /// The number as an unsigned integer when it is one.
+    pub fn as_u64(self) -> Option<u64> {
+        match self {
+            Number::Unsigned(n) => Some(n),
+            Number::Negative(_) => None,
+            Number::Float(f) if f.fract() == 0.0 && (0.0..9.0e15).contains(&f) => Some(f as u64),
+            Number::Float(_) => None,
+        }
+    }
+}
+
+/// A value read by [`Reader::scalar`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scalar {
+    Null,
+    Bool(bool),
+    Number(Number),
+    String(String),
+    /// A string longer than the caller's limit (skipped).
+    LongString,
+    /// An object or an array (skipped).
+    Compound,
+}
+
+impl Scalar {
+    /// The string, if the value is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Scalar::String(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// The reader. `depth` counts the objects and arrays the caller has entered.
+pub struct Reader<R> {
+    src: R,
+    depth: usize,
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+impl<R: BufRead> Reader<R> {
+    /// Reads from `src` (buffered).
+    pub fn new(src: R) -> Reader<R> {
+        Reader { src, depth: 0 }
+    }
+
+    fn peek(&mut self) -> Step<Option<u8>> {
+        loop {
+            match self.src.fill_buf() {
+                Ok(buf) => return Ok(buf.first().copied()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fault::Io(e)),
+            }
+        }
+    }
+
+    fn bump(&mut self) {
+        self.src.consume(1);
+    }
+
+    /// The next byte that is not whitespace, left unread; `None` at the end of the input.
+    fn peek_token(&mut self) -> Step<Option<u8>> {
+        loop {
+            let buf = match self.src.fill_buf() {
+                Ok(buf) => buf,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fault::Io(e)),
+            };
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let blanks = buf.iter().take_while(|b| is_ws(**b)).count();
+            let found = buf.get(blanks).copied();
+            self.src.consume(blanks);
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+    }
+
+    fn token(&mut self) -> Step<u8> {
+        self.peek_token()?.ok_or(Fault::Eof)
+    }
+
+    fn expect(&mut self, want: u8) -> Step<()> {
+        if self.token()? != want {
+            return Err(Fault::Syntax);
+        }
+        self.bump();
+        Ok(())
+    }
+
+    fn enter(&mut self, extra: usize) -> Step<()> {
+        if self.depth + extra >= MAX_DEPTH {
+            return Err(Fault::TooDeep);
+        }
+        Ok(())
+    }
+
+    /// True when the next value is an object (left unread).
+    pub fn at_object(&mut self) -> Step<bool> {
+        Ok(self.token()? == b'{')
+    }
+
+    /// True when the next value is an array (left unread).
+    pub fn at_array(&mut self) -> Step<bool> {
+        Ok(self.token()? == b'[')
+    }
+
+    /// Enters an object (`{`).
+    pub fn begin_object(&mut self) -> Step<()> {
+        self.enter(0)?;
+        self.expect(b'{')?;
+        self.depth += 1;
+        Ok(())
+    }
+
+    /// The next key of the object being read into `key` (cut at `max` bytes), or `false` at
+    /// its end. `first` starts true for each object.
+    pub fn next_key(&mut self, first: &mut bool, key: &mut String, max: usize) -> Step<bool> {
+        let c = self.token()?;
+        if c == b'}' {
+            self.bump();
+            self.depth -= 1;
+            return Ok(false);
+        }
+        if !*first {
+            if c != b',' {
+                return Err(Fault::Syntax);
+            }
+            self.bump();
+        }
+        *first = false;
+        self.expect(b'"')?;
+        key.clear();
+        if !self.string_body(Some((key, max)))? {
+            key.clear();
+        }
+        self.expect(b':')?;
+        Ok(true)
+    }
+
+    /// Enters an array (`[`).
+    pub fn begin_array(&mut self) -> Step<()> {
+        self.enter(0)?;
+        self.expect(b'[')?;
+        self.depth += 1;
+        Ok(())
+    }
+
+    /// True when the array being read has another item (then read it), false at its end.
+    pub fn next_item(&mut self, first: &mut bool) -> Step<bool> {
+        let c = self.token()?;
+        if c == b']' {
+            self.bump();
+            self.depth -= 1;
+            return Ok(false);
+        }
+        if !*first {
+            if c != b',' {
+                return Err(Fault::Syntax);
+            }
+            self.bump();
+        }
+        *first = false;
+        Ok(true)
+    }
+
+    /// Reads a scalar; strings longer than `max` bytes and compound values are skipped.
+    pub fn scalar(&mut self, max: usize) -> Step<Scalar> {
+        match self.token()? {
+            b'{' | b'[' => {
+                self.skip()?;
+                Ok(Scalar::Compound)
+            }
+            b'"' => {
+                self.bump();
+                let mut s = String::new();
+                Ok(if self.string_body(Some((&mut s, max)))? {
+                    Scalar::String(s)
+                } else {
+                    Scalar::LongString
+                })
+            }
+            b't' => self.literal(b"true").map(|()| Scalar::Bool(true)),
+            b'f' => self.literal(b"false").map(|()| Scalar::Bool(false)),
+            b'n' => self.literal(b"null").map(|()| Scalar::Null),
+            _ => self.number().map(Scalar::Number),
+        }
+    }
+
+    /// Skips one value of any kind. Nesting is tracked with one bit per level, so memory does
+    /// not grow with the input.
+    pub fn skip(&mut self) -> Step<()> {
+        // Bit n set: level n is an object.
+        let mut kinds: u64 = 0;
+        let mut levels = 0usize;
+        'value: loop {
+            match self.token()? {
+                c @ (b'{' | b'[') => {
+                    self.enter(levels + 1)?;
+                    self.bump();
+                    let object = c == b'{';
+                    if object {
+                        kinds |= 1 << levels;
+                    } else {
+                        kinds &= !(1 << levels);
+                    }
+                    levels += 1;
+                    let close = if object { b'}' } else { b']' };
+                    if self.token()? == close {
+                        self.bump();
+                        levels -= 1;
+                    } else {
+                        if object {
+                            self.skip_key()?;
+                        }
+                        continue 'value;
+                    }
+                }
+                b'"' => {
+                    self.bump();
+                    self.string_body(None)?;
+                }
+                b't' => self.literal(b"true")?,
+                b'f' => self.literal(b"false")?,
+                b'n' => self.literal(b"null")?,
+                _ => {
+                    self.number()?;
+                }
+            }
+            // After a value: close levels or move to the next member.
+            loop {
+                if levels == 0 {
+                    return Ok(());
+                }
+                let object = kinds & (1 << (levels - 1)) != 0;
+                match (self.token()?, object) {
+                    (b',', _) => {
+                        self.bump();
+                        if object {
+                            self.skip_key()?;
+                        }
+                        continue 'value;
+                    }
+                    (b'}', true) | (b']', false) => {
+                        self.bump();
+                        levels -= 1;
+                    }
+                    _ => return Err(Fault::Syntax),
+                }
+            }
+        }
+    }
+
+    fn skip_key(&mut self) -> Step<()> {
+        self.expect(b'"')?;
+        self.string_body(None)?;
+        self.expect(b':')
+    }
+
+    /// Copies the next value's text into `out` when it is at most `max` bytes long (after
+    /// skipping whitespace between tokens is not attempted: the text is kept as written).
+    /// Returns false (and skips the value) when it is longer.
+    pub fn capture(&mut self, out: &mut Vec<u8>, max: usize) -> Step<bool> {
+        self.token()?;
+        let mut tee = Tee {
+            src: &mut self.src,
+            out,
+            max,
+            over: false,
+        };
+        let mut inner = Reader {
+            src: &mut tee,
+            depth: self.depth,
+        };
+        inner.skip()?;
+        Ok(!tee.over)
+    }
+
+    /// Checks that nothing but whitespace follows the document.
+    pub fn end(&mut self) -> Step<()> {
+        match self.peek_token()? {
+            None => Ok(()),
+            Some(_) => Err(Fault::Syntax),
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Step<()> {
+        for &want in word {
+            match self.peek()? {
+                Some(b) if b == want => self.bump(),
+                Some(_) => return Err(Fault::Syntax),
+                None => return Err(Fault::Eof),
+            }
+        }
+        Ok(())
+    }
+
+    fn number(&mut self) -> Step<Number> {
+        let mut text = [0u8; 40];
+        let mut len = 0;
+        while let Some(b) = self.peek()? {
+            if !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                break;
+            }
+            if len == text.len() {
+                return Err(Fault::Syntax);
+            }
+            text[len] = b;
+            len += 1;
+            self.bump();
+        }
+        let text = std::str::from_utf8(&text[..len]).map_err(|_| Fault::Syntax)?;
+        let first = text.bytes().next().ok_or(Fault::Syntax)?;
+        if !(first == b'-' || first.is_ascii_digit()) {
+            return Err(Fault::Syntax);
+        }
+        if let Ok(n) = text.parse::<u64>() {
+            return Ok(Number::Unsigned(n));
+        }
+        if let Ok(n) = text.parse::<i64>() {
+            return Ok(Number::Negative(n));
+        }
+        match text.parse::<f64>() {
+            Ok(f) if f.is_finite() => Ok(Number::Float(f)),
+            _ => Err(Fault::Syntax),
+        }
+    }
+
+    /// Reads a string after its opening quote. With `into`, the text is appended there while it
+    /// stays within its limit; returns false when it did not (the rest is skipped).
+    fn string_body(&mut self, mut into: Option<(&mut String, usize)>) -> Step<bool> {
+        let mut bytes = Vec::new();
+        let keep = into.is_some();
+        let max = into.as_ref().map_or(0, |(_, m)| *m);
+        let mut fits = true;
+        loop {
+            let buf = match self.src.fill_buf() {
+                Ok(buf) => buf,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fault::Io(e)),
+            };
+            if buf.is_empty() {
+                return Err(Fault::Eof);
+            }
+            let run = buf
+                .iter()
+                .take_while(|b| **b != b'"' && **b != b'\\' && **b >= 0x20)
+                .count();
+            if keep && fits {
+                if bytes.len() + run > max {
+                    fits = false;
+                } else {
+                    bytes.extend_from_slice(&buf[..run]);
+                }
+            }
+            let stop = buf.get(run).copied();
+            self.src.consume(run);
+            match stop {
+                None => continue,
+                Some(b'"') => {
+                    self.bump();
+                    break;
+                }
+                Some(b'\\') => {
+                    self.bump();
+                    let mut utf8 = [0u8; 4];
+                    let c = self.escape()?;
+                    let encoded = c.encode_utf8(&mut utf8).as_bytes();
+                    if keep && fits {
+                        if bytes.len() + encoded.len() > max {
+                            fits = false;
+                        } else {
+                            bytes.extend_from_slice(encoded);
+                        }
+                    }
+                }
+                // A raw control character is not allowed inside a JSON string.
+                Some(_) => return Err(Fault::Syntax),
+            }
+        }
+        let Some((out, _)) = into.as_mut() else {
+            return Ok(true);
+        };
+        if !fits {
+            return Ok(false);
+        }
+        let text = String::from_utf8(bytes).map_err(|_| Fault::Syntax)?;
+        out.push_str(&text);
+        Ok(true)
+    }
+
+    fn escape(&mut self) -> Step<char> {
+        let c = self.peek()?.ok_or(Fault::Eof)?;
+        self.bump();
+        Ok(match c {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hi = self.hex4()?;
+                if (0xD800..0xDC00).contains(&hi) {
+                    self.literal(b"\\u")?;
+                    let lo = self.hex4()?;
+                    if !(0xDC00..0xE000).contains(&lo) {
+                        return Err(Fault::Syntax);
+                    }
+                    let code = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
+                    char::from_u32(code).ok_or(Fault::Syntax)?
+                } else {
+                    char::from_u32(hi).ok_or(Fault::Syntax)?
+                }
+            }
+            _ => return Err(Fault::Syntax),
+        })
+    }
+
+    fn hex4(&mut self) -> Step<u32> {
+        let mut n = 0;
+        for _ in 0..4 {
+            let b = self.peek()?.ok_or(Fault::Eof)?;
+            self.bump();
+            let digit = (b as char).to_digit(16).ok_or(Fault::Syntax)?;
+            n = n * 16 + digit;
+        }
+        Ok(n)
+    }
+}
+
+/// Passes bytes through while keeping a copy of them, up to a limit.
+struct Tee<'a, R> {
+    src: &'a mut R,
+    out: &'a mut Vec<u8>,
+    max: usize,
+    over: bool,
+}
+
+impl<R: BufRead> io::Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Tee<'_, R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.src.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        if !self.over {
+            if let Ok(buf) = self.src.fill_buf() {
+                if self.out.len() + n > self.max {
+                    self.over = true;
+                    self.out.clear();
+                } else {
+                    self.out.extend_from_slice(&buf[..n.min(buf.len())]);
+                }
+            }
+        }
+        self.src.consume(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(text: &str) -> Reader<&[u8]> {
+        Reader::new(text.as_bytes())
+    }
+
+    #[test]
+    fn scalars_read_with_their_exact_values() {
+        let mut r = reader(
+            r#"[18446744073709551615, -3, 2.5, 1e2, "a\"\u00e9\ud83d\ude00", true, null, {"x":[1]}]"#,
+        );
+        r.begin_array().unwrap();
+        let mut first = true;
+        let mut got = Vec::new();
+        while r.next_item(&mut first).unwrap() {
+            got.push(r.scalar(64).unwrap());
+        }
+        r.end().unwrap();
+        assert_eq!(
+            got,
+            [
+                Scalar::Number(Number::Unsigned(u64::MAX)),
+                Scalar::Number(Number::Negative(-3)),
+                Scalar::Number(Number::Float(2.5)),
+                Scalar::Number(Number::Float(100.0)),
+                Scalar::String("a\"é😀".into()),
+                Scalar::Bool(true),
+                Scalar::Null,
+                Scalar::Compound,
+            ]
+        );
+    }
+
+    #[test]
+    fn long_strings_are_skipped_not_kept() {
+        let text = format!(r#"["{}", "ok"]"#, "x".repeat(100_000));
+        let mut r = reader(&text);
+        r.begin_array().unwrap();
+        let mut first = true;
+        assert!(r.next_item(&mut first).unwrap());
+        assert_eq!(r.scalar(255).unwrap(), Scalar::LongString);
+        assert!(r.next_item(&mut first).unwrap());
+        assert_eq!(r.scalar(255).unwrap(), Scalar::String("ok".into()));
+        assert!(!r.next_item(&mut first).unwrap());
+    }
+
+    #[test]
+    fn a_megabyte_of_brackets_is_refused_at_the_depth_limit() {
+        let text = "[".repeat(1 << 20);
+        assert!(matches!(reader(&text).skip(), Err(Fault::TooDeep)));
+        let mut r = reader(&text);
+        assert!(matches!(r.scalar(10), Err(Fault::TooDeep)));
+        // Just under the limit is fine.
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
+        reader(&ok).skip().unwrap();
+    }
+
+    #[test]
+    fn malformed_text_is_a_syntax_error_and_truncated_text_an_eof() {
+        for bad in [
+            "[1 2]",
+            "{\"a\" 1}",
+            "{\"a\":1,}",
+            "[1,]",
+            "{1:2}",
+            "[tru]",
+            "[\"\u{1}\"]",
+            "[\"\\x\"]",
+            "[}",
+            "[01x]",
+        ] {
+            assert!(matches!(reader(bad).skip(), Err(Fault::Syntax)), "{bad:?}");
+        }
+        for cut in ["[1,", "{\"a\":", "\"abc", "[{\"a\":[1,2]"] {
+            assert!(matches!(reader(cut).skip(), Err(Fault::Eof)), "{cut:?}");
+        }
+    }
+
+    #[test]
+    fn capture_keeps_the_text_of_small_values_only() {
+        let mut r = reader(r#"{"p": {"a": [1, 2]}, "q": [3, 4, 5]}"#);
+        r.begin_object().unwrap();
+        let (mut first, mut key) = (true, String::new());
+        let mut out = Vec::new();
+        assert!(r.next_key(&mut first, &mut key, 64).unwrap());
+        assert!(r.capture(&mut out, 64).unwrap());
+        assert_eq!(out, br#"{"a": [1, 2]}"#);
+        assert!(r.next_key(&mut first, &mut key, 64).unwrap());
+        out.clear();
+        assert!(!r.capture(&mut out, 4).unwrap());
+        assert!(!r.next_key(&mut first, &mut key, 64).unwrap());
+        r.end().unwrap();
+    }
+}
