@@ -744,8 +744,13 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                 {
                     budget = resized;
                     header.namespaces = namespaces_metadata(&namespaces, budget);
-                    parts =
-                        report::split_from(&header, &pending, &removed, budget, parts[next].start());
+                    parts = report::split_from(
+                        &header,
+                        &pending,
+                        &removed,
+                        budget,
+                        parts[next].start(),
+                    );
                     next = 0;
                 }
             }

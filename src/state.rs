@@ -828,7 +828,8 @@ impl StateDir {
         }
         let path = self.path.join(STATE_FILE);
         if let Some(id) = state.origin.file.get() {
-            let file = input::open_regular(&path, input::Links::Refuse).map_err(|e| Error::io("cannot read", &path, e))?;
+            let file = input::open_regular(&path, input::Links::Refuse)
+                .map_err(|e| Error::io("cannot read", &path, e))?;
             let meta = file
                 .metadata()
                 .map_err(|e| Error::io("cannot read", &path, e))?;
@@ -993,7 +994,8 @@ impl StateDir {
             return Err(format!("{CURSOR_FILE} names {name:?}, not a report file"));
         }
         let path = self.path.join(name);
-        let file = input::open_regular(&path, input::Links::Refuse).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = input::open_regular(&path, input::Links::Refuse)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let size = file.metadata().map_err(|e| e.to_string())?.len();
         if size < length {
             return Err(format!(
