@@ -5,7 +5,8 @@
 //! `/proc` walk that also finds socket owners ([`procfs::walk`]); its first process (lowest
 //! pid) represents it. Through that process the kernel shows the namespace's own tables:
 //! `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` (the `/proc/net` parser), `/proc/<pid>/net/if_inet6`
-//! and `/proc/<pid>/net/fib_trie` (IPv4 `LOCAL` entries) for its addresses. Nothing calls
+//! and `/proc/<pid>/net/fib_trie` (IPv4 `LOCAL` entries) for its addresses, all read through
+//! one open `/proc/<pid>` (as `/proc/self/fd/<fd>/...`) so that a reused pid cannot slip in. Nothing calls
 //! `setns`, so this works under `RestrictNamespaces=yes` with `CAP_SYS_PTRACE` (to read other
 //! users' `ns/net` links) and `CAP_DAC_READ_SEARCH`. `/proc/<pid>/cgroup` says whose it is
 //! ([`cgroup`]).
