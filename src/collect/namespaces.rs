@@ -501,6 +501,13 @@ impl Namespaces {
         self.list.is_empty() && self.over_cap == 0
     }
 
+    /// `metadata.namespaces` for parts of `part_bytes`: at most an eighth of a part, so the
+    /// records keep the room. Called again whenever the part size shrinks within a run (a 413,
+    /// the raw limit, a slower server), or the metadata would outgrow the smaller parts.
+    pub fn metadata_for_part(&self, part_bytes: usize) -> String {
+        self.metadata(part_bytes / 8)
+    }
+
     /// `metadata.namespaces` as JSON, at most about `limit` bytes: the counts, then as many
     /// namespaces as fit (in pid order). Empty when there is nothing to say.
     pub fn metadata(&self, limit: usize) -> String {
@@ -860,6 +867,20 @@ fd000db80000000000000000000000 02 40 00 80     eth0
             "{bounded}"
         );
         assert_eq!(Namespaces::default().metadata(10_000), "");
+
+        // Parts halved by 413s get metadata of an eighth of their own size each time.
+        let sizes: Vec<usize> = [65_536, 32_768, 16_384, 8_192]
+            .iter()
+            .map(|part| all.metadata_for_part(*part).len())
+            .collect();
+        assert!(
+            sizes
+                .iter()
+                .zip([8_192, 4_096, 2_048, 1_024])
+                .all(|(got, room)| *got <= room),
+            "{sizes:?}"
+        );
+        assert!(sizes.windows(2).all(|w| w[1] < w[0]), "{sizes:?}");
 
         // One entry too large for the room does not hide the smaller ones after it.
         let mut big = summary(1);
