@@ -266,11 +266,7 @@ impl Client {
             if !failure.retryable() || n >= ATTEMPTS {
                 return Err(failure);
             }
-            let wait = match failure.retry_after() {
-                // A little later than asked, so that a fleet told the same time spreads out.
-                Some(asked) => asked + asked.mul_f64(0.1 * unit_random()),
-                None => jittered(backoff),
-            };
+            let wait = retry_wait(failure.retry_after(), backoff, unit_random());
             if Instant::now() + wait + self.timeout > deadline {
                 if let Some(asked) = failure.retry_after() {
                     warn!(
@@ -532,9 +528,20 @@ fn unit_random() -> f64 {
     f64::from(r) / 65_535.0
 }
 
-/// `base` ± 50 % (a fleet must not retry in lockstep).
-fn jittered(base: Duration) -> Duration {
-    base / 2 + base.mul_f64(unit_random())
+/// `base` ± 50 % for `random` in `[0, 1]` (a fleet must not retry in lockstep).
+fn jittered_by(base: Duration, random: f64) -> Duration {
+    base / 2 + base.mul_f64(random.clamp(0.0, 1.0))
+}
+
+/// How long to wait before the next attempt: the server's `Retry-After` a little later than
+/// asked (a fleet told the same time spreads out), never less than the jittered backoff, so
+/// that `Retry-After: 0` or a date in the past does not turn into retries without a pause.
+fn retry_wait(asked: Option<Duration>, backoff: Duration, random: f64) -> Duration {
+    let own = jittered_by(backoff, random);
+    match asked {
+        Some(asked) => (asked + asked.mul_f64(0.1 * random.clamp(0.0, 1.0))).max(own),
+        None => own,
+    }
 }
 
 #[cfg(test)]
@@ -701,9 +708,39 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_after_of_zero_or_in_the_past_still_waits_the_backoff() {
+        let second = Duration::from_secs(1);
+        let waits: Vec<Duration> = [
+            (Some(Duration::ZERO), 0.0),
+            (Some(Duration::ZERO), 1.0),
+            (
+                parse_retry_after("Thu, 01 Jan 2026 00:00:00 GMT", 1_795_744_647),
+                0.0,
+            ),
+            (Some(Duration::from_secs(10)), 0.0),
+            (Some(Duration::from_secs(10)), 1.0),
+            (None, 0.5),
+        ]
+        .into_iter()
+        .map(|(asked, random)| retry_wait(asked, second * 2, random))
+        .collect();
+        assert_eq!(
+            waits,
+            [
+                second,
+                second * 3,
+                second,
+                second * 10,
+                second * 11,
+                second * 2
+            ]
+        );
+    }
+
+    #[test]
     fn jitter_stays_within_half_either_side() {
         for _ in 0..100 {
-            let d = jittered(Duration::from_secs(2));
+            let d = jittered_by(Duration::from_secs(2), unit_random());
             assert!(
                 d >= Duration::from_secs(1) && d <= Duration::from_secs(3),
                 "{d:?}"

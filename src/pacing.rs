@@ -37,6 +37,12 @@ const MIN_SAMPLE_BYTES: u64 = 16 << 10;
 /// sent: the server keeps ingesting after the agent gave up (62 s for a part that the agent gave
 /// up on after 30 s).
 const HOLD_TIMEOUTS: u32 = 4;
+/// The shortest hold whatever the timeout: a loaded server took 62 s over one part, so a
+/// 2 s timeout (an 8 s hold) would let the next run send while the first copy is stored.
+const MIN_HOLD_SECONDS: u64 = 120;
+/// The largest believable `gzip_permille`: gzip adds a few bytes per block to data it cannot
+/// compress, so even random bytes stay below this; a larger value in `pacing.json` is damage.
+const MAX_GZIP_PERMILLE: u64 = 1_100;
 /// The longest backoff after repeated failures, in seconds, whatever the policy says.
 const MAX_BACKOFF_SECONDS: u64 = 86_400;
 
@@ -58,7 +64,10 @@ impl Limits {
     }
 
     fn hold(&self) -> i64 {
-        (self.timeout * HOLD_TIMEOUTS).as_secs().max(1) as i64
+        let hold = (self.timeout * HOLD_TIMEOUTS)
+            .as_secs()
+            .max(MIN_HOLD_SECONDS);
+        i64::try_from(hold).unwrap_or(i64::MAX)
     }
 }
 
@@ -140,9 +149,21 @@ impl Pacing {
     /// divided by how well this host's reports compress, each with headroom.
     pub fn cap(&self, limits: &Limits) -> u64 {
         let decoded = limits.max_decoded / 20 * 19;
-        let permille = self.gzip_permille.unwrap_or(1_000).max(1);
-        let raw = (limits.max_raw / 10 * 9).saturating_mul(1_000) / permille;
+        let permille = self
+            .gzip_permille
+            .unwrap_or(1_000)
+            .clamp(1, MAX_GZIP_PERMILLE);
+        // Whatever was learned, a part of the minimum size fits the raw limit (it is 64 times
+        // as large): only the policy's own limit may make parts smaller than that.
+        let raw = ((limits.max_raw / 10 * 9).saturating_mul(1_000) / permille).max(MIN_PART_BYTES);
         decoded.min(raw)
+    }
+
+    /// Parts at least this large (or slower than the target) teach the time per KiB: smaller
+    /// ones mostly show the server's fixed cost per request. A small policy limit lowers it, or
+    /// no part would ever teach anything.
+    fn sample_bytes(&self, limits: &Limits) -> u64 {
+        MIN_SAMPLE_BYTES.min(self.cap(limits) / 2)
     }
 
     fn clamp(&self, bytes: u64, limits: &Limits) -> u64 {
@@ -160,7 +181,9 @@ impl Pacing {
     pub fn compressed(&mut self, decoded: usize, gzipped: usize) {
         let (decoded, gzipped) = (decoded as u64, gzipped as u64);
         if decoded >= MIN_SAMPLE_BYTES {
-            let sample = (gzipped.saturating_mul(1_000)).div_ceil(decoded).max(1);
+            let sample = (gzipped.saturating_mul(1_000))
+                .div_ceil(decoded)
+                .clamp(1, MAX_GZIP_PERMILLE);
             self.gzip_permille = Some(worse_first(self.gzip_permille, sample));
         }
     }
@@ -186,13 +209,18 @@ impl Pacing {
         let current = self.budget(limits) as u64;
         let bytes = bytes as u64;
         let target = limits.target();
-        if bytes >= MIN_SAMPLE_BYTES || elapsed > target {
-            let sample = micros_per_kib(elapsed, bytes);
+        // Only a part that used most of its budget shows that a larger one would be fast too.
+        let fast = elapsed <= target / 2 && bytes >= current / 2;
+        let sample = micros_per_kib(elapsed, bytes);
+        if bytes >= self.sample_bytes(limits) || elapsed > target {
             self.micros_per_kib = Some(worse_first(self.micros_per_kib, sample));
+        } else if let Some(rate) = self.micros_per_kib.filter(|rate| fast && sample < *rate) {
+            // A small part's time includes the fixed cost per request, so the server is at
+            // least this fast: without this, parts shrunk by timeouts would never grow back.
+            self.micros_per_kib = Some(sample.max(rate - rate / 3));
         }
         let mut next = current;
-        // Only a part that used most of its budget shows that a larger one would be fast too.
-        if elapsed <= target / 2 && bytes >= current / 2 {
+        if fast {
             next = current.saturating_add(current / 2);
         }
         if let Some(rate) = self.micros_per_kib {
@@ -231,11 +259,20 @@ impl Pacing {
         self.unanswered = Some(sent);
         // `sent.at` is cut to whole seconds: one more keeps the hold at least its length.
         self.hold_until = Some(sent.at.saturating_add(limits.hold() + 1));
+        if let Some(advice) = self.advice(limits) {
+            warn!("{advice}");
+        }
     }
 
     /// A part still in flight when a run starts: the run that sent it was stopped before the
     /// answer came, so the part is treated as unanswered. Returns it, if there was one.
+    ///
+    /// A hold later than one hold from now was saved by a clock that ran ahead: it is dropped,
+    /// or every run (forced ones too) would wait until the clock catches up.
     pub fn recover(&mut self, limits: &Limits) -> Option<Sent> {
+        for warning in self.distrust_future(timefmt::now(), Some(limits)) {
+            warn!("{warning}");
+        }
         let sent = self.in_flight.take()?;
         self.unanswered(limits, sent);
         Some(sent)
@@ -258,7 +295,12 @@ impl Pacing {
     ) {
         self.in_flight = None;
         self.failures = self.failures.saturating_add(1);
-        let cap = backoff.cap_seconds.clamp(1, MAX_BACKOFF_SECONDS);
+        // Never below one timer period (twice the base): a policy interval shorter than the
+        // timer's would otherwise end every backoff before the next scheduled run.
+        let cap = backoff
+            .cap_seconds
+            .max(backoff.base_seconds.saturating_mul(2))
+            .clamp(1, MAX_BACKOFF_SECONDS);
         let doubled = backoff
             .base_seconds
             .max(1)
@@ -273,6 +315,61 @@ impl Pacing {
             until = until.max(hold);
         }
         self.backoff_until = Some(until);
+    }
+
+    /// Drops the times a wrong clock saved: a backoff longer than the longest there is, and
+    /// (with `limits`) a hold longer than one hold; a part sent "in the future" was sent now.
+    /// Returns a warning for each, for the operator.
+    fn distrust_future(&mut self, now: i64, limits: Option<&Limits>) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let mut drop = |what: &str, until: i64| {
+            warnings.push(format!(
+                "{FILE} says {what} until {} (now {}): the clock was wrong when it was saved or has \
+                 been set back; ignoring it (if this repeats, delete {FILE}: only what was learned \
+                 about the server's pace is lost)",
+                timefmt::format_utc(until),
+                timefmt::format_utc(now)
+            ));
+        };
+        let longest_backoff = now.saturating_add(MAX_BACKOFF_SECONDS as i64);
+        if let Some(until) = self.backoff_until.filter(|u| *u > longest_backoff) {
+            drop("scheduled runs back off", until);
+            self.backoff_until = None;
+        }
+        if let Some(limits) = limits {
+            let longest_hold = now.saturating_add(limits.hold() + 1);
+            if let Some(until) = self.hold_until.filter(|u| *u > longest_hold) {
+                drop("nothing is sent", until);
+                self.hold_until = Some(longest_hold);
+            }
+        }
+        for sent in [&mut self.in_flight, &mut self.unanswered]
+            .into_iter()
+            .flatten()
+        {
+            sent.at = sent.at.min(now);
+        }
+        if let Some(last) = &mut self.last_part {
+            last.at = last.at.min(now);
+        }
+        warnings
+    }
+
+    /// What to tell the operator when even parts of the smallest size get no answer: making
+    /// them smaller is no longer possible, so the timeout or the server has to change.
+    pub fn advice(&self, limits: &Limits) -> Option<String> {
+        let sent = self.unanswered?;
+        let smallest = MIN_PART_BYTES.min(self.cap(limits));
+        // A part cut to the smallest budget renders a little over it (header, last record).
+        (sent.bytes <= smallest + smallest / 4).then(|| {
+                format!(
+                    "a check-in part of {} bytes, the smallest the agent sends, got no answer within {} s: \
+                     the server is overloaded or stuck; raise --request-timeout-seconds \
+                     (GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS) or look at the server's load and logs",
+                    sent.bytes,
+                    limits.timeout.as_secs()
+                )
+            })
     }
 
     /// When scheduled runs may contact the server again, if that is after `now`.
@@ -337,6 +434,9 @@ impl Pacing {
             ("server time per part", time),
             ("backoff", backoff),
         ];
+        if let Some(advice) = self.advice(limits) {
+            lines.push(("advice", advice));
+        }
         if let Some(sent) = self.unanswered {
             let hold = match self.hold(now) {
                 Some(until) => format!("; nothing is sent before {}", when(until)),
@@ -432,7 +532,7 @@ impl Pacing {
         Some(Pacing {
             part_bytes: positive("part_bytes"),
             micros_per_kib: positive("micros_per_kib"),
-            gzip_permille: positive("gzip_permille"),
+            gzip_permille: positive("gzip_permille").filter(|p| *p <= MAX_GZIP_PERMILLE),
             last_part,
             failures: json::get_i64(&v, "failures")
                 .and_then(|n| u32::try_from(n).ok())
@@ -451,13 +551,22 @@ pub fn load(dir: &StateDir) -> Pacing {
     let path = dir.path().join(FILE);
     match dir.read_small(FILE) {
         Ok(None) => Pacing::default(),
-        Ok(Some(text)) => Pacing::from_json(&text).unwrap_or_else(|| {
-            warn!(
-                "{} is damaged; starting again from small check-in parts and no backoff",
-                path.display()
-            );
-            Pacing::default()
-        }),
+        Ok(Some(text)) => match Pacing::from_json(&text) {
+            Some(mut pacing) => {
+                // The hold is checked against the request timeout when a run starts (recover).
+                for warning in pacing.distrust_future(timefmt::now(), None) {
+                    warn!("{warning}");
+                }
+                pacing
+            }
+            None => {
+                warn!(
+                    "{} is damaged; starting again from small check-in parts and no backoff",
+                    path.display()
+                );
+                Pacing::default()
+            }
+        },
         Err(e) => {
             warn!("{e}; starting again from small check-in parts and no backoff");
             Pacing::default()
@@ -607,8 +716,157 @@ mod tests {
         );
         assert_eq!(p.in_flight, None);
         assert_eq!(p.unanswered, recovered);
-        assert_eq!(p.hold_until, Some(NOW + 9));
+        // Four 2 s timeouts would be 8 s; a loaded server takes a minute over a part.
+        assert_eq!(p.hold_until, Some(NOW + 121));
         assert_eq!(p.budget(&l), 13_333);
+    }
+
+    #[test]
+    fn times_a_clock_ahead_saved_are_dropped_so_runs_are_not_blocked() {
+        let l = limits(30, 262_144);
+        let mut p = Pacing::from_json(
+            r#"{"hold_until":"2099-01-01T00:00:00Z","backoff_until":"2099-01-01T00:00:00Z",
+                "in_flight":{"at":"2099-01-01T00:00:00Z","bytes":8192},
+                "unanswered":{"at":"2099-01-01T00:00:00Z","bytes":8192}}"#,
+        )
+        .unwrap();
+        let warnings = p.distrust_future(NOW, Some(&l));
+        assert_eq!(
+            warnings,
+            [
+                "pacing.json says scheduled runs back off until 2099-01-01T00:00:00Z (now \
+                 2026-11-27T01:57:27Z): the clock was wrong when it was saved or has been set \
+                 back; ignoring it (if this repeats, delete pacing.json: only what was learned \
+                 about the server's pace is lost)",
+                "pacing.json says nothing is sent until 2099-01-01T00:00:00Z (now \
+                 2026-11-27T01:57:27Z): the clock was wrong when it was saved or has been set \
+                 back; ignoring it (if this repeats, delete pacing.json: only what was learned \
+                 about the server's pace is lost)",
+            ]
+        );
+        assert_eq!(p.backoff(NOW), None);
+        assert_eq!(p.hold(NOW), Some(NOW + 121), "at most one hold from now");
+        let now_sent = Some(Sent {
+            at: NOW,
+            bytes: 8192,
+        });
+        assert_eq!((p.in_flight, p.unanswered), (now_sent, now_sent));
+        // Times within reach are believed as saved.
+        let mut near = Pacing {
+            backoff_until: Some(NOW + 86_400),
+            hold_until: Some(NOW + 121),
+            ..Pacing::default()
+        };
+        let before = near.clone();
+        assert_eq!(near.distrust_future(NOW, Some(&l)), Vec::<String>::new());
+        assert_eq!(near, before);
+    }
+
+    #[test]
+    fn parts_shrunk_by_unanswered_parts_grow_back_after_fast_answers() {
+        let l = limits(30, 262_144);
+        let mut p = Pacing::default();
+        for at in [NOW, NOW + 200] {
+            let budget = p.budget(&l);
+            p.sending(at, budget);
+            let sent = p.in_flight.unwrap();
+            p.unanswered(&l, sent);
+        }
+        assert_eq!(p.budget(&l), 7_281);
+        let mut sizes = Vec::new();
+        for _ in 0..8 {
+            let budget = p.budget(&l);
+            sizes.push(budget);
+            p.accepted(
+                &l,
+                NOW + 400,
+                budget,
+                budget / 170,
+                Duration::from_millis(50),
+            );
+        }
+        assert_eq!(
+            sizes,
+            [7_281, 10_921, 16_381, 24_571, 36_856, 55_284, 82_926, 124_389]
+        );
+    }
+
+    #[test]
+    fn parts_under_a_small_policy_limit_grow_back_after_a_slow_answer() {
+        let l = limits(30, 16_384);
+        let mut p = Pacing::default();
+        assert_eq!(p.budget(&l), 15_561);
+        p.accepted(&l, NOW, 15_561, 90, Duration::from_secs(12));
+        assert_eq!(p.budget(&l), 12_967);
+        let mut sizes = Vec::new();
+        for _ in 0..3 {
+            let budget = p.budget(&l);
+            p.accepted(&l, NOW, budget, budget / 170, Duration::from_millis(50));
+            sizes.push(p.budget(&l));
+        }
+        assert_eq!(sizes, [15_561, 15_561, 15_561]);
+    }
+
+    #[test]
+    fn a_wrong_gzip_ratio_never_makes_parts_smaller_than_the_minimum() {
+        let l = limits(30, 262_144);
+        for permille in ["1000000000", "0", "1101"] {
+            let p = Pacing::from_json(&format!(r#"{{"gzip_permille":{permille}}}"#)).unwrap();
+            assert_eq!(p, Pacing::default(), "{permille}");
+        }
+        let p = Pacing::from_json(r#"{"gzip_permille":1100}"#).unwrap();
+        assert_eq!(p.gzip_permille, Some(1_100));
+        // Set directly (not from the file): the cap still keeps the minimum part.
+        let huge = Pacing {
+            gzip_permille: Some(1_000_000_000),
+            ..Pacing::default()
+        };
+        assert_eq!((huge.cap(&l), huge.budget(&l)), (214_478, 65_536));
+        let tiny_raw = Limits {
+            max_raw: 1_000,
+            ..l
+        };
+        assert_eq!(huge.budget(&tiny_raw), 4_096);
+        // Incompressible data cannot teach a ratio above the ceiling either.
+        let mut p = Pacing::default();
+        p.compressed(20_000, 2_000_000);
+        assert_eq!(p.gzip_permille, Some(1_100));
+    }
+
+    #[test]
+    fn smallest_parts_without_an_answer_tell_the_operator_what_to_change() {
+        let l = limits(30, 262_144);
+        let mut p = Pacing::default();
+        p.sending(NOW, 65_536);
+        p.unanswered(&l, p.in_flight.unwrap());
+        assert_eq!(p.advice(&l), None, "a smaller part may still get through");
+        for at in 1..4 {
+            let budget = p.budget(&l);
+            p.sending(NOW + at * 200, budget);
+            p.unanswered(&l, p.in_flight.unwrap());
+        }
+        assert_eq!(p.budget(&l), 4_096);
+        let advice = "a check-in part of 4096 bytes, the smallest the agent sends, got no answer \
+                      within 30 s: the server is overloaded or stuck; raise \
+                      --request-timeout-seconds (GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS) or look \
+                      at the server's load and logs";
+        assert_eq!(p.advice(&l).as_deref(), Some(advice));
+        assert_eq!(
+            p.describe(&l, NOW + 600).get(3),
+            Some(&("advice", advice.to_string()))
+        );
+    }
+
+    #[test]
+    fn backoff_lasts_at_least_one_timer_period_under_a_short_policy_interval() {
+        let mut p = Pacing::default();
+        let short = Backoff {
+            base_seconds: 450,
+            cap_seconds: 60,
+        };
+        p.failed(NOW, &short, None, 1.0);
+        p.failed(NOW, &short, None, 1.0);
+        assert_eq!(p.backoff_until, Some(NOW + 900));
     }
 
     #[test]

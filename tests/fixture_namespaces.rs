@@ -197,3 +197,65 @@ fn namespaces_beyond_the_cap_are_counted_not_collected() {
         "{meta}"
     );
 }
+
+/// Copies a fixture tree, symlinks as symlinks.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// The binary's whole dry-run body on `root`, its one changing field (`observed_at`) blanked.
+fn whole_body(root: &Path, namespaces: &str) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_grapheon-agent"));
+    cmd.args(["--dry-run", "--collector", "native"])
+        .args(["--state-dir", "/nonexistent/grapheon-agent-fixture"])
+        .args(["--proc-root", root.to_str().unwrap()])
+        .args(["--namespaces", namespaces])
+        .env_clear()
+        .env("GRAPHEON_AGENT_CONFIG", "/dev/null")
+        .stdin(Stdio::null());
+    seccomp::refuse_netlink(&mut cmd, None);
+    let out = cmd.output().expect("run grapheon-agent");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let at = stdout.find(r#""observed_at":""#).expect("observed_at") + 15;
+    let end = at + stdout[at..].find('"').unwrap();
+    format!("{}{}", &stdout[..at], &stdout[end..])
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[test]
+fn on_a_host_with_one_namespace_the_default_gives_exactly_the_report_of_own() {
+    // The fixture's host processes alone (the agent, pid 1, and pid 50), all in namespace
+    // 4026531840: the containers are gone.
+    let root = std::env::temp_dir().join(format!("grapheon-one-ns-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for part in ["1", "50", "net"] {
+        copy_tree(&fixture().join(part), &root.join(part));
+    }
+    std::os::unix::fs::symlink("1", root.join("self")).unwrap();
+    let all = whole_body(&root, "all");
+    let own = whole_body(&root, "own");
+    std::fs::remove_dir_all(&root).unwrap();
+    assert_eq!(all, own);
+    assert!(
+        all.contains(&format!(r#""connections":[{OWN_LISTENER}]"#)),
+        "{all}"
+    );
+}

@@ -322,6 +322,13 @@ pub fn collect(opts: &Options, known: &mut dyn FnMut() -> Vec<Address>) -> Colle
     }
 }
 
+/// Without its own namespace's inode the agent cannot tell other namespaces from its own;
+/// where that is expected (a sandbox hiding `ns/`), `--namespaces own` says so once and for all.
+const OWN_NAMESPACE_UNREADABLE: &str = "cannot read this process's network namespace \
+    (/proc/self/ns/net), so other namespaces cannot be told apart; only this namespace's sockets \
+    are reported. If that is what you want, pass --namespaces own (GRAPHEON_AGENT_NAMESPACES=own) \
+    and this warning goes away";
+
 /// Owners for the agent's own sockets and, with [`Scope::All`], the other network
 /// namespaces with their sockets and owners, all from one walk over `/proc`.
 fn owned_sockets(
@@ -334,9 +341,7 @@ fn owned_sockets(
         _ => None,
     };
     if opts.namespaces == Scope::All && opts.tables.connections && own.is_none() {
-        warn!(
-            "cannot read this process's network namespace (/proc/self/ns/net); only its own sockets are reported"
-        );
+        warn!("{OWN_NAMESPACE_UNREADABLE}");
     }
     let (sockets, discovery) =
         namespaces::walk(proc_root, sockets, own, namespaces::MAX_NAMESPACES);
@@ -451,6 +456,17 @@ fn finish(s: &mut Snapshot) -> usize {
 mod tests {
     use super::*;
     use crate::model::Neighbor;
+
+    #[test]
+    fn an_unreadable_own_namespace_points_at_namespaces_own() {
+        assert_eq!(
+            OWN_NAMESPACE_UNREADABLE,
+            "cannot read this process's network namespace (/proc/self/ns/net), so other \
+             namespaces cannot be told apart; only this namespace's sockets are reported. If \
+             that is what you want, pass --namespaces own (GRAPHEON_AGENT_NAMESPACES=own) and \
+             this warning goes away"
+        );
+    }
 
     fn addr(ip: &str) -> Address {
         Address {

@@ -5,7 +5,8 @@
 //! `/proc` walk that also finds socket owners ([`procfs::walk`]); its first process (lowest
 //! pid) represents it. Through that process the kernel shows the namespace's own tables:
 //! `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` (the `/proc/net` parser), `/proc/<pid>/net/if_inet6`
-//! and `/proc/<pid>/net/fib_trie` (IPv4 `LOCAL` entries) for its addresses. Nothing calls
+//! and `/proc/<pid>/net/fib_trie` (IPv4 `LOCAL` entries) for its addresses, all read through
+//! one open `/proc/<pid>` (as `/proc/self/fd/<fd>/...`) so that a reused pid cannot slip in. Nothing calls
 //! `setns`, so this works under `RestrictNamespaces=yes` with `CAP_SYS_PTRACE` (to read other
 //! users' `ns/net` links) and `CAP_DAC_READ_SEARCH`. `/proc/<pid>/cgroup` says whose it is
 //! ([`cgroup`]).
@@ -14,7 +15,8 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 
 use crate::collect::cgroup::{self, Attribution};
 use crate::collect::procfs::{self, FastHash, Owners};
@@ -49,8 +51,10 @@ pub const MAX_NAMESPACES: usize = 1000;
 const ATTRIBUTION_TRIES: u8 = 4;
 /// Addresses listed per namespace in the metadata.
 const LISTED_ADDRESSES: usize = 16;
-/// A `fib_trie` larger than this (a router's full table) is read no further.
-const MAX_FIB_TRIE: u64 = 16 << 20;
+/// A `fib_trie` line longer than this is skipped (real ones are under 100 bytes). The file
+/// itself is read whole however large: with policy routing the `Local` table, which holds
+/// the addresses, comes after a router's full `Main` table.
+const MAX_FIB_LINE: u64 = 4096;
 /// `net:[18446744073709551615]` is 26 bytes.
 const LINK_BUFFER: usize = 64;
 
@@ -206,12 +210,13 @@ impl Discovery {
             None => {}
         }
         if self.found.len() >= self.cap {
+            owners.no_more_wanted();
             self.seen.insert(inode, None);
             return;
         }
-        let dir = proc_root.join(pid.to_string());
-        let sockets = match procfs::sockets(&dir) {
-            Ok(sockets) => sockets,
+        let read = ProcessDir::open(root_fd, pid, inode).and_then(|dir| dir.read(inode, pid));
+        let ns = match read {
+            Ok(ns) => ns,
             Err(e) => {
                 // The process may have exited while being read: the namespace's next
                 // processes get a few more chances.
@@ -225,21 +230,14 @@ impl Discovery {
                 return;
             }
         };
-        owners.want(&sockets);
-        let mut addresses = read_if_inet6(&dir.join("net/if_inet6"));
-        addresses.extend(read_fib_trie(&dir.join("net/fib_trie")));
-        addresses.sort();
-        addresses.dedup();
+        owners.want(&ns.sockets);
         self.seen.insert(inode, Some(self.found.len()));
-        self.found.push(Namespace {
-            inode,
-            pid,
-            process_name: procfs::read_comm(proc_root, pid),
-            attribution: read_attribution(proc_root, pid),
-            addresses,
-            sockets,
-            tries: 0,
-        });
+        self.found.push(ns);
+        if self.found.len() >= self.cap {
+            // No namespace found from now on can add sockets: descriptors that match none
+            // need not be kept for later.
+            owners.no_more_wanted();
+        }
     }
 
     /// Namespaces seen but not collected because of the cap.
@@ -258,18 +256,86 @@ impl Discovery {
 
 /// `readlinkat(<root>/<pid>/ns/net)`, relative to the open proc root.
 fn read_namespace(root_fd: libc::c_int, pid: u32) -> Option<u64> {
-    let path = format!("{pid}/ns/net\0");
+    namespace_at(root_fd, &format!("{pid}/ns/net\0"))
+}
+
+/// The namespace inode of the link `path` (NUL-terminated) relative to `dir_fd`.
+fn namespace_at(dir_fd: libc::c_int, path: &str) -> Option<u64> {
     let path = CStr::from_bytes_with_nul(path.as_bytes()).ok()?;
     let mut link = [0u8; LINK_BUFFER];
     // SAFETY: `path` is NUL-terminated, `link` a live buffer of the given length.
     let len =
-        unsafe { libc::readlinkat(root_fd, path.as_ptr(), link.as_mut_ptr().cast(), link.len()) };
+        unsafe { libc::readlinkat(dir_fd, path.as_ptr(), link.as_mut_ptr().cast(), link.len()) };
     let len = usize::try_from(len).ok()?;
     namespace_inode(link.get(..len)?)
 }
 
+/// One process's `/proc/<pid>`, held open while its namespace is read. Paths by pid would
+/// read whichever process has the pid by then: when the first one exits and the pid is
+/// reused by a host process, the host's sockets would be reported as the namespace's. An
+/// open `/proc/<pid>` keeps showing the process it was opened for (and nothing once that
+/// one is gone), so everything is read through it (`/proc/self/fd/<fd>/...`).
+struct ProcessDir {
+    fd: OwnedFd,
+}
+
+impl ProcessDir {
+    /// Opens `<root>/<pid>` and checks that it is still in namespace `inode`.
+    fn open(root_fd: libc::c_int, pid: u32, inode: u64) -> Result<ProcessDir, String> {
+        let name = format!("{pid}\0");
+        let name = CStr::from_bytes_with_nul(name.as_bytes()).map_err(|e| e.to_string())?;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        // SAFETY: `name` is NUL-terminated; the result is checked.
+        let fd = unsafe { libc::openat(root_fd, name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(format!(
+                "cannot open its /proc directory: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let dir = ProcessDir {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        };
+        match namespace_at(dir.fd.as_raw_fd(), "ns/net\0") {
+            Some(now) if now == inode => Ok(dir),
+            _ => Err("the process exited or left the namespace while being read".into()),
+        }
+    }
+
+    /// The directory as a path the reads can use, resolved by the kernel through the open
+    /// descriptor.
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+
+    /// The namespace as seen through this process: its tables, addresses, name and owner.
+    fn read(&self, inode: u64, pid: u32) -> Result<Namespace, String> {
+        let dir = self.path();
+        let sockets = procfs::sockets(&dir).map_err(|e| e.to_string())?;
+        let mut addresses = read_if_inet6(&dir.join("net/if_inet6"));
+        addresses.extend(read_fib_trie(&dir.join("net/fib_trie")));
+        addresses.sort();
+        addresses.dedup();
+        Ok(Namespace {
+            inode,
+            pid,
+            process_name: procfs::read_comm_in(&dir),
+            attribution: read_attribution_in(&dir),
+            addresses,
+            sockets,
+            tries: 0,
+        })
+    }
+}
+
 fn read_attribution(proc_root: &Path, pid: u32) -> Attribution {
-    let path = proc_root.join(pid.to_string()).join("cgroup");
+    read_attribution_in(&proc_root.join(pid.to_string()))
+}
+
+/// The attribution from `<dir>/cgroup`, `dir` being one process's `/proc` directory.
+fn read_attribution_in(dir: &Path) -> Attribution {
+    let path = dir.join("cgroup");
     let mut text = String::new();
     // A real cgroup file is a few hundred bytes; the bound keeps a strange one cheap.
     match crate::input::open_regular(&path, crate::input::Links::Follow)
@@ -320,11 +386,28 @@ fn read_if_inet6(path: &Path) -> Vec<IpAddr> {
 
 /// The IPv4 addresses of a `fib_trie` listing: each leaf `|-- <ip>` followed by a
 /// `/32 host LOCAL` entry is an address of the namespace (loopback left out).
-pub fn parse_fib_trie(reader: impl BufRead) -> Vec<IpAddr> {
+pub fn parse_fib_trie(mut reader: impl BufRead) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut leaf: Option<Ipv4Addr> = None;
-    for line in reader.lines() {
-        let Ok(line) = line else { break };
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        match (&mut reader).take(MAX_FIB_LINE).read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if !buf.ends_with(b"\n") && buf.len() as u64 == MAX_FIB_LINE {
+            // Not a line of the kernel's: skip the rest of it without holding it.
+            if reader.skip_until(b'\n').is_err() {
+                break;
+            }
+            leaf = None;
+            continue;
+        }
+        let Ok(line) = std::str::from_utf8(&buf) else {
+            leaf = None;
+            continue;
+        };
         let line = line.trim();
         if let Some(ip) = line.strip_prefix("|-- ") {
             leaf = ip.parse().ok();
@@ -345,7 +428,7 @@ pub fn parse_fib_trie(reader: impl BufRead) -> Vec<IpAddr> {
 
 fn read_fib_trie(path: &Path) -> Vec<IpAddr> {
     match crate::input::open_regular(path, crate::input::Links::Follow) {
-        Ok(f) => parse_fib_trie(BufReader::with_capacity(16 * 1024, f.take(MAX_FIB_TRIE))),
+        Ok(f) => parse_fib_trie(BufReader::with_capacity(16 * 1024, f)),
         Err(e) => {
             debug!("cannot read {}: {e}", path.display());
             Vec::new()
@@ -418,6 +501,13 @@ impl Namespaces {
         self.list.is_empty() && self.over_cap == 0
     }
 
+    /// `metadata.namespaces` for parts of `part_bytes`: at most an eighth of a part, so the
+    /// records keep the room. Called again whenever the part size shrinks within a run (a 413,
+    /// the raw limit, a slower server), or the metadata would outgrow the smaller parts.
+    pub fn metadata_for_part(&self, part_bytes: usize) -> String {
+        self.metadata(part_bytes / 8)
+    }
+
     /// `metadata.namespaces` as JSON, at most about `limit` bytes: the counts, then as many
     /// namespaces as fit (in pid order). Empty when there is nothing to say.
     pub fn metadata(&self, limit: usize) -> String {
@@ -430,8 +520,9 @@ impl Namespaces {
         let room = limit.saturating_sub(128);
         for s in &self.list {
             let item = summary_json(s);
+            // One large entry (a long container name) must not hide the smaller ones after it.
             if items.len() + item.len() + 2 > room {
-                break;
+                continue;
             }
             if listed > 0 {
                 items.push(',');
@@ -529,6 +620,103 @@ fd000db80000000000000000000000 02 40 00 80     eth0
         assert_eq!(
             parse_fib_trie(&b"garbage\n/32 host LOCAL\n|-- x\n"[..]),
             Vec::<IpAddr>::new()
+        );
+    }
+
+    #[test]
+    fn fib_trie_addresses_after_a_router_sized_main_table_are_found() {
+        // A full table before the Local one: 17 MiB of routes, then the namespace's address.
+        let route = "     |-- 198.51.100.0\n        /24 universe UNICAST\n";
+        let mut trie = String::from("Main:\n  +-- 0.0.0.0/0 3 0 5\n");
+        while trie.len() < 17 << 20 {
+            trie.push_str(route);
+        }
+        // A line no kernel writes is skipped whole, and the next leaf still counts.
+        trie.push_str(&"x".repeat(1 << 20));
+        trie.push_str("\n     |-- 10.88.0.7\n        /32 host LOCAL\n");
+        trie.push_str(
+            "Local:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 203.0.113.5\n        /32 host LOCAL\n",
+        );
+        let scratch = Scratch::new("fib");
+        let path = scratch.0.join("fib_trie");
+        std::fs::write(&path, trie).unwrap();
+        assert_eq!(
+            read_fib_trie(&path),
+            ["10.88.0.7", "203.0.113.5"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+    }
+
+    /// A scratch directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("grapheon-ns-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Copies a fixture tree, symlinks as symlinks.
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let (src, dst) = (entry.path(), to.join(entry.file_name()));
+            let kind = entry.file_type().unwrap();
+            if kind.is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
+            } else if kind.is_dir() {
+                copy_tree(&src, &dst);
+            } else {
+                std::fs::copy(&src, &dst).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_pid_reused_by_a_host_process_is_not_read_as_the_namespace() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proc-ns");
+        let scratch = Scratch::new("reuse");
+        let root = &scratch.0;
+        copy_tree(&fixture.join("100"), &root.join("42"));
+        let c_root = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; the descriptor is closed by OwnedFd.
+        let root_fd = unsafe {
+            OwnedFd::from_raw_fd(libc::open(
+                c_root.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            ))
+        };
+        let dir = ProcessDir::open(root_fd.as_raw_fd(), 42, 4026532100).unwrap();
+        // The container's process exits and a host process gets pid 42.
+        std::fs::rename(root.join("42"), root.join("42.gone")).unwrap();
+        copy_tree(&fixture.join("1"), &root.join("42"));
+        copy_tree(&fixture.join("net"), &root.join("42/net"));
+        let ns = dir.read(4026532100, 42).unwrap();
+        let locals: Vec<String> = ns
+            .sockets
+            .iter()
+            .map(|s| format!("{}:{}", s.connection.local_ip, s.connection.local_port))
+            .collect();
+        assert_eq!(
+            (ns.process_name.as_deref(), ns.addresses.len(), locals.len()),
+            (Some("nginx"), 2, 5),
+            "{locals:?}"
+        );
+        assert!(!locals.contains(&"192.0.2.2:22".to_string()), "{locals:?}");
+        // Opened after the reuse, the pid is in the host's namespace: not read at all.
+        assert_eq!(
+            ProcessDir::open(root_fd.as_raw_fd(), 42, 4026532100).err(),
+            Some("the process exited or left the namespace while being read".to_string())
         );
     }
 
@@ -679,5 +867,35 @@ fd000db80000000000000000000000 02 40 00 80     eth0
             "{bounded}"
         );
         assert_eq!(Namespaces::default().metadata(10_000), "");
+
+        // Parts halved by 413s get metadata of an eighth of their own size each time.
+        let sizes: Vec<usize> = [65_536, 32_768, 16_384, 8_192]
+            .iter()
+            .map(|part| all.metadata_for_part(*part).len())
+            .collect();
+        assert!(
+            sizes
+                .iter()
+                .zip([8_192, 4_096, 2_048, 1_024])
+                .all(|(got, room)| *got <= room),
+            "{sizes:?}"
+        );
+        assert!(sizes.windows(2).all(|w| w[1] < w[0]), "{sizes:?}");
+
+        // One entry too large for the room does not hide the smaller ones after it.
+        let mut big = summary(1);
+        big.attribution.name = Some("n".repeat(3_000));
+        let mixed = Namespaces {
+            list: vec![big, summary(2), summary(3)],
+            over_cap: 0,
+        };
+        let listed = mixed.metadata(1_000);
+        assert!(listed.len() <= 1_000, "{}", listed.len());
+        assert!(
+            listed.starts_with(
+                r#"{"collected":3,"over_cap":0,"listed":2,"list":[{"inode":4026532002,"#
+            ),
+            "{listed}"
+        );
     }
 }

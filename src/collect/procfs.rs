@@ -324,7 +324,14 @@ pub struct Owners {
     /// Socket descriptors not wanted when their process was scanned: a namespace found later
     /// in the walk may want them (a process holding a socket of another namespace).
     stray: Option<Vec<(u64, u32)>>,
+    /// Whether descriptors are still added to `stray`: not once no socket can become wanted
+    /// any more, nor past [`MAX_STRAYS`].
+    collecting: bool,
 }
+
+/// Most unmatched socket descriptors kept during one walk (16 bytes each): every unix
+/// socket of the host is one, and only the few of a namespace found later matter.
+pub const MAX_STRAYS: usize = 1 << 18;
 
 impl Owners {
     /// Owners wanted for `sockets`. `late` keeps unwanted descriptors for sockets that
@@ -332,6 +339,7 @@ impl Owners {
     pub fn new(sockets: &[Socket], late: bool) -> Owners {
         let mut owners = Owners {
             stray: late.then(Vec::new),
+            collecting: late,
             ..Owners::default()
         };
         owners.want(sockets);
@@ -344,6 +352,17 @@ impl Owners {
         for s in sockets.iter().filter(|s| s.inode != 0) {
             self.wanted.entry(s.inode).or_insert(NOBODY);
         }
+    }
+
+    /// No socket becomes wanted from now on ([`Owners::want`] is not called again): unmatched
+    /// descriptors are no longer kept. Those kept so far still get their chance.
+    pub fn no_more_wanted(&mut self) {
+        self.collecting = false;
+    }
+
+    /// Unmatched descriptors kept for sockets wanted later in the walk.
+    pub fn strays(&self) -> usize {
+        self.stray.as_ref().map_or(0, Vec::len)
     }
 
     /// True when no socket wants an owner and none can be added later.
@@ -466,8 +485,16 @@ pub fn walk(
                     }
                 }
                 None => {
-                    if let Some(stray) = &mut owners.stray {
-                        stray.push((inode, pid));
+                    if let Some(stray) = owners.stray.as_mut().filter(|_| owners.collecting) {
+                        if stray.len() < MAX_STRAYS {
+                            stray.push((inode, pid));
+                        } else {
+                            owners.collecting = false;
+                            debug!(
+                                "more than {MAX_STRAYS} socket descriptors match no socket; those \
+                                 of namespaces found later in the /proc walk may keep no owner"
+                            );
+                        }
                     }
                 }
             }
@@ -502,7 +529,13 @@ fn socket_inode(target: &[u8]) -> Option<u64> {
 
 /// `<proc_root>/<pid>/comm`, trimmed; `None` when unreadable or empty.
 pub fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
-    let path = proc_root.join(pid.to_string()).join("comm");
+    read_comm_in(&proc_root.join(pid.to_string()))
+}
+
+/// `<dir>/comm`, `dir` being one process's `/proc` directory, trimmed; `None` when
+/// unreadable or empty.
+pub fn read_comm_in(dir: &Path) -> Option<String> {
+    let path = dir.join("comm");
     let mut bytes = Vec::with_capacity(32);
     // comm is at most 16 bytes; the bound keeps a strange file from costing memory.
     crate::input::open_regular(&path, crate::input::Links::Follow)
@@ -712,6 +745,26 @@ mod tests {
                 owned(all[8].clone(), 1000, "chronyd"),
             ]
         );
+    }
+
+    #[test]
+    fn unmatched_descriptors_are_not_kept_once_nothing_more_can_be_wanted() {
+        // Kept while a namespace found later may want them: every fixture socket is unmatched.
+        let mut kept = Vec::new();
+        let mut owners = Owners::new(&[], true);
+        walk(&fixture(), &mut owners, |_, _, owners| {
+            kept.push(owners.strays())
+        });
+        assert_eq!(kept.len(), 5, "one visit per process");
+        assert!(kept.iter().any(|n| *n > 0), "{kept:?}");
+        // Discovery reached its cap at the first process: nothing is kept from then on.
+        let mut kept = Vec::new();
+        let mut owners = Owners::new(&[], true);
+        walk(&fixture(), &mut owners, |_, _, owners| {
+            owners.no_more_wanted();
+            kept.push(owners.strays());
+        });
+        assert_eq!(kept, [0; 5]);
     }
 
     #[test]
