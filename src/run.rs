@@ -585,10 +585,6 @@ fn plan_read(state: &State, current: Snapshot, cfg: &Config, now: i64) -> Plan {
 
 /// `metadata.namespaces`, in at most an eighth of `budget` (the run's first part size), so the
 /// metadata repeated in every part never crowds out the records.
-fn namespaces_metadata(namespaces: &collect::namespaces::Namespaces, budget: usize) -> String {
-    namespaces.metadata(budget / 8)
-}
-
 fn header(
     cfg: &Config,
     uuid: &str,
@@ -648,7 +644,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
     let limits = limits(cfg, &policy);
     let mut budget = pace.budget(&limits);
     let mut header = header(cfg, uuid, host, now, left_out, failed);
-    header.namespaces = namespaces_metadata(&namespaces, budget);
+    header.namespaces = namespaces.metadata_for_part(budget);
     // When nothing changed, state.json already holds the snapshot: only the small fields are
     // saved. Otherwise the next state.json grows part by part as the server accepts them.
     let unchanged = !full && pending.is_empty() && removed == [0; 4] && state.snapshot_saved();
@@ -692,7 +688,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                     gz.len()
                 );
                 budget = smaller;
-                header.namespaces = namespaces_metadata(&namespaces, budget);
+                header.namespaces = namespaces.metadata_for_part(budget);
                 parts = report::split_from(&header, &pending, &removed, budget, part.start());
                 next = 0;
                 continue;
@@ -743,7 +739,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                     && (resized < budget - budget / 10 || resized > budget + budget / 4)
                 {
                     budget = resized;
-                    header.namespaces = namespaces_metadata(&namespaces, budget);
+                    header.namespaces = namespaces.metadata_for_part(budget);
                     parts = report::split_from(
                         &header,
                         &pending,
@@ -769,7 +765,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                 if let Some(p) = progress.as_mut() {
                     p.unstage()?;
                 }
-                header.namespaces = namespaces_metadata(&namespaces, budget);
+                header.namespaces = namespaces.metadata_for_part(budget);
                 parts = report::split_from(&header, &pending, &removed, budget, part.start());
                 next = 0;
             }
@@ -913,7 +909,7 @@ fn dry_run(cfg: &Config) -> Result<()> {
     // The size the next run starts with; a run resizes later parts as the server answers.
     let budget = pacing::load(&dir).budget(&limits(cfg, &state.policy()));
     let mut header = header(cfg, &uuid, &host, now, left_out, failed);
-    header.namespaces = namespaces_metadata(&namespaces, budget);
+    header.namespaces = namespaces.metadata_for_part(budget);
     let parts = report::split(&header, &p.pending, &p.removed, budget);
     let mut out = std::io::stdout().lock();
     for (i, part) in parts.iter().enumerate() {

@@ -118,8 +118,18 @@ fn a_run_killed_after_part_k_resumes_at_part_k_plus_1_and_sends_every_record_onc
     let first = host.srv.checkins();
     assert_eq!(first.len(), k);
     // Part k+1 was in flight: the next run treats it as unanswered (it may be stored), holds
-    // back four request timeouts and sends the rest in smaller parts (tests/pacing.rs). A
-    // short timeout keeps that hold short; a forced run waits it out.
+    // back at least two minutes after it was sent and sends the rest in smaller parts
+    // (tests/pacing.rs proves that). Here the send time is moved back, as if the hold had
+    // passed, so that this test waits for nothing.
+    let pacing = agent.file("pacing.json").expect("pacing.json");
+    let p: Value = miniserde::json::from_str(&pacing).expect("pacing.json is JSON");
+    let at = support::json::str_at(&p, "in_flight.at")
+        .unwrap_or_else(|| panic!("part {} is recorded in flight: {pacing}", k + 1));
+    fs::write(
+        agent.state_dir.join("pacing.json"),
+        pacing.replace(&format!("\"{at}\""), "\"2000-01-01T00:00:00Z\""),
+    )
+    .unwrap();
     let parts = u64_at(&first[0].json, "metadata.parts").unwrap();
     assert!(parts > k as u64 + 2, "{parts} parts");
     let state = agent.state();
