@@ -3,8 +3,9 @@
 # container and, inside it, serves the locally built release over HTTPS on the container's
 # loopback, runs the README's curl-and-run install, and runs the service against the fake
 # Graphēon server (tests/serve_contract.rs, also on the container's loopback only). Asserts
-# registration, approval, a check-in accepted with socket owners, the journal, the exposure
-# score, upgrade, rollback, uninstall with and without purge, the --state-dir variant, and the
+# registration, approval, a check-in accepted with socket owners, another user's listener in a
+# network namespace made in the container (collected with its owner and in
+# metadata.namespaces), the journal, the exposure score, upgrade, rollback, uninstall with and without purge, the --state-dir variant, and the
 # .deb (timer enabled on install, the service checking in, state kept on remove, gone on purge).
 #
 #   DIST=dist bash tests/packaging/systemd.sh
@@ -408,7 +409,7 @@ PERL
 	checkins=$(cat "$C/srv/contract/checkins")
 	echo "$checkins"
 	# The last check-in (this run's), from its header line on.
-	last=$(awk -v u="$uuid" '$1 == "checkin" { block = "" } { block = block $0 "\n" } END { printf "%s", block }' <<<"$checkins")
+	last=$(awk '$1 == "checkin" { block = "" } { block = block $0 "\n" } END { printf "%s", block }' <<<"$checkins")
 	grep -q "^checkin $uuid full_snapshot=" <<<"$last" || fail "the last check-in is not this agent's"
 	assert_contains_line "the check-in's connections" "  tcp $NS_ADDR:$NS_PORT listen perl $pid" "$last"
 	assert_contains_line "the check-in's metadata.namespaces.list" "  namespace $pid perl systemd ns-listener.service $NS_ADDR" "$last"
