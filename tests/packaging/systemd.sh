@@ -4,9 +4,10 @@
 # loopback, runs the README's curl-and-run install, and runs the service against the fake
 # Graphēon server (tests/serve_contract.rs, also on the container's loopback only). Asserts
 # registration, approval, a check-in accepted with socket owners, another user's listener in a
-# network namespace made in the container (collected with its owner and in
-# metadata.namespaces), the journal, the exposure score, upgrade, rollback, uninstall with and without purge, the --state-dir variant, and the
-# .deb (timer enabled on install, the service checking in, state kept on remove, gone on purge).
+# network namespace made in the container (collected with its owner and in metadata.namespaces),
+# the journal, the exposure score, upgrade, rollback, uninstall with and without purge, the
+# --state-dir variant, and the .deb (timer enabled on install, the service checking in, state
+# kept on remove, gone on purge).
 #
 #   DIST=dist bash tests/packaging/systemd.sh
 #
