@@ -106,14 +106,17 @@ fetch() {
 	*) die "not an https:// URL: $1" ;;
 	esac
 	if command -v curl >/dev/null 2>&1; then
-		curl -fsSL --proto "$protocols" --proto-redir "$protocols" --retry 3 -o "$2" "$1" ||
-			die "download failed: $1"
+		dl_status=0
+		curl -fsSL --proto "$protocols" --proto-redir "$protocols" --retry 3 -o "$2" "$1" || dl_status=$?
+		# 1 is curl's "unsupported protocol": with an https:// URL, only a redirect gets there.
+		[ "$dl_status" != 1 ] || [ "$allow_http" = yes ] || refuse_redirect "$1" ''
+		[ "$dl_status" = 0 ] || die "download failed: $1"
 	elif command -v wget >/dev/null 2>&1; then
 		if wget --help 2>&1 | grep -q -- --https-only; then
 			if [ "$allow_http" = yes ]; then
 				wget -q -O "$2" "$1" || die "download failed: $1"
 			else
-				wget -q --https-only -O "$2" "$1" || die "download failed: $1"
+				wget_https_only "$1" "$2"
 			fi
 		else
 			# BusyBox wget: no --https-only, and it does not check certificates either.
@@ -126,6 +129,38 @@ fetch() {
 	else
 		die "need curl or wget to download $1"
 	fi
+}
+
+refuse_redirect() {
+	die "refusing to download $1: the server redirected it to ${2:-a URL} that is not https (use an https:// URL that serves the release itself, or --allow-http for a local mirror)"
+}
+
+# GNU wget's --https-only covers the links of a recursive download, not redirects (it follows a
+# 302 to http:// silently): follow them here one at a time and refuse any that leaves https.
+wget_https_only() {
+	dl_url=$1
+	dl_hops=0
+	while :; do
+		dl_status=0
+		wget -q -S --max-redirect=0 -O "$2" "$dl_url" 2>"$work/wget.headers" || dl_status=$?
+		[ "$dl_status" != 0 ] || return 0
+		dl_location=$(sed -n 's/^ *[Ll]ocation: *//p' "$work/wget.headers" | tr -d '\r' | tail -n 1)
+		if [ "$dl_status" != 8 ] || [ -z "$dl_location" ]; then
+			dl_reply=$(sed -n 's/^ *HTTP\/[0-9.]* *//p' "$work/wget.headers" | tr -d '\r' | tail -n 1)
+			die "download failed: $dl_url${dl_reply:+ ($dl_reply)}"
+		fi
+		dl_hops=$((dl_hops + 1))
+		[ "$dl_hops" -le 10 ] || die "download failed: $1 (more than 10 redirects)"
+		case $dl_location in
+		https://*) dl_url=$dl_location ;;
+		*://*) refuse_redirect "$1" "$dl_location" ;;
+		/*)
+			dl_host=${dl_url#https://}
+			dl_url="https://${dl_host%%/*}$dl_location"
+			;;
+		*) dl_url="${dl_url%/*}/$dl_location" ;;
+		esac
+	done
 }
 
 # Checks the ed25519 signature of SHA256SUMS ($1) in $2 against the pinned release key. Refuses a

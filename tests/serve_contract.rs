@@ -9,7 +9,9 @@
 //! - `url` (written by the server once it listens): its base URL on 127.0.0.1;
 //! - `agents` (server): one `UUID STATE` line per registered agent, in registration order;
 //! - `checkins` (server): per accepted check-in, `checkin UUID full_snapshot=B connections=N`, then
-//!   `  PROTOCOL LOCAL_IP:LOCAL_PORT STATE PROCESS_NAME` for each connection that has an owner;
+//!   `  PROTOCOL LOCAL_IP:LOCAL_PORT STATE PROCESS_NAME PID` for each connection that has an owner,
+//!   then `  namespace PID PROCESS_NAME RUNTIME NAME ADDRESS,...` for each entry of
+//!   `metadata.namespaces.list` (`-` for a null or empty field);
 //! - `approve` (driver): UUID lines to approve; the server removes the file once done;
 //! - `stop` (driver): the server exits.
 //!
@@ -79,16 +81,55 @@ fn checkins_text(server: &ContractServer) -> String {
         for c in connections {
             if let Some(name) = j::str_at(c, "process_name") {
                 text.push_str(&format!(
-                    "  {} {}:{} {} {name}\n",
+                    "  {} {}:{} {} {name} {}\n",
                     j::str_at(c, "protocol").unwrap_or("?"),
                     j::str_at(c, "local_ip").unwrap_or("?"),
                     j::u64_at(c, "local_port").unwrap_or(0),
                     j::str_at(c, "state").unwrap_or("-"),
+                    j::u64_at(c, "pid").map_or("-".to_string(), |p| p.to_string()),
                 ));
+            }
+        }
+        if let Some(miniserde::json::Value::Array(list)) =
+            j::get(&checkin.json, "metadata.namespaces.list")
+        {
+            for n in list {
+                text.push_str(&namespace_line(n));
             }
         }
     }
     text
+}
+
+/// One `metadata.namespaces.list` entry as a line of the `checkins` file.
+fn namespace_line(entry: &miniserde::json::Value) -> String {
+    let field = |key: &str| {
+        j::str_at(entry, key)
+            .filter(|s| !s.is_empty())
+            .unwrap_or("-")
+    };
+    let addresses: Vec<&str> = match j::get(entry, "addresses") {
+        Some(miniserde::json::Value::Array(list)) => list
+            .iter()
+            .filter_map(|a| match a {
+                miniserde::json::Value::String(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    format!(
+        "  namespace {} {} {} {} {}\n",
+        j::u64_at(entry, "pid").map_or("-".to_string(), |p| p.to_string()),
+        field("process_name"),
+        field("runtime"),
+        field("name"),
+        if addresses.is_empty() {
+            "-".to_string()
+        } else {
+            addresses.join(",")
+        },
+    )
 }
 
 /// Serves on 127.0.0.1 until `dir/stop` appears, acting on the commands described above.
@@ -225,4 +266,20 @@ fn served_fake_registers_approves_on_command_and_stops() {
     publish(&dir, "stop", "");
     served.join().expect("the serve loop ends on stop");
     fs::remove_dir_all(&dir).expect("remove the control directory");
+}
+
+#[test]
+fn namespace_entry_becomes_one_line_with_dashes_for_null_fields() {
+    let entry = j::parse(
+        r#"{"inode":4026532300,"pid":42,"process_name":"perl","runtime":"systemd","container_id":null,
+            "pod_uid":null,"name":"ns-listener.service","addresses":["10.213.77.2","fd00::2"],
+            "sockets":1,"connections":1,"loopback_left_out":0}"#,
+    );
+    assert_eq!(
+        namespace_line(&entry),
+        "  namespace 42 perl systemd ns-listener.service 10.213.77.2,fd00::2\n"
+    );
+    let bare =
+        j::parse(r#"{"pid":7,"process_name":"sleep","runtime":null,"name":null,"addresses":[]}"#);
+    assert_eq!(namespace_line(&bare), "  namespace 7 sleep - - -\n");
 }

@@ -19,6 +19,7 @@ scratch=$(mktemp -d)
 server_pid=''
 cleanup() {
 	[ -z "$server_pid" ] || kill "$server_pid" 2>/dev/null || true
+	[ -z "${redirect_pid:-}" ] || kill "$redirect_pid" 2>/dev/null || true
 	rm -rf "$scratch"
 }
 trap cleanup EXIT
@@ -72,13 +73,16 @@ make_release 0.3.0 "$scratch/rel-0.3.0-stale" "" stale
 mkdir -p "$scratch/www"
 cp "$scratch/rel-0.2.0"/* "$scratch/www/"
 
-# Runs a lifecycle script with the shell under test, in root $R, with the fake systemctl.
+DASH=$(command -v dash)
+
+# Runs a lifecycle script with the shell under test, in root $R, with the fake systemctl
+# (PATH_UNDER_TEST, when set, is the whole PATH it runs with).
 run_script() {
 	local script=$1
 	shift
 	case $SHELL_UNDER_TEST in
-	busybox) env PATH="$FAKE_BIN:$BB_BIN" "$BUSYBOX" sh "$script" "$@" ;;
-	dash) env PATH="$FAKE_BIN:$PATH" dash "$script" "$@" ;;
+	busybox) env PATH="${PATH_UNDER_TEST:-$FAKE_BIN:$BB_BIN}" "$BUSYBOX" sh "$script" "$@" ;;
+	dash) env PATH="${PATH_UNDER_TEST:-$FAKE_BIN:$PATH}" "$DASH" "$script" "$@" ;;
 	esac
 }
 
@@ -535,6 +539,117 @@ test_truncated_installer_runs_nothing() {
 	assert_eq "systemctl calls" "" "$(systemctl_calls)"
 }
 
+# The download tools under test, one at a time: a PATH where TOOL (curl or GNU wget) is the only
+# downloader the installer finds before BusyBox's applets.
+path_with_only() {
+	local dir="$scratch/only-$1"
+	mkdir -p "$dir"
+	ln -sf "$(command -v "$1")" "$dir/$1"
+	printf '%s\n' "$dir:$FAKE_BIN:$BB_BIN"
+}
+
+# Both tools trust the test CA of the redirecting server (curl through CURL_CA_BUNDLE, GNU wget
+# through its startup file).
+with_test_ca() {
+	CURL_CA_BUNDLE="$REPO/tests/fixtures/tls/ca.pem" WGETRC="$scratch/wgetrc" "$@"
+}
+
+test_redirect_from_https_to_plain_http_is_refused_by_curl_and_gnu_wget() {
+	local tool where before
+	for tool in curl wget; do
+		new_root
+		before=$(tree_snapshot "$R")
+		PATH_UNDER_TEST=$(path_with_only "$tool") with_test_ca expect_failure installer "$SCRIPTS/install.sh" \
+			--base-url "$REDIRECT_URL/to-http" --server-url https://grapheon.test
+		case $tool in
+		curl) where='a URL' ;;
+		wget) where="http://127.0.0.1:$PLAIN_PORT/SHA256SUMS" ;;
+		esac
+		assert_contains_line "$tool: output" "grapheon-agent install: error: refusing to download $REDIRECT_URL/to-http/SHA256SUMS: the server redirected it to $where that is not https (use an https:// URL that serves the release itself, or --allow-http for a local mirror)" "$out"
+		assert_eq "$tool: requests the plain http server received" "" "$(cat "$scratch/plain-requests" 2>/dev/null || true)"
+		assert_eq "$tool: tree after the refused install" "$before" "$(tree_snapshot "$R")"
+	done
+}
+
+# The counterpart: a redirect that stays on https (as GitHub's to its asset host) is followed.
+test_redirect_that_stays_on_https_is_followed_by_curl_and_gnu_wget() {
+	local tool hash
+	hash=$(sha256sum "$scratch/www/grapheon-agent-0.2.0-$X86.tar.gz" | cut -d' ' -f1)
+	for tool in curl wget; do
+		new_root
+		out=$(PATH_UNDER_TEST=$(path_with_only "$tool") with_test_ca installer "$SCRIPTS/install.sh" \
+			--base-url "$REDIRECT_URL/to-https" --server-url https://grapheon.test 2>&1) ||
+			{ printf '%s\n' "$out" >&2; fail "$tool: the install over an https redirect failed"; }
+		echo "$out"
+		# No openssl on this PATH (BusyBox applets only besides the tool): the sums are checked.
+		assert_contains_line "$tool: output" "verified grapheon-agent-0.2.0-$X86.tar.gz (sha256 $hash; the signature of SHA256SUMS was NOT checked)" "$out"
+		assert_eq "$tool: current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+		assert_eq "$tool: requests the plain http server received" "" "$(cat "$scratch/plain-requests" 2>/dev/null || true)"
+	done
+}
+
+# An https server on loopback with the test CA's certificate: /to-http/PATH answers 302 to PATH
+# on a plain http server (which serves the release too, so that following it would succeed, and
+# logs every request it gets to $scratch/plain-requests); /to-https/PATH answers 302 to
+# /files/PATH on itself, which serves the release over https.
+start_redirecting_server() {
+	python3 - "$scratch/www" "$REPO/tests/fixtures/tls" "$scratch/redirect-ports" "$scratch/plain-requests" <<'EOF' &
+import http.server, os, ssl, sys, threading
+www, tls_dir, ports_file, requests_file = sys.argv[1:5]
+
+class Plain(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=www, **kwargs)
+    def log_message(self, *args):
+        with open(requests_file, "a") as f:
+            f.write(self.requestline + "\n")
+
+plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Plain)
+
+class Tls(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=www, **kwargs)
+    def redirect(self, location):
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def do_GET(self):
+        if self.path.startswith("/to-http/"):
+            self.redirect("http://127.0.0.1:%d/%s" % (plain.server_address[1], self.path[len("/to-http/"):]))
+        elif self.path.startswith("/to-https/"):
+            self.redirect("/files/" + self.path[len("/to-https/"):])
+        elif self.path.startswith("/files/"):
+            self.path = self.path[len("/files"):]
+            super().do_GET()
+        else:
+            self.send_error(404)
+    def log_message(self, *args):
+        pass
+
+tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Tls)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(tls_dir + "/server.pem", tls_dir + "/server.key")
+tls.socket = context.wrap_socket(tls.socket, server_side=True)
+threading.Thread(target=plain.serve_forever, daemon=True).start()
+with open(ports_file + ".tmp", "w") as f:
+    f.write("%d %d\n" % (tls.server_address[1], plain.server_address[1]))
+os.rename(ports_file + ".tmp", ports_file)
+tls.serve_forever()
+EOF
+	redirect_pid=$!
+	for _ in $(seq 50); do
+		[ -s "$scratch/redirect-ports" ] && break
+		sleep 0.1
+	done
+	read -r tls_port PLAIN_PORT <"$scratch/redirect-ports" || {
+		echo "lifecycle.sh: the redirecting https server did not start" >&2
+		exit 1
+	}
+	REDIRECT_URL="https://127.0.0.1:$tls_port"
+	echo "ca_certificate = $REPO/tests/fixtures/tls/ca.pem" >"$scratch/wgetrc"
+}
+
 start_server() {
 	python3 - "$scratch/www" "$scratch/port" <<'EOF' &
 import functools, http.server, sys
@@ -557,6 +672,8 @@ EOF
 
 BASE_URL=''
 start_server
+redirect_pid=''
+start_redirecting_server
 shells=("$@")
 [ ${#shells[@]} -gt 0 ] || shells=(busybox dash)
 for SHELL_UNDER_TEST in "${shells[@]}"; do

@@ -3,9 +3,11 @@
 # container and, inside it, serves the locally built release over HTTPS on the container's
 # loopback, runs the README's curl-and-run install, and runs the service against the fake
 # Graphēon server (tests/serve_contract.rs, also on the container's loopback only). Asserts
-# registration, approval, a check-in accepted with socket owners, the journal, the exposure
-# score, upgrade, rollback, uninstall with and without purge, the --state-dir variant, and the
-# .deb (timer enabled on install, the service checking in, state kept on remove, gone on purge).
+# registration, approval, a check-in accepted with socket owners, another user's listener in a
+# network namespace made in the container (collected with its owner and in metadata.namespaces),
+# the journal, the exposure score, upgrade, rollback, uninstall with and without purge, the
+# --state-dir variant, and the .deb (timer enabled on install, the service checking in, state
+# kept on remove, gone on purge).
 #
 #   DIST=dist bash tests/packaging/systemd.sh
 #
@@ -24,8 +26,9 @@ TARBALL="$DIST/grapheon-agent-$VERSION-$X86.tar.gz"
 UPGRADE_VERSION=$VERSION-next.1
 MAX_EXPOSURE=2.5
 tools_dir=${PACKAGING_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/grapheon-packaging-tools}
-# What the container needs beyond minbase: systemd as init, and the README's download tools.
-CONTAINER_PACKAGES=systemd,systemd-sysv,curl,ca-certificates,openssl
+# What the container needs beyond minbase: systemd as init, the README's download tools, and
+# iproute2 for the network namespace of another user's process (ip netns, veth).
+CONTAINER_PACKAGES=systemd,systemd-sysv,curl,ca-certificates,openssl,iproute2
 ENROLLMENT_KEY=gaek_EXAMPLEonlyPackagingTest0000000000000000
 WWW_PORT=8443
 BASE=https://127.0.0.1:$WWW_PORT
@@ -315,12 +318,14 @@ test_service_registers_then_checks_in_with_socket_owners_once_approved() {
 	! grep -qF "$key" <<<"$(inside journalctl --no-pager -o cat)" || fail "the API key is in the journal"
 	# The fake server's own listener, owned by its process (another unit, other cgroup).
 	port=${SERVER_URL##*:}
+	server_pid=$(inside systemctl show -p MainPID --value contract-server.service)
+	www_pid=$(inside systemctl show -p MainPID --value release-www.service)
 	assert_eq "check-ins" 1 "$(wait_checkins "^checkin $uuid full_snapshot=true ")"
 	checkins=$(cat "$C/srv/contract/checkins")
 	echo "$checkins"
 	assert_contains_line "the first check-in" "checkin $uuid full_snapshot=true connections=$(sed -n '1s/.*connections=//p' <<<"$checkins")" "$checkins"
-	assert_contains_line "socket owners" "  tcp 127.0.0.1:$port listen contract-server" "$checkins"
-	assert_contains_line "socket owners" "  tcp 127.0.0.1:$WWW_PORT listen openssl" "$checkins"
+	assert_contains_line "socket owners" "  tcp 127.0.0.1:$port listen contract-server $server_pid" "$checkins"
+	assert_contains_line "socket owners" "  tcp 127.0.0.1:$WWW_PORT listen openssl $www_pid" "$checkins"
 	assert_mode "$C/var/lib/grapheon-agent" 700
 	assert_mode "$C/var/lib/grapheon-agent/api_key" 600
 }
@@ -331,6 +336,86 @@ test_service_exposure_is_at_most_2_5() {
 	echo "exposure $score"
 	[ -n "$score" ] || { echo "$out"; fail "no exposure score"; }
 	awk -v s="$score" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s <= m) }' || fail "exposure $score is above $MAX_EXPOSURE"
+}
+
+# Another user's listener in a network namespace of its own, made inside the container: ip netns,
+# a veth pair between it and the container's namespace (10.213.77.0/24, which exists only in
+# there), and a TCP listener of uid 65534 (nobody) on the namespace's address. The service reads
+# it through /proc/<pid>/ns/net and /proc/<pid>/net without entering the namespace; for another
+# user's process that takes the unit's CAP_SYS_PTRACE, past ProtectProc=invisible.
+NS_NAME=grapheon-other
+NS_ADDR=10.213.77.2
+NS_PEER_ADDR=10.213.77.1
+NS_PORT=7411
+
+# An IPv4 address as /proc/net/tcp shows it (the 32-bit value in host byte order, in hex).
+proc_net_ipv4() {
+	local a b c d
+	IFS=. read -r a b c d <<<"$1"
+	printf '%02X%02X%02X%02X' "$d" "$c" "$b" "$a"
+}
+
+remove_other_namespace() {
+	inside systemctl stop ns-listener.service 2>/dev/null || true
+	inside systemctl reset-failed ns-listener.service 2>/dev/null || true
+	# Deleting the namespace destroys the veth pair with it.
+	inside ip netns delete "$NS_NAME" 2>/dev/null || true
+}
+
+test_service_collects_another_users_listener_in_another_network_namespace() {
+	local uuid pid since journal checkins last
+	trap remove_other_namespace EXIT
+	inside ip netns add "$NS_NAME"
+	inside ip link add gv-host type veth peer name gv-ns netns "$NS_NAME"
+	inside ip addr add "$NS_PEER_ADDR/24" dev gv-host
+	inside ip link set gv-host up
+	# No IPv6 link-local address: the namespace's addresses are then exactly the one given here.
+	inside ip -n "$NS_NAME" link set gv-ns addrgenmode none
+	inside ip -n "$NS_NAME" addr add "$NS_ADDR/24" dev gv-ns
+	inside ip -n "$NS_NAME" link set gv-ns up
+	inside ip -n "$NS_NAME" link set lo up
+	# The listener's code in a file: systemd would expand the $ of an inline script.
+	cat >"$C/srv/ns-listener.pl" <<'PERL'
+# A TCP listener on the address and port given, held until the process is stopped.
+use strict;
+use Socket;
+my ($addr, $port) = @ARGV;
+socket(my $s, PF_INET, SOCK_STREAM, 0) or die "socket: $!\n";
+bind($s, pack_sockaddr_in($port, inet_aton($addr))) or die "bind $addr:$port: $!\n";
+listen($s, 16) or die "listen: $!\n";
+sleep;
+PERL
+	chmod 0644 "$C/srv/ns-listener.pl"
+	inside systemd-run --quiet --unit=ns-listener ip netns exec "$NS_NAME" \
+		setpriv --reuid 65534 --regid 65534 --clear-groups perl /srv/ns-listener.pl "$NS_ADDR" "$NS_PORT"
+	pid=''
+	for _ in $(seq 100); do
+		pid=$(inside systemctl show -p MainPID --value ns-listener.service)
+		[ "${pid:-0}" != 0 ] &&
+			inside grep -q "^ *[0-9]*: $(proc_net_ipv4 "$NS_ADDR"):$(printf '%04X' "$NS_PORT") 00000000:0000 0A " "/proc/$pid/net/tcp" &&
+			break
+		pid=''
+		sleep 0.1
+	done
+	[ -n "$pid" ] || { inside journalctl -u ns-listener.service --no-pager >&2; fail "the listener in $NS_NAME did not start"; }
+	assert_eq "the listener's uid" 65534 "$(inside stat -c %u "/proc/$pid")"
+	[ "$(inside readlink "/proc/$pid/ns/net")" != "$(inside readlink /proc/1/ns/net)" ] ||
+		fail "the listener is in the container's own network namespace"
+	uuid=$(cat "$C/var/lib/grapheon-agent/agent_uuid")
+	since=$(date +%s)
+	run_service
+	journal=$(journal_since "$since")
+	echo "$journal"
+	assert_eq "check-ins holding the listener" 1 "$(wait_checkins "^  tcp $NS_ADDR:$NS_PORT listen perl $pid\$")"
+	checkins=$(cat "$C/srv/contract/checkins")
+	echo "$checkins"
+	# The last check-in (this run's), from its header line on.
+	last=$(awk '$1 == "checkin" { block = "" } { block = block $0 "\n" } END { printf "%s", block }' <<<"$checkins")
+	grep -q "^checkin $uuid full_snapshot=" <<<"$last" || fail "the last check-in is not this agent's"
+	assert_contains_line "the check-in's connections" "  tcp $NS_ADDR:$NS_PORT listen perl $pid" "$last"
+	assert_contains_line "the check-in's metadata.namespaces.list" "  namespace $pid perl systemd ns-listener.service $NS_ADDR" "$last"
+	! grep -qF "cannot read this process's network namespace" <<<"$journal" ||
+		fail "the service could not read its own network namespace"
 }
 
 test_upgrade_then_rollback_keep_the_service_working() {
@@ -457,6 +542,7 @@ fi
 # In this order: each test starts from what the one before left.
 for t in readme_install_under_systemd_enables_the_timer \
 	service_registers_then_checks_in_with_socket_owners_once_approved service_exposure_is_at_most_2_5 \
+	service_collects_another_users_listener_in_another_network_namespace \
 	upgrade_then_rollback_keep_the_service_working uninstall_keeps_state_and_config \
 	state_dir_variant_runs_under_protect_system_strict uninstall_with_purge_removes_state_and_config \
 	deb_enables_the_timer_and_its_service_checks_in deb_remove_keeps_state_and_purge_removes_it; do
