@@ -6,7 +6,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -163,7 +163,7 @@ pub fn summary_scalars(summary: &Value) -> Option<String> {
 }
 
 /// Reads a summary object member by member, keeping the scalars as [`summary_scalars`] does.
-fn read_summary<R: BufRead>(r: &mut Reader<R>) -> Step<Option<String>> {
+fn read_summary(r: &mut Reader<'_>) -> Step<Option<String>> {
     if !r.at_object()? {
         r.skip()?;
         return Ok(None);
@@ -194,7 +194,7 @@ fn read_summary<R: BufRead>(r: &mut Reader<R>) -> Step<Option<String>> {
 
 /// Reads the members of `state.json` or `checkin.json` (the same keys) without a JSON tree.
 /// The snapshot is read only when `snapshot` is set (`checkin.json` has none).
-fn read_state<R: BufRead>(r: &mut Reader<R>, snapshot: bool) -> Step<(State, Cursor)> {
+fn read_state(r: &mut Reader<'_>, snapshot: bool) -> Step<(State, Cursor)> {
     let mut state = State::default();
     let mut cursor = Cursor::default();
     let mut captured = Vec::new();

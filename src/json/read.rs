@@ -80,8 +80,13 @@ impl Scalar {
 }
 
 /// The reader. `depth` counts the objects and arrays the caller has entered.
-pub struct Reader<R> {
-    src: R,
+///
+/// The source is a trait object, not a type parameter: every caller (files, slices, the copy
+/// that [`Reader::capture`] makes) then shares one compiled reader instead of one per source
+/// type, which kept four copies of it in the release binary. The buffered reads stay in bulk
+/// (strings and whitespace are scanned a buffer at a time), so the indirect call is per token.
+pub struct Reader<'a> {
+    src: Box<dyn BufRead + 'a>,
     depth: usize,
 }
 
@@ -89,10 +94,13 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-impl<R: BufRead> Reader<R> {
+impl<'a> Reader<'a> {
     /// Reads from `src` (buffered).
-    pub fn new(src: R) -> Reader<R> {
-        Reader { src, depth: 0 }
+    pub fn new(src: impl BufRead + 'a) -> Reader<'a> {
+        Reader {
+            src: Box::new(src),
+            depth: 0,
+        }
     }
 
     fn peek(&mut self) -> Step<Option<u8>> {
@@ -322,10 +330,11 @@ impl<R: BufRead> Reader<R> {
             over: false,
         };
         let mut inner = Reader {
-            src: &mut tee,
+            src: Box::new(&mut tee),
             depth: self.depth,
         };
         inner.skip()?;
+        drop(inner);
         Ok(!tee.over)
     }
 
@@ -526,7 +535,7 @@ impl<R: BufRead> BufRead for Tee<'_, R> {
 mod tests {
     use super::*;
 
-    fn reader(text: &str) -> Reader<&[u8]> {
+    fn reader(text: &str) -> Reader<'_> {
         Reader::new(text.as_bytes())
     }
 

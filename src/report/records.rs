@@ -1,8 +1,6 @@
 //! Records as JSON: compact encoding for reports and `state.json`, lenient decoding of the
 //! snapshot cached by this agent or by the earlier Python agent.
 
-use std::io::BufRead;
-
 use crate::json::read::{Reader, Scalar, Step};
 use crate::json::{Object, Sink};
 use crate::model::{
@@ -197,7 +195,7 @@ impl Fields {
     }
 }
 
-fn read_fields<R: BufRead>(r: &mut Reader<R>, key: &mut String) -> Step<Fields> {
+fn read_fields(r: &mut Reader<'_>, key: &mut String) -> Step<Fields> {
     let mut fields = Fields::default();
     r.begin_object()?;
     let mut first = true;
@@ -224,11 +222,7 @@ pub struct Tally {
 /// building a JSON tree. Records that are not valid are dropped and counted. Stops at the first
 /// fault, keeping what was read before it (the caller decides whether a cut-off file counts).
 /// The tables are left unsorted.
-pub fn read_snapshot<R: BufRead>(
-    r: &mut Reader<R>,
-    into: &mut Snapshot,
-    tally: &mut Tally,
-) -> Step<()> {
+pub fn read_snapshot(r: &mut Reader<'_>, into: &mut Snapshot, tally: &mut Tally) -> Step<()> {
     let mut key = String::new();
     let mut table_key = String::new();
     r.begin_object()?;
