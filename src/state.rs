@@ -182,7 +182,7 @@ fn read_summary(r: &mut Reader<'_>) -> Step<Option<String>> {
             Scalar::Bool(b) => o.num(&key, b),
             Scalar::Number(Number::Unsigned(n)) => o.int(&key, n),
             Scalar::Number(Number::Negative(n)) => o.num(&key, n),
-            Scalar::Number(Number::Float(f)) => o.num(&key, f),
+            Scalar::Number(Number::Decimal(d)) => o.raw(&key, d.as_str()),
             Scalar::String(s) => o.str(&key, &s),
             Scalar::LongString | Scalar::Compound => continue,
         };

@@ -31,17 +31,17 @@ pub type Step<T> = Result<T, Fault>;
 pub enum Number {
     Unsigned(u64),
     Negative(i64),
-    Float(f64),
+    /// A number with a fraction or an exponent, or an integer too large for 64 bits.
+    Decimal(Decimal),
 }
 
 impl Number {
-    /// The number as an integer when it is one (a float without fraction counts).
+    /// The number as an integer when it is one (a decimal without fraction counts).
     pub fn as_i64(self) -> Option<i64> {
         match self {
             Number::Unsigned(n) => i64::try_from(n).ok(),
             Number::Negative(n) => Some(n),
-            Number::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(f as i64),
-            Number::Float(_) => None,
+            Number::Decimal(d) => d.small_integer(),
         }
     }
 
@@ -50,9 +50,128 @@ impl Number {
         match self {
             Number::Unsigned(n) => Some(n),
             Number::Negative(_) => None,
-            Number::Float(f) if f.fract() == 0.0 && (0.0..9.0e15).contains(&f) => Some(f as u64),
-            Number::Float(_) => None,
+            Number::Decimal(d) => d.small_integer().and_then(|n| u64::try_from(n).ok()),
         }
+    }
+}
+
+/// Longest number text read; longer is refused as not JSON this agent wrote or reads.
+const MAX_NUMBER_TEXT: usize = 40;
+
+/// The text of a JSON number that is not a 64-bit integer, checked against the JSON grammar.
+///
+/// The agent never computes with such numbers: it copies them (a summary member) or reads
+/// them as integers (`1e2`, `100.0`). Keeping the text, not an `f64`, leaves the standard
+/// library's decimal-to-float conversion and its tables (about 16 KB) out of the binary.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Decimal {
+    text: [u8; MAX_NUMBER_TEXT],
+    len: u8,
+}
+
+impl std::fmt::Debug for Decimal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Decimal {
+    /// Checks `text` against the JSON number grammar
+    /// (`-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`).
+    pub fn parse(text: &[u8]) -> Option<Decimal> {
+        let digits = |at: usize| {
+            text[at.min(text.len())..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count()
+        };
+        let mut at = usize::from(text.first() == Some(&b'-'));
+        match (text.get(at), digits(at)) {
+            (Some(b'0'), 1) => at += 1,
+            (Some(b'1'..=b'9'), n) => at += n,
+            _ => return None,
+        }
+        if text.get(at) == Some(&b'.') {
+            let n = digits(at + 1);
+            if n == 0 {
+                return None;
+            }
+            at += 1 + n;
+        }
+        if matches!(text.get(at), Some(b'e' | b'E')) {
+            at += 1;
+            if matches!(text.get(at), Some(b'+' | b'-')) {
+                at += 1;
+            }
+            let n = digits(at);
+            if n == 0 {
+                return None;
+            }
+            at += n;
+        }
+        if at != text.len() || text.len() > MAX_NUMBER_TEXT {
+            return None;
+        }
+        let mut d = Decimal {
+            text: [0; MAX_NUMBER_TEXT],
+            len: text.len() as u8,
+        };
+        d.text[..text.len()].copy_from_slice(text);
+        Some(d)
+    }
+
+    /// The number's text as read (valid JSON).
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits, signs, `.`, `e` and `E` get past `parse`.
+        std::str::from_utf8(&self.text[..usize::from(self.len)]).unwrap_or("0")
+    }
+
+    /// The exact value when it is a whole number of magnitude below 9e15 (where an `f64`, the
+    /// earlier Python agent's numbers, still holds every integer exactly); `None` otherwise.
+    pub fn small_integer(&self) -> Option<i64> {
+        const LIMIT: u128 = 9_000_000_000_000_000;
+        let text = &self.text[..usize::from(self.len)];
+        let negative = text.first() == Some(&b'-');
+        let (mut mantissa, mut exponent, mut in_fraction) = (0u128, 0i64, false);
+        let mut rest = text.iter().skip(usize::from(negative));
+        for &b in rest.by_ref() {
+            match b {
+                b'0'..=b'9' => {
+                    // At most 40 digits fit the text, and 10^39 < 2^128, so no overflow here.
+                    mantissa = mantissa * 10 + u128::from(b - b'0');
+                    exponent -= i64::from(in_fraction);
+                }
+                b'.' => in_fraction = true,
+                _ => break,
+            }
+        }
+        let mut written = 0i64;
+        let mut exponent_negative = false;
+        for &b in rest {
+            match b {
+                b'-' => exponent_negative = true,
+                b'+' => {}
+                // Saturates: any exponent beyond a few digits is out of range either way.
+                _ => written = (written * 10 + i64::from(b - b'0')).min(1_000_000),
+            }
+        }
+        exponent += if exponent_negative { -written } else { written };
+        if mantissa == 0 {
+            return Some(0);
+        }
+        while mantissa % 10 == 0 {
+            mantissa /= 10;
+            exponent += 1;
+        }
+        if !(0..=16).contains(&exponent) {
+            return None;
+        }
+        let value = mantissa.checked_mul(10u128.pow(exponent as u32))?;
+        if value >= LIMIT {
+            return None;
+        }
+        let value = value as i64;
+        Some(if negative { -value } else { value })
     }
 }
 
@@ -358,7 +477,7 @@ impl<'a> Reader<'a> {
     }
 
     fn number(&mut self) -> Step<Number> {
-        let mut text = [0u8; 40];
+        let mut text = [0u8; MAX_NUMBER_TEXT];
         let mut len = 0;
         while let Some(b) = self.peek()? {
             if !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
@@ -371,21 +490,22 @@ impl<'a> Reader<'a> {
             len += 1;
             self.bump();
         }
-        let text = std::str::from_utf8(&text[..len]).map_err(|_| Fault::Syntax)?;
-        let first = text.bytes().next().ok_or(Fault::Syntax)?;
-        if !(first == b'-' || first.is_ascii_digit()) {
+        let text = &text[..len];
+        if !(text.first() == Some(&b'-') || text.first().is_some_and(u8::is_ascii_digit)) {
             return Err(Fault::Syntax);
         }
-        if let Ok(n) = text.parse::<u64>() {
+        // Integers are read as leniently as ever (`01` is 1); only other numbers must be in
+        // the JSON grammar, because their text is copied into files this agent writes.
+        let integer = std::str::from_utf8(text).map_err(|_| Fault::Syntax)?;
+        if let Ok(n) = integer.parse::<u64>() {
             return Ok(Number::Unsigned(n));
         }
-        if let Ok(n) = text.parse::<i64>() {
+        if let Ok(n) = integer.parse::<i64>() {
             return Ok(Number::Negative(n));
         }
-        match text.parse::<f64>() {
-            Ok(f) if f.is_finite() => Ok(Number::Float(f)),
-            _ => Err(Fault::Syntax),
-        }
+        Decimal::parse(text)
+            .map(Number::Decimal)
+            .ok_or(Fault::Syntax)
     }
 
     /// Reads a string after its opening quote. With `into`, the text is appended there while it
@@ -556,12 +676,78 @@ mod tests {
             [
                 Scalar::Number(Number::Unsigned(u64::MAX)),
                 Scalar::Number(Number::Negative(-3)),
-                Scalar::Number(Number::Float(2.5)),
-                Scalar::Number(Number::Float(100.0)),
+                Scalar::Number(Number::Decimal(Decimal::parse(b"2.5").unwrap())),
+                Scalar::Number(Number::Decimal(Decimal::parse(b"1e2").unwrap())),
                 Scalar::String("a\"é😀".into()),
                 Scalar::Bool(true),
                 Scalar::Null,
                 Scalar::Compound,
+            ]
+        );
+    }
+
+    #[test]
+    fn decimals_count_as_integers_only_when_whole_and_below_9e15() {
+        let read = |text: &str| -> Vec<(Option<i64>, Option<u64>)> {
+            let mut r = reader(text);
+            r.begin_array().unwrap();
+            let (mut first, mut got) = (true, Vec::new());
+            while r.next_item(&mut first).unwrap() {
+                let Scalar::Number(n) = r.scalar(0).unwrap() else {
+                    panic!("not a number in {text}");
+                };
+                got.push((n.as_i64(), n.as_u64()));
+            }
+            got
+        };
+        assert_eq!(
+            read("[100.0, 1e2, 1.5e1, 0.1e1, -2.50e1, 0.0, -0.0, 0e5, 12.5, 1e-2, 8999999999999999.0, 9e15, 1e16, 1e400, 1e-400]"),
+            [
+                (Some(100), Some(100)),
+                (Some(100), Some(100)),
+                (Some(15), Some(15)),
+                (Some(1), Some(1)),
+                (Some(-25), None),
+                (Some(0), Some(0)),
+                (Some(0), Some(0)),
+                (Some(0), Some(0)),
+                (None, None),
+                (None, None),
+                (Some(8_999_999_999_999_999), Some(8_999_999_999_999_999)),
+                (None, None),
+                (None, None),
+                (None, None),
+                (None, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn decimals_keep_their_text_and_follow_the_json_grammar() {
+        let text = |n: &str| match reader(n).scalar(0) {
+            Ok(Scalar::Number(Number::Decimal(d))) => Ok(d.as_str().to_string()),
+            Ok(other) => Ok(format!("{other:?}")),
+            Err(e) => Err(format!("{e:?}")),
+        };
+        let got: Vec<_> = [
+            "2.50", "-1E+2", "1e400", "01", "1.", "01.5", "-.5", "1e", "1.5.5", "--1",
+        ]
+        .iter()
+        .map(|n| text(n))
+        .collect();
+        assert_eq!(
+            got,
+            [
+                Ok("2.50".to_string()),
+                Ok("-1E+2".to_string()),
+                Ok("1e400".to_string()),
+                Ok("Number(Unsigned(1))".to_string()),
+                Err("Syntax".to_string()),
+                Err("Syntax".to_string()),
+                Err("Syntax".to_string()),
+                Err("Syntax".to_string()),
+                Err("Syntax".to_string()),
+                Err("Syntax".to_string()),
             ]
         );
     }
