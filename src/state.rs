@@ -1151,13 +1151,16 @@ impl StateDir {
     }
 }
 
-/// Sorts and de-duplicates a snapshot read from a file, in place and without the stable sort's
-/// buffer (equal records are identical), and gives back the tables' spare capacity: at 200,000
-/// records that is tens of megabytes a delta run would otherwise hold beside the collection.
+/// Sorts and de-duplicates a snapshot read from a file, and gives back the tables' spare
+/// capacity: at 200,000 records that is tens of megabytes a delta run would otherwise hold
+/// beside the collection. A file this agent wrote is sorted already and is not sorted again;
+/// only another writer's file (the earlier agent's) pays for the stable sort's buffer, once.
+/// The stable sort is the one [`Snapshot::normalize`] compiles for the same record types: an
+/// unstable sort here compiled a second sort of each table into the binary (8 KB).
 fn tidy(s: &mut Snapshot) {
     fn table<T: Ord>(v: &mut Vec<T>) {
         if !v.is_sorted() {
-            v.sort_unstable();
+            v.sort();
         }
         v.dedup();
         v.shrink_to_fit();
