@@ -66,12 +66,12 @@ make_release() {
 	rm -rf "$work"
 }
 
-make_release 0.2.0 "$scratch/rel-0.2.0" "release 0.2.0 unit"
+make_release 99.0.0 "$scratch/rel-99.0.0" "release 99.0.0 unit"
 make_release "$VERSION" "$scratch/rel-$VERSION-rebuilt" "rebuilt with another unit"
 make_release 0.3.0 "$scratch/rel-0.3.0-stale" "" stale
 # What a download directory holds: only SHA256SUMS and the tarballs.
 mkdir -p "$scratch/www"
-cp "$scratch/rel-0.2.0"/* "$scratch/www/"
+cp "$scratch/rel-99.0.0"/* "$scratch/www/"
 
 DASH=$(command -v dash)
 
@@ -179,18 +179,18 @@ test_upgrade_keeps_previous_config_and_state_and_prints_rollback() {
 	env_before=$(cat "$R/etc/grapheon-agent.env")
 	state_before=$(tree_snapshot "$R/var/lib/grapheon-agent")
 	old_release=$(tree_snapshot "$R/$OPT/releases/$VERSION")
-	out=$(installer "$R/$OPT/current/scripts/upgrade.sh" --tarball "$scratch/rel-0.2.0/grapheon-agent-0.2.0-$X86.tar.gz")
+	out=$(installer "$R/$OPT/current/scripts/upgrade.sh" --tarball "$scratch/rel-99.0.0/grapheon-agent-99.0.0-$X86.tar.gz")
 	echo "$out"
-	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+	assert_eq "current" releases/99.0.0 "$(readlink "$R/$OPT/current")"
 	assert_eq "previous release" "$old_release" "$(tree_snapshot "$R/$OPT/releases/$VERSION")"
 	assert_eq "env file" "$env_before" "$(cat "$R/etc/grapheon-agent.env")"
 	assert_mode "$R/etc/grapheon-agent.env" 600
 	assert_eq "state" "$state_before" "$(tree_snapshot "$R/var/lib/grapheon-agent")"
-	assert_same_file "$R/$OPT/releases/0.2.0/deploy/grapheon-agent.service" "$R/etc/systemd/system/grapheon-agent.service"
+	assert_same_file "$R/$OPT/releases/99.0.0/deploy/grapheon-agent.service" "$R/etc/systemd/system/grapheon-agent.service"
 	assert_eq "systemctl calls" "daemon-reload
 is-enabled --quiet grapheon-agent.timer
 is-active --quiet grapheon-agent.timer" "$(systemctl_calls)"
-	assert_contains_line output "upgraded grapheon-agent $VERSION -> 0.2.0 (release $VERSION is kept)" "$out"
+	assert_contains_line output "upgraded grapheon-agent $VERSION -> 99.0.0 (release $VERSION is kept)" "$out"
 	assert_contains_line output "to roll back: sh /opt/grapheon/agent/current/scripts/rollback.sh $VERSION" "$out"
 }
 
@@ -238,7 +238,7 @@ Environment=GRAPHEON_AGENT_STATE_DIR=/srv/ga-state" "$(grep -E '^(ReadWritePaths
 	assert_mode "$R/srv/ga-state" 700
 	systemctl_calls >/dev/null
 	# An upgrade without --state-dir keeps the directory of the installed unit.
-	installer "$R/$OPT/current/scripts/upgrade.sh" --tarball "$scratch/rel-0.2.0/grapheon-agent-0.2.0-$X86.tar.gz" >/dev/null
+	installer "$R/$OPT/current/scripts/upgrade.sh" --tarball "$scratch/rel-99.0.0/grapheon-agent-99.0.0-$X86.tar.gz" >/dev/null
 	assert_eq "unit lines after the upgrade" "ReadWritePaths=/srv/ga-state
 Environment=GRAPHEON_AGENT_STATE_DIR=/srv/ga-state" "$(grep -E '^(ReadWritePaths|Environment|StateDirectory)' "$unit")"
 	out=$(installer "$R/$OPT/current/scripts/uninstall.sh" --purge-state)
@@ -267,7 +267,7 @@ test_env_file_naming_another_state_dir_is_reported() {
 
 test_upgrade_requires_an_installed_agent() {
 	new_root
-	expect_failure installer "$SCRIPTS/upgrade.sh" --tarball "$scratch/rel-0.2.0/grapheon-agent-0.2.0-$X86.tar.gz"
+	expect_failure installer "$SCRIPTS/upgrade.sh" --tarball "$scratch/rel-99.0.0/grapheon-agent-99.0.0-$X86.tar.gz"
 	assert_contains_line output "grapheon-agent upgrade: error: grapheon-agent is not installed in /opt/grapheon/agent: use install.sh" "$out"
 	assert_absent "$R/$OPT"
 }
@@ -275,7 +275,7 @@ test_upgrade_requires_an_installed_agent() {
 test_rollback_switches_current_and_units_back() {
 	installed_fresh
 	seed_state
-	installer "$SCRIPTS/upgrade.sh" --tarball "$scratch/rel-0.2.0/grapheon-agent-0.2.0-$X86.tar.gz" >/dev/null
+	installer "$SCRIPTS/upgrade.sh" --tarball "$scratch/rel-99.0.0/grapheon-agent-99.0.0-$X86.tar.gz" >/dev/null
 	systemctl_calls >/dev/null
 	env_before=$(cat "$R/etc/grapheon-agent.env")
 	state_before=$(tree_snapshot "$R/var/lib/grapheon-agent")
@@ -286,9 +286,9 @@ test_rollback_switches_current_and_units_back() {
 	assert_eq "systemctl calls" daemon-reload "$(systemctl_calls)"
 	assert_eq "env file" "$env_before" "$(cat "$R/etc/grapheon-agent.env")"
 	assert_eq "state" "$state_before" "$(tree_snapshot "$R/var/lib/grapheon-agent")"
-	assert_contains_line output "rolled back grapheon-agent 0.2.0 -> $VERSION" "$out"
-	assert_contains_line output "to undo: sh /opt/grapheon/agent/current/scripts/rollback.sh 0.2.0" "$out"
-	[ -x "$R/$OPT/releases/0.2.0/grapheon-agent" ] || fail "release 0.2.0 was removed"
+	assert_contains_line output "rolled back grapheon-agent 99.0.0 -> $VERSION" "$out"
+	assert_contains_line output "to undo: sh /opt/grapheon/agent/current/scripts/rollback.sh 99.0.0" "$out"
+	[ -x "$R/$OPT/releases/99.0.0/grapheon-agent" ] || fail "release 99.0.0 was removed"
 }
 
 test_rollback_to_a_missing_release_is_refused() {
@@ -353,8 +353,8 @@ test_tarball_without_checksum_is_refused() {
 	expect_failure installer "$SCRIPTS/install.sh" --tarball "$dir/$(basename "$REAL_TARBALL")"
 	assert_contains_line output "grapheon-agent install: error: no SHA256SUMS for $dir/$(basename "$REAL_TARBALL") (looked for $dir/SHA256SUMS; pass --sha256sums)" "$out"
 	expect_failure installer "$SCRIPTS/install.sh" --tarball "$dir/$(basename "$REAL_TARBALL")" \
-		--sha256sums "$scratch/rel-0.2.0/SHA256SUMS"
-	assert_contains_line output "grapheon-agent install: error: $(basename "$REAL_TARBALL") is not listed in $scratch/rel-0.2.0/SHA256SUMS: refusing to install it" "$out"
+		--sha256sums "$scratch/rel-99.0.0/SHA256SUMS"
+	assert_contains_line output "grapheon-agent install: error: $(basename "$REAL_TARBALL") is not listed in $scratch/rel-99.0.0/SHA256SUMS: refusing to install it" "$out"
 	assert_absent "$R/opt"
 }
 
@@ -402,21 +402,21 @@ test_download_from_base_url_over_loopback_http() {
 	[ -n "$BASE_URL" ] || fail "no loopback server"
 	out=$(installer "$SCRIPTS/install.sh" --base-url "$BASE_URL/" --allow-http --server-url https://grapheon.test 2>&1)
 	echo "$out"
-	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
-	hash=$(sha256sum "$scratch/www/grapheon-agent-0.2.0-$X86.tar.gz" | cut -d' ' -f1)
+	assert_eq "current" releases/99.0.0 "$(readlink "$R/$OPT/current")"
+	hash=$(sha256sum "$scratch/www/grapheon-agent-99.0.0-$X86.tar.gz" | cut -d' ' -f1)
 	if [ "$SHELL_UNDER_TEST" = busybox ]; then
 		# Only BusyBox applets on PATH: no openssl to check the signature with.
 		assert_contains_line output "openssl not found: checked the SHA-256 sums only, not the signature of SHA256SUMS" "$out"
-		assert_contains_line output "verified grapheon-agent-0.2.0-$X86.tar.gz (sha256 $hash; the signature of SHA256SUMS was NOT checked)" "$out"
+		assert_contains_line output "verified grapheon-agent-99.0.0-$X86.tar.gz (sha256 $hash; the signature of SHA256SUMS was NOT checked)" "$out"
 	else
 		assert_contains_line output "verified the signature of SHA256SUMS (ed25519 release key $(public_key_b64 "$TEST_SIGNING_KEY"))" "$out"
-		assert_contains_line output "verified grapheon-agent-0.2.0-$X86.tar.gz (sha256 $hash, listed in the signed SHA256SUMS)" "$out"
+		assert_contains_line output "verified grapheon-agent-99.0.0-$X86.tar.gz (sha256 $hash, listed in the signed SHA256SUMS)" "$out"
 	fi
 	assert_contains_line output "grapheon-agent install: warning: this installer trusts a TEST signing key, not the release key: never use it outside tests" "$out"
 	expect_failure installer "$SCRIPTS/install.sh" --base-url "$BASE_URL" --allow-http --version 0.3.0
 	grep -qE "^grapheon-agent install: error: grapheon-agent-0\.3\.0-$X86\.tar\.gz is not listed in .*/SHA256SUMS: refusing to install it$" <<<"$out" ||
 		fail "a version the server does not list was not refused"
-	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+	assert_eq "current" releases/99.0.0 "$(readlink "$R/$OPT/current")"
 }
 
 # release.yml publishes an install.sh that knows its release's download URL: run that very
@@ -431,7 +431,7 @@ test_published_installer_downloads_from_its_release() {
 	(cd "$work" && eval "$stamp")
 	grep -qF "default_base_url='$BASE_URL'" "$work/dist/install.sh" || fail "the URL was not stamped in"
 	installer "$work/dist/install.sh" --allow-http --server-url https://grapheon.test >/dev/null 2>&1
-	assert_eq "current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+	assert_eq "current" releases/99.0.0 "$(readlink "$R/$OPT/current")"
 }
 
 test_plain_http_download_needs_allow_http() {
@@ -574,7 +574,7 @@ test_redirect_from_https_to_plain_http_is_refused_by_curl_and_gnu_wget() {
 # The counterpart: a redirect that stays on https (as GitHub's to its asset host) is followed.
 test_redirect_that_stays_on_https_is_followed_by_curl_and_gnu_wget() {
 	local tool hash
-	hash=$(sha256sum "$scratch/www/grapheon-agent-0.2.0-$X86.tar.gz" | cut -d' ' -f1)
+	hash=$(sha256sum "$scratch/www/grapheon-agent-99.0.0-$X86.tar.gz" | cut -d' ' -f1)
 	for tool in curl wget; do
 		new_root
 		out=$(PATH_UNDER_TEST=$(path_with_only "$tool") with_test_ca installer "$SCRIPTS/install.sh" \
@@ -582,8 +582,8 @@ test_redirect_that_stays_on_https_is_followed_by_curl_and_gnu_wget() {
 			{ printf '%s\n' "$out" >&2; fail "$tool: the install over an https redirect failed"; }
 		echo "$out"
 		# No openssl on this PATH (BusyBox applets only besides the tool): the sums are checked.
-		assert_contains_line "$tool: output" "verified grapheon-agent-0.2.0-$X86.tar.gz (sha256 $hash; the signature of SHA256SUMS was NOT checked)" "$out"
-		assert_eq "$tool: current" releases/0.2.0 "$(readlink "$R/$OPT/current")"
+		assert_contains_line "$tool: output" "verified grapheon-agent-99.0.0-$X86.tar.gz (sha256 $hash; the signature of SHA256SUMS was NOT checked)" "$out"
+		assert_eq "$tool: current" releases/99.0.0 "$(readlink "$R/$OPT/current")"
 		assert_eq "$tool: requests the plain http server received" "" "$(cat "$scratch/plain-requests" 2>/dev/null || true)"
 	done
 }
