@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Fails when code, tests or scripts read outside the repository: a user's clone has nothing
-# beside it (no ../shared), and /work is only the machine this project was first built on.
+# beside it (no shared/ next to it), and /work is only the machine this project was first built on.
 #
 #   scripts/check-self-contained.sh [--repo DIR]
 #
 # Looks in src/, tests/, scripts/, .ci/, .github/, build.rs and the Dockerfile for a parent of the
-# repository (`../shared`, `CARGO_MANIFEST_DIR` followed by `/..`, `$REPO/..`) or an absolute
+# repository (shared/ one level up, `CARGO_MANIFEST_DIR` followed by `/..`, `$REPO/..`) or an absolute
 # path under /work. Prints each offending line as FILE:LINE: TEXT; exit 1 when there is one.
 set -euo pipefail
 
