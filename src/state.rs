@@ -2120,7 +2120,7 @@ mod tests {
     }
 
     use crate::model::{ConnState, Connection, Protocol};
-    use crate::report::{self, Header};
+    use crate::report::{self, tests::header};
 
     fn conn(port: u16) -> Connection {
         Connection {
@@ -2142,21 +2142,6 @@ mod tests {
         };
         s.normalize();
         s
-    }
-
-    fn header() -> Header {
-        Header {
-            agent_uuid: "804c722f-7186-47c7-89fd-03e36f90dee4".into(),
-            observed_at: 1_795_744_647,
-            hostname: "vm".into(),
-            agent_version: "0.1.0".into(),
-            platform: "linux".into(),
-            platform_release: "6.1.0".into(),
-            collector: "native",
-            records_left_out: 0,
-            failed_tables: Default::default(),
-            namespaces: String::new(),
-        }
     }
 
     /// A directory whose state.json holds `base` at sequence 7.

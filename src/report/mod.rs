@@ -392,7 +392,7 @@ pub fn truncate_chars(text: &mut String, max: usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{ConnState, Connection, Protocol};
     use miniserde::json::Value;
@@ -419,7 +419,8 @@ mod tests {
         s
     }
 
-    fn header() -> Header {
+    /// A report header of fixed values, for tests here and in `state`.
+    pub(crate) fn header() -> Header {
         Header {
             agent_uuid: "804c722f-7186-47c7-89fd-03e36f90dee4".into(),
             observed_at: 1_795_744_647,
