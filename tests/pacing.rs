@@ -6,13 +6,13 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use miniserde::json::Value;
 use support::agent::{Agent, Run, ENROLLMENT_KEY};
 use support::json::{get, is_null, str_at, u64_at};
-use support::netns::{raise_fd_limit, Netns};
+use support::netns::Netns;
 use support::{record_count, ContractServer, Endpoint, EnrollmentKey, Fault, RecordedRequest};
 
 fn assert_code(run: &Run, code: i32) {
@@ -41,19 +41,10 @@ struct Host {
 
 impl Host {
     fn new(tag: &str, pairs: usize) -> Host {
-        raise_fd_limit();
         let ns = Netns::new(tag);
         let srv = ns.enter(ContractServer::start);
         srv.add_enrollment_key(ENROLLMENT_KEY, EnrollmentKey::auto_approve());
-        let held = ns.enter(|| {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut held = Vec::with_capacity(pairs * 2);
-            for _ in 0..pairs {
-                held.push(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
-                held.push(listener.accept().unwrap().0);
-            }
-            held
-        });
+        let held = ns.loopback_pairs(pairs);
         Host {
             ns,
             srv,

@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use miniserde::json::Value;
 use support::agent::{Agent, Run, ENROLLMENT_KEY};
 use support::json::{bool_at, get, u64_at};
-use support::netns::{raise_fd_limit, Netns};
+use support::netns::Netns;
 use support::{ContractServer, Endpoint, EnrollmentKey, Fault};
 
 fn assert_code(run: &Run, code: i32) {
@@ -42,16 +42,7 @@ impl Host {
             "enabled_commands":{{"ip_addr":true,"ip_neigh":true,"ip_route":true,"ss_tunap":true}},
             "max_report_bytes":{max_report_bytes},"is_active":true}}"#
         )));
-        raise_fd_limit();
-        let held = ns.enter(|| {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut held = Vec::with_capacity(pairs * 2);
-            for _ in 0..pairs {
-                held.push(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
-                held.push(listener.accept().unwrap().0);
-            }
-            held
-        });
+        let held = ns.loopback_pairs(pairs);
         Host {
             ns,
             srv,

@@ -54,6 +54,22 @@ impl Netns {
         run("ip", &all);
     }
 
+    /// Opens `pairs` established loopback TCP connections inside the namespace (2 × pairs
+    /// sockets, held open while the returned streams live; the listener is closed).
+    pub fn loopback_pairs(&self, pairs: usize) -> Vec<std::net::TcpStream> {
+        use std::net::{TcpListener, TcpStream};
+        raise_fd_limit();
+        self.enter(|| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut held = Vec::with_capacity(pairs * 2);
+            for _ in 0..pairs {
+                held.push(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+                held.push(listener.accept().unwrap().0);
+            }
+            held
+        })
+    }
+
     /// Runs `f` on a thread that has entered the namespace: sockets it creates belong to the
     /// namespace and stay open after it returns (file descriptors are process-wide).
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
