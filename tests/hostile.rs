@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::agent::assert_code;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -26,14 +28,6 @@ fn server(auto_approve: bool) -> ContractServer {
         },
     );
     srv
-}
-
-fn assert_code(run: &Run, code: i32) {
-    assert_eq!(
-        run.code, code,
-        "exit code\n--- stdout\n{}\n--- stderr\n{}",
-        run.stdout, run.stderr
-    );
 }
 
 /// Waits for `child` at most `limit`; kills it when it is still running (a blocked read).

@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::agent::assert_code;
+
 use std::fs;
 use std::time::{Duration, Instant};
 
@@ -20,14 +22,6 @@ fn server(auto_approve: bool) -> ContractServer {
         },
     );
     srv
-}
-
-fn assert_code(run: &support::agent::Run, code: i32) {
-    assert_eq!(
-        run.code, code,
-        "exit code\n--- stdout\n{}\n--- stderr\n{}",
-        run.stdout, run.stderr
-    );
 }
 
 /// Total records in a check-in body.

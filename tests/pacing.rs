@@ -5,23 +5,18 @@
 
 mod support;
 
+use support::agent::assert_code;
+
 use std::collections::BTreeSet;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use grapheon_agent::timefmt;
 use miniserde::json::Value;
 use support::agent::{Agent, Run, ENROLLMENT_KEY};
 use support::json::{get, is_null, str_at, u64_at};
 use support::netns::Netns;
 use support::{record_count, ContractServer, Endpoint, EnrollmentKey, Fault, RecordedRequest};
-
-fn assert_code(run: &Run, code: i32) {
-    assert_eq!(
-        run.code, code,
-        "exit code\n--- stdout\n{}\n--- stderr\n{}",
-        run.stdout, run.stderr
-    );
-}
 
 fn policy(max_report_bytes: u64, interval: u64) -> String {
     format!(
@@ -115,42 +110,12 @@ fn pass_time(agent: &Agent, path: &str, at: i64) {
     let saved = str_at(&p, path).unwrap_or_else(|| panic!("no {path} in {text}"));
     std::fs::write(
         agent.state_dir.join("pacing.json"),
-        text.replace(&format!("\"{saved}\""), &format!("\"{}\"", utc(at))),
+        text.replace(
+            &format!("\"{saved}\""),
+            &format!("\"{}\"", timefmt::format_utc(at)),
+        ),
     )
     .unwrap();
-}
-
-/// Epoch seconds of a `...Z` timestamp the agent wrote.
-fn epoch(text: &str) -> i64 {
-    let b = text.as_bytes();
-    let n = |from: usize, len: usize| text[from..from + len].parse::<i64>().unwrap();
-    assert_eq!(b.len(), 20, "{text}");
-    let (y, m, d) = (n(0, 4), n(5, 2), n(8, 2));
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    days * 86_400 + n(11, 2) * 3600 + n(14, 2) * 60 + n(17, 2)
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// `1994-11-06T08:49:37Z` for epoch seconds, as the agent writes times.
-fn utc(secs: i64) -> String {
-    let (y, month, d) = civil(secs.div_euclid(86_400));
-    let rem = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{month:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// Year, month and day of days since 1970-01-01.
@@ -171,15 +136,7 @@ fn http_date(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = civil(days);
     let month = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ][(m - 1) as usize];
@@ -220,10 +177,10 @@ fn a_part_without_an_answer_is_not_sent_again_in_the_run_and_the_next_run_sends_
     let first_records = record_count(&decoded(&first[0]));
     // However short the timeout, the hold lasts two minutes: a loaded server takes one over a
     // part. The test shortens what is left of it to a few seconds, as if they had passed.
-    let sent_at = epoch(str_at(&p, "unanswered.at").unwrap());
-    let hold = epoch(str_at(&p, "hold_until").unwrap());
+    let sent_at = timefmt::parse(str_at(&p, "unanswered.at").unwrap()).unwrap();
+    let hold = timefmt::parse(str_at(&p, "hold_until").unwrap()).unwrap();
     assert_eq!(hold - sent_at, 121, "{p:?}");
-    let until = now() + 6;
+    let until = timefmt::now() + 6;
     pass_time(&agent, "hold_until", until);
 
     // The next run (forced: it does not wait for the backoff) waits out the hold, then sends
@@ -236,7 +193,7 @@ fn a_part_without_an_answer_is_not_sent_again_in_the_run_and_the_next_run_sends_
     let second = &all[1..];
     assert!(second.len() > 2, "{} parts", second.len());
     assert!(
-        now() >= until && started.elapsed() >= Duration::from_secs(4),
+        timefmt::now() >= until && started.elapsed() >= Duration::from_secs(4),
         "nothing was sent before the hold ended"
     );
     for r in second {
@@ -281,7 +238,7 @@ fn resets_and_closes_after_the_body_are_not_sent_again_in_the_run() {
             "{fault:?} is not retried"
         );
         assert!(run.stderr.contains("not sent again"), "{}", run.stderr);
-        pass_time(&agent, "hold_until", now());
+        pass_time(&agent, "hold_until", timefmt::now());
     }
     // The server stored the last one before answering late; the next run sends it again
     // (in as many parts as this host's sockets need), numbered from 1 as nothing advanced.
@@ -397,7 +354,7 @@ fn statuses_that_store_nothing_are_retried_in_the_run_after_their_retry_after() 
     // With Retry-After, in seconds and as an HTTP-date: the agent waits at least that long.
     // Policy with an hour's interval: it caps the backoff below.
     srv.set_policy(Some(&policy(262_144, 3_600)));
-    let date = http_date(now() + 6);
+    let date = http_date(timefmt::now() + 6);
     for (status, value) in [(429, "2"), (408, "1"), (503, date.as_str())] {
         srv.inject(
             Endpoint::CheckIn,
@@ -434,8 +391,8 @@ fn statuses_that_store_nothing_are_retried_in_the_run_after_their_retry_after() 
     assert_code(&run, 1);
     assert_eq!(srv.requests_to(Endpoint::CheckIn).len(), 9);
     assert!(run.stderr.contains("asks to wait 1800 s"), "{}", run.stderr);
-    let until = epoch(str_at(&pacing(&agent), "backoff_until").unwrap());
-    assert!(until >= now() + 1_790, "{until}");
+    let until = timefmt::parse(str_at(&pacing(&agent), "backoff_until").unwrap()).unwrap();
+    assert!(until >= timefmt::now() + 1_790, "{until}");
 }
 
 #[test]
@@ -462,13 +419,13 @@ fn backoff_grows_across_failed_runs_is_skipped_by_force_and_resets_after_success
             Fault::status(507, "Insufficient Storage"),
             1,
         );
-        let started = now();
+        let started = timefmt::now();
         let run = agent.run(&["--force"]);
         assert_code(&run, 1);
         requests += 1;
         let p = pacing(&agent);
         assert_eq!(u64_at(&p, "failures"), Some(failures));
-        let wait = epoch(str_at(&p, "backoff_until").unwrap()) - started;
+        let wait = timefmt::parse(str_at(&p, "backoff_until").unwrap()).unwrap() - started;
         assert!(
             (low..=high + 2).contains(&wait),
             "failure {failures}: {wait} s"
@@ -545,7 +502,7 @@ fn a_run_killed_while_waiting_for_an_answer_leaves_the_part_in_doubt_for_the_nex
         "recorded before sending"
     );
     // The hold runs two minutes from the part in flight: all but 4 s of it have passed.
-    pass_time(&agent, "in_flight.at", now() - 117);
+    pass_time(&agent, "in_flight.at", timefmt::now() - 117);
 
     agent.set_env("GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS", "1");
     let run = agent.run(&["--force"]);

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::agent::assert_code;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -15,14 +17,6 @@ use support::agent::{Agent, Run, ENROLLMENT_KEY};
 use support::json::{bool_at, get, str_at, u64_at};
 use support::netns::{raise_fd_limit, Netns};
 use support::{ContractServer, Endpoint, EnrollmentKey, Fault};
-
-fn assert_code(run: &Run, code: i32) {
-    assert_eq!(
-        run.code, code,
-        "exit code\n--- stdout\n{}\n--- stderr\n{}",
-        run.stdout, run.stderr
-    );
-}
 
 /// A namespace with a veth pair (both ends inside) carrying IPv4 and IPv6 addresses, and a
 /// contract server on its loopback with an auto-approving enrollment key.

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::agent::assert_code;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::net::TcpStream;
@@ -16,14 +18,6 @@ use support::agent::{Agent, Run, ENROLLMENT_KEY};
 use support::json::{bool_at, get, u64_at};
 use support::netns::Netns;
 use support::{ContractServer, Endpoint, EnrollmentKey, Fault};
-
-fn assert_code(run: &Run, code: i32) {
-    assert_eq!(
-        run.code, code,
-        "exit code\n--- stdout\n{}\n--- stderr\n{}",
-        run.stdout, run.stderr
-    );
-}
 
 /// A namespace holding `pairs` loopback TCP connections, with the contract server inside.
 struct Host {

@@ -8,6 +8,8 @@
 
 mod support;
 
+use support::agent::assert_code;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -290,14 +292,6 @@ fn registration_answer(uuid: &str) -> String {
 
 /// The shape of `checkin-response-200-accepted-full.json`, trimmed.
 const CHECKIN_ANSWER: &str = r#"{"status":"accepted","server_time":"2026-11-30T01:57:27.228401","agent":{"enrollment_state":"active","id":1},"checkin":{"id":1,"agent_id":1,"sequence_number":1,"full_snapshot":true,"content_encoding":"gzip","status":"accepted","error_message":null,"records_created":26},"summary":{"hosts_created":7,"arp_entries_created":3,"connections_created":16,"neighbor_count":3,"connection_count":16,"route_count":2,"raw_import_id":1}}"#;
-
-fn assert_code(run: &Run, code: i32) {
-    assert_eq!(
-        run.code, code,
-        "exit code\n--- stdout\n{}\n--- stderr\n{}",
-        run.stdout, run.stderr
-    );
-}
 
 /// The whole lifecycle went through: key stored, registration then a gzip check-in of this
 /// agent carrying the key, every request with the agent's User-Agent.

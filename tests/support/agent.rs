@@ -61,6 +61,15 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// Asserts a run's exit code, showing what it printed when the code is another.
+pub fn assert_code(run: &Run, code: i32) {
+    assert_eq!(
+        run.code, code,
+        "exit code\n--- stdout\n{}\n--- stderr\n{}",
+        run.stdout, run.stderr
+    );
+}
+
 impl From<Output> for Run {
     fn from(o: Output) -> Run {
         Run {
