@@ -296,19 +296,9 @@ impl<'a> Reader<'a> {
     /// The next key of the object being read into `key` (cut at `max` bytes), or `false` at
     /// its end. `first` starts true for each object.
     pub fn next_key(&mut self, first: &mut bool, key: &mut String, max: usize) -> Step<bool> {
-        let c = self.token()?;
-        if c == b'}' {
-            self.bump();
-            self.depth -= 1;
+        if !self.another(b'}', first)? {
             return Ok(false);
         }
-        if !*first {
-            if c != b',' {
-                return Err(Fault::Syntax);
-            }
-            self.bump();
-        }
-        *first = false;
         self.expect(b'"')?;
         key.clear();
         if !self.string_body(Some((key, max)))? {
@@ -328,8 +318,14 @@ impl<'a> Reader<'a> {
 
     /// True when the array being read has another item (then read it), false at its end.
     pub fn next_item(&mut self, first: &mut bool) -> Step<bool> {
+        self.another(b']', first)
+    }
+
+    /// Between the members of an object or the items of an array: false (and the container
+    /// left) at `close`, otherwise true past the comma that must separate all but the first.
+    fn another(&mut self, close: u8, first: &mut bool) -> Step<bool> {
         let c = self.token()?;
-        if c == b']' {
+        if c == close {
             self.bump();
             self.depth -= 1;
             return Ok(false);
