@@ -3,6 +3,7 @@
 
 fn main() {
     println!("cargo:rerun-if-changed=VERSION");
+    println!("cargo:rustc-check-cfg=cfg(grapheon_no_unwinder)");
     let version =
         std::fs::read_to_string("VERSION").expect("VERSION file at the top of the repository");
     println!("cargo:rustc-env=GRAPHEON_AGENT_VERSION={}", version.trim());
@@ -39,4 +40,8 @@ fn release_link_args() {
     )
     .expect("write the linker script into OUT_DIR");
     println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
+
+    // Without tables and with nothing that unwinds, the unwinder itself is dead weight: the
+    // binary defines its entry points (src/unwinder.rs) so that it is not linked.
+    println!("cargo:rustc-cfg=grapheon_no_unwinder");
 }
