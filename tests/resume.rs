@@ -106,15 +106,11 @@ fn a_run_killed_after_part_k_resumes_at_part_k_plus_1_and_sends_every_record_onc
     // back at least two minutes after it was sent and sends the rest in smaller parts
     // (tests/pacing.rs proves that). Here the send time is moved back, as if the hold had
     // passed, so that this test waits for nothing.
-    let pacing = agent.file("pacing.json").expect("pacing.json");
-    let p: Value = miniserde::json::from_str(&pacing).expect("pacing.json is JSON");
+    let pacing = agent.pacing_record().expect("a saved pace");
+    let p: Value = miniserde::json::from_str(&pacing).expect("the saved pace is JSON");
     let at = support::json::str_at(&p, "in_flight.at")
         .unwrap_or_else(|| panic!("part {} is recorded in flight: {pacing}", k + 1));
-    fs::write(
-        agent.state_dir.join("pacing.json"),
-        pacing.replace(&format!("\"{at}\""), "\"2000-01-01T00:00:00Z\""),
-    )
-    .unwrap();
+    agent.set_pacing_record(&pacing.replace(&format!("\"{at}\""), "\"2000-01-01T00:00:00Z\""));
     let parts = u64_at(&first[0].json, "metadata.parts").unwrap();
     assert!(parts > k as u64 + 2, "{parts} parts");
     let state = agent.state();
@@ -162,12 +158,11 @@ fn a_run_killed_after_part_k_resumes_at_part_k_plus_1_and_sends_every_record_onc
 }
 
 /// Files a run may leave in the state directory.
-const EXPECTED: [&str; 6] = [
+const EXPECTED: [&str; 5] = [
     "agent.lock",
     "agent_uuid",
     "api_key",
-    "checkin.json",
-    "pacing.json",
+    "checkin.rec",
     "state.json",
 ];
 
@@ -178,10 +173,16 @@ fn check_readable(dir: &Path, trial: usize) {
         miniserde::json::from_str::<Value>(&text).is_ok(),
         "trial {trial}: state.json is torn"
     );
-    if let Ok(text) = fs::read_to_string(dir.join("checkin.json")) {
+    // The record: its newest whole slot holds the agent's JSON.
+    if let Ok(file) = fs::File::open(dir.join("checkin.rec")) {
+        let slots = grapheon_agent::slots::Slots::read(&file).unwrap();
+        let (_, _, payload) = slots
+            .newest
+            .unwrap_or_else(|| panic!("trial {trial}: no whole slot in checkin.rec"));
+        let text = String::from_utf8(payload).unwrap();
         assert!(
             miniserde::json::from_str::<Value>(&text).is_ok(),
-            "trial {trial}: checkin.json is torn: {text:?}"
+            "trial {trial}: the record is not JSON: {text:?}"
         );
     }
 }
@@ -234,13 +235,15 @@ fn kill_9_at_random_moments_of_a_50_part_check_in_never_tears_state() {
     for trial in 0..trials {
         if fresh {
             // Start a full report afresh: the state of an agent just registered.
-            let _ = fs::remove_file(dir.join("checkin.json"));
+            let _ = fs::remove_file(dir.join("checkin.rec"));
             fs::write(dir.join("state.json"), &registered).unwrap();
         }
         // A kill while a part is in flight makes the next run hold back for four request
         // timeouts (tests/pacing.rs proves that); here every trial starts without that hold,
         // so that the trials probe the state files, not the wait.
-        let _ = fs::remove_file(dir.join("pacing.json"));
+        if dir.join("checkin.rec").exists() {
+            agent.set_pacing_record("{}");
+        }
         let before = host.srv.checkins().len();
         let mut child = host.spawn(&agent);
         let at = Instant::now() + Duration::from_micros(random.below(whole.as_micros() as u64 + 1));
@@ -269,7 +272,7 @@ fn kill_9_at_random_moments_of_a_50_part_check_in_never_tears_state() {
         fresh = bool_at(&agent.state(), "report_incomplete") != Some(true);
     }
     // The last report is finished by a run that completes; the saved snapshot is then whole.
-    let _ = fs::remove_file(dir.join("pacing.json"));
+    agent.set_pacing_record("{}");
     assert_code(&host.run(&agent, &["--force", "--collector", "native"]), 0);
     assert_eq!(leftovers(&dir), Vec::<String>::new(), "files left");
     let loopback = saved_connections(&agent)
