@@ -852,11 +852,18 @@ impl StateDir {
         sync: bool,
         planted: bool,
     ) -> Result<SlotFile> {
-        let opened = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path);
+        // O_NOATIME: the slots are read back through this descriptor (see input::open_regular).
+        let open = |noatime: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | noatime)
+                .open(path)
+        };
+        let opened = match open(libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+            opened => opened,
+        };
         let regular = match opened {
             Ok(file) => match file.metadata() {
                 Ok(meta) if meta.is_file() => Some(file),
@@ -1075,15 +1082,15 @@ impl StateDir {
     /// (each up to the size of the state), and a key a killed run received but did not put in
     /// place is installed now.
     pub fn tidy(&self) -> Result<()> {
-        let entries = fs::read_dir(&self.path)
+        let names = list_names(&self.path)
             .map_err(|e| Error::io("cannot list the state directory", &self.path, e))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
+        for name in names {
+            let path = self.path.join(&name);
             let name = name.to_string_lossy();
             if is_temporary(&name) {
-                match fs::remove_file(entry.path()) {
+                match fs::remove_file(&path) {
                     Ok(()) => debug!("removed {name}, left by an interrupted run"),
-                    Err(e) => warn!("cannot remove {}: {e}", entry.path().display()),
+                    Err(e) => warn!("cannot remove {}: {e}", path.display()),
                 }
             }
         }
@@ -1428,18 +1435,18 @@ impl StateDir {
     /// temporary files of writes a killed run did not finish.
     fn remove_stale_reports(&self, state: &State) {
         let keep = state.origin.report_file.borrow().clone();
-        let Ok(entries) = fs::read_dir(&self.path) else {
+        let Ok(names) = list_names(&self.path) else {
             return;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
+        for name in names {
             let Some(name) = name.to_str() else { continue };
             let stale =
                 (is_report_file(name) && keep.as_deref() != Some(name)) || is_temp_file(name);
             if stale {
-                match fs::remove_file(entry.path()) {
+                let path = self.path.join(name);
+                match fs::remove_file(&path) {
                     Ok(()) => debug!("removed {name}, left by a run that was stopped"),
-                    Err(e) => warn!("cannot remove {}: {e}", entry.path().display()),
+                    Err(e) => warn!("cannot remove {}: {e}", path.display()),
                 }
             }
         }
@@ -1820,6 +1827,52 @@ impl Drop for Report<'_> {
 fn read_own(path: &Path, cap: u64) -> std::io::Result<String> {
     let bytes = input::read_regular(path, input::Links::Refuse, cap)?;
     String::from_utf8(bytes).map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "not UTF-8"))
+}
+
+/// The names in a directory (without `.` and `..`), listed without updating its access time:
+/// after a run that added or removed a file, the next listing would otherwise dirty the
+/// directory's inode (a 4 KiB write on a filesystem without a journal). `O_NOATIME` is
+/// allowed to the directory's owner, which [`StateDir::create`] checked.
+fn list_names(path: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::IntoRawFd;
+    let open = |noatime: i32| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | noatime)
+            .open(path)
+    };
+    let dir = match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
+        opened => opened?,
+    };
+    let fd = dir.into_raw_fd();
+    // SAFETY: fdopendir takes ownership of a directory descriptor we own (closed below by
+    // closedir, or here when it fails).
+    let stream = unsafe { libc::fdopendir(fd) };
+    if stream.is_null() {
+        let err = std::io::Error::last_os_error();
+        // SAFETY: the descriptor is still ours when fdopendir failed.
+        unsafe { libc::close(fd) };
+        return Err(err);
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: readdir on the open stream; the entry it returns stays valid until the next
+        // readdir or closedir, and its name is NUL-terminated.
+        let entry = unsafe { libc::readdir(stream) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: as above.
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(std::ffi::OsStr::from_bytes(name).to_os_string());
+        }
+    }
+    // SAFETY: closes the stream (and its descriptor) opened above, once.
+    unsafe { libc::closedir(stream) };
+    Ok(names)
 }
 
 /// Opens a directory itself, not a link to one.
@@ -2691,6 +2744,32 @@ mod tests {
             read.pacing_record().unwrap().as_deref(),
             Some(r#"{"in_flight":null}"#)
         );
+    }
+
+    #[test]
+    fn loading_leaves_the_access_time_of_the_directory_and_its_files() {
+        let (_t, dir) = saved("atime", snap(1..=10));
+        let s = dir.load_state(true).unwrap();
+        dir.save_state(&s).unwrap();
+        // Under relatime an access time older than the modification time is updated by the
+        // next read: a write of the inode, which the agent's reads must not cause.
+        let atime = |p: &Path| fs::metadata(p).unwrap().accessed().unwrap();
+        let paths = [
+            dir.path().to_path_buf(),
+            dir.path().join(STATE_FILE),
+            dir.path().join(RECORD_FILE),
+        ];
+        for p in &paths {
+            let old = fs::metadata(p).unwrap().modified().unwrap() - Duration::from_secs(60);
+            let times = fs::FileTimes::new().set_accessed(old);
+            File::open(p).unwrap().set_times(times).unwrap();
+        }
+        let before: Vec<_> = paths.iter().map(|p| atime(p)).collect();
+        let s = dir.load_state(true).unwrap();
+        dir.tidy().unwrap();
+        assert_eq!(s.last_snapshot, Some(snap(1..=10)));
+        let after: Vec<_> = paths.iter().map(|p| atime(p)).collect();
+        assert_eq!(after, before);
     }
 
     /// The fields of 0.2.0's `checkin.json` for `state_file`, as 0.2.0 wrote them.
