@@ -690,7 +690,8 @@ impl StateDir {
                         Some(Some((checkin, pacing))) => {
                             if read.damaged > 0 {
                                 debug!(
-                                    "{}: one slot holds no whole record (a write was cut short);                                      using the other",
+                                    "{}: one slot holds no whole record (a write was cut short); \
+                                     using the other",
                                     path.display()
                                 );
                             }
@@ -701,7 +702,9 @@ impl StateDir {
                             record.pacing_from = Some(path.clone());
                         }
                         _ => warn!(
-                            "{} is damaged (neither of its slots holds a whole record); using the                              last check-in's fields from {STATE_FILE} (its sequence number and                              time may be older) and starting again from small check-in parts",
+                            "{} is damaged (neither of its slots holds a whole record); using the \
+                             last check-in's fields from {STATE_FILE} (its sequence number and \
+                             time may be older) and starting again from small check-in parts",
                             path.display()
                         ),
                     },
@@ -716,7 +719,8 @@ impl StateDir {
                 if let Some(kind) = input::not_a_file(&e) {
                     record.planted = true;
                     warn!(
-                        "{} is {kind}, which the agent never creates; using the last check-in's                          fields from {STATE_FILE}; it is moved aside at the next write",
+                        "{} is {kind}, which the agent never creates; using the last check-in's \
+                         fields from {STATE_FILE}; it is moved aside at the next write",
                         path.display()
                     );
                 } else {
@@ -807,13 +811,18 @@ impl StateDir {
         }
         let path = self.path.join(RECORD_FILE);
         let mut record = self.record();
-        let payload = record.payload().into_bytes();
+        let mut payload = record.payload().into_bytes();
         if payload.len() > slots::ROOM {
-            return Err(Error::Transient(format!(
-                "the last check-in's fields do not fit {} ({} bytes); they are kept in {STATE_FILE}                  at the next full report",
+            // Only fields the server sent can be this long (an enrollment state of hundreds of
+            // escaped characters): better the fields of state.json than a run that never ends.
+            warn!(
+                "the last check-in's fields do not fit {} ({} bytes); the next run takes them \
+                 from {STATE_FILE}",
                 path.display(),
                 payload.len()
-            )));
+            );
+            record.checkin = None;
+            payload = record.payload().into_bytes();
         }
         let sync = when == Durability::Synced;
         let unchanged = record.on_disk.as_deref() == Some(&payload[..]);
