@@ -313,6 +313,11 @@ impl State {
 
     /// Every member except the snapshot, as one JSON object.
     fn fields_json(&self) -> String {
+        self.fields_json_with(self.last_checkin_summary.as_deref())
+    }
+
+    /// [`State::fields_json`] with `summary` in place of the state's own.
+    fn fields_json_with(&self, summary: Option<&str>) -> String {
         let policy = self.policy.as_ref().map(Policy::to_json);
         let mut out = String::with_capacity(1024);
         let mut o = Object::new(&mut out);
@@ -326,10 +331,7 @@ impl State {
                     .map(timefmt::format_utc)
                     .as_deref(),
             )
-            .raw(
-                "last_checkin_summary",
-                self.last_checkin_summary.as_deref().unwrap_or("null"),
-            )
+            .raw("last_checkin_summary", summary.unwrap_or("null"))
             .opt_num("last_jitter_seconds", self.last_jitter_seconds)
             .opt_str(
                 "last_full_snapshot_at",
@@ -360,19 +362,21 @@ impl State {
     /// `state.json` they go with (its [`FileId`] text), and the progress of a report in parts.
     /// A summary that would not leave the pace room beside it in the slot is left out.
     fn cursor_json(&self, state_file: &str, report: Option<(&str, u64, bool)>) -> String {
-        let out = self.cursor_json_with(state_file, report);
-        if out.len() <= slots::ROOM - MAX_PACING_BYTES - 32 || self.last_checkin_summary.is_none() {
+        let summary = self.last_checkin_summary.as_deref();
+        let out = self.cursor_json_with(summary, state_file, report);
+        if out.len() <= slots::ROOM - MAX_PACING_BYTES - 32 || summary.is_none() {
             return out;
         }
-        let without = State {
-            last_checkin_summary: None,
-            ..self.clone()
-        };
-        without.cursor_json_with(state_file, report)
+        self.cursor_json_with(None, state_file, report)
     }
 
-    fn cursor_json_with(&self, state_file: &str, report: Option<(&str, u64, bool)>) -> String {
-        let fields = self.fields_json();
+    fn cursor_json_with(
+        &self,
+        summary: Option<&str>,
+        state_file: &str,
+        report: Option<(&str, u64, bool)>,
+    ) -> String {
+        let fields = self.fields_json_with(summary);
         let mut extra = String::new();
         let mut o = Object::new(&mut extra);
         o.str("state_file", state_file);
@@ -3112,6 +3116,39 @@ mod tests {
         fs::write(dir.path().join(STATE_FILE), long).unwrap();
         let s = dir.load_state(true).unwrap();
         assert_eq!((s.sequence_number, s.last_snapshot), (3, Some(snap([1]))));
+    }
+
+    #[test]
+    fn a_long_summary_is_cut_so_the_fields_fit_one_slot() {
+        let members: Vec<String> = (0..64)
+            .map(|i| format!(r#""counter_{i:02}":"{}""#, "v".repeat(100)))
+            .collect();
+        let reply: Value =
+            miniserde::json::from_str(&format!("{{{}}}", members.join(","))).unwrap();
+        let cut = summary_scalars(&reply).unwrap();
+        assert!(cut.len() <= MAX_SUMMARY_BYTES, "{} bytes", cut.len());
+        let kept: Value = miniserde::json::from_str(&cut).unwrap();
+        let Value::Object(kept) = kept else { panic!() };
+        assert_eq!(kept.len(), 8, "{cut}");
+        // The same cut when state.json is read.
+        let text = format!(r#"{{"last_checkin_summary":{{{}}}}}"#, members.join(","));
+        let (s, _) = read_state(&mut Reader::new(text.as_bytes()), true).unwrap();
+        assert_eq!(s.last_checkin_summary.as_deref(), Some(cut.as_str()));
+        // A summary set some other way that would crowd out the pace is left out of the record
+        // (state.json keeps it); every other field is recorded.
+        let (_t, dir) = saved("longsummary", snap(1..=3));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 8;
+        s.last_checkin_summary = Some(format!(r#"{{"x":"{}"}}"#, "y".repeat(3000)));
+        dir.save_state(&s).unwrap();
+        let read = StateDir::existing(dir.path()).load_state(false).unwrap();
+        assert_eq!(
+            read,
+            State {
+                last_checkin_summary: None,
+                ..s
+            }
+        );
     }
 
     #[test]
