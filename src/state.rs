@@ -910,9 +910,15 @@ impl StateDir {
             return written.map_err(|e| Error::io("cannot write", path, e));
         }
         if planted || fs::symlink_metadata(path).is_ok() {
-            let aside = self
-                .path
-                .join(format!("{RECORD_FILE}.corrupt-{}", timefmt::now()));
+            // A name not taken yet: an earlier one moved aside this second is kept too.
+            let now = timefmt::now();
+            let aside = (0..)
+                .map(|n| match n {
+                    0 => self.path.join(format!("{RECORD_FILE}.corrupt-{now}")),
+                    n => self.path.join(format!("{RECORD_FILE}.corrupt-{now}-{n}")),
+                })
+                .find(|p| fs::symlink_metadata(p).is_err())
+                .unwrap_or_default();
             fs::rename(path, &aside).map_err(|e| Error::io("cannot move aside", path, e))?;
             warn!(
                 "{} was not a regular file; moved it to {} and writing a new one",
@@ -2733,8 +2739,12 @@ mod tests {
         )
         .unwrap();
         let marked = pages(&dir);
+        // A process killed now leaves the mark in the page cache, where the next run reads it.
         assert_eq!(
-            dir.pacing_record().unwrap().as_deref(),
+            StateDir::existing(dir.path())
+                .pacing_record()
+                .unwrap()
+                .as_deref(),
             Some(r#"{"in_flight":{"at":"2026-11-30T02:00:00Z","bytes":900}}"#)
         );
         dir.save_pacing(r#"{"in_flight":null}"#.into(), Durability::Deferred)
@@ -2953,6 +2963,14 @@ mod tests {
             good,
             "the link's target is untouched"
         );
+        // A directory.
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.sequence_number, 7);
+        dir.save_state(&s).unwrap();
+        assert!(fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(dir.load_state(true).unwrap().sequence_number, 7);
         // A FIFO: no read blocks.
         fs::remove_file(&path).unwrap();
         mkfifo(&path);
@@ -2964,7 +2982,12 @@ mod tests {
             .into_iter()
             .filter(|n| n.starts_with("checkin.rec.corrupt-"))
             .collect();
-        assert!(!aside.is_empty(), "{:?}", names(&dir));
+        assert_eq!(
+            aside.len(),
+            3,
+            "the link, the directory and the FIFO: {:?}",
+            names(&dir)
+        );
         // Oversized: the slots are read, the rest ignored and cut at the next write.
         let mut long = good.clone();
         long.extend(vec![b'x'; 1 << 20]);
