@@ -157,6 +157,80 @@ fn a_run_killed_after_part_k_resumes_at_part_k_plus_1_and_sends_every_record_onc
     assert_eq!(bool_at(&agent.state(), "report_incomplete"), Some(false));
 }
 
+/// Runs the agent in the host's namespace to its end (exit 0) and returns what it wrote: the
+/// pages it dirtied on the state directory's filesystem, `ru_oublock` × 512, the figure
+/// scripts/bench.sh reports.
+// The child is reaped by wait4, which Child::wait cannot do: it gives no rusage.
+#[allow(clippy::zombie_processes)]
+fn written_by(host: &Host, agent: &Agent, args: &[&str]) -> u64 {
+    let child = agent
+        .command_in(&host.ns.name, args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the agent");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: wait4 on our own child, into a status and a rusage we own; the Child is not
+    // waited on again.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the agent failed: status {status}"
+    );
+    usage.ru_oublock as u64 * 512
+}
+
+/// Makes what the runs before wrote clean, and removes their connections to the server in
+/// TIME_WAIT (on a host, 15 minutes apart, they are long gone), as scripts/bench.sh does.
+fn settle(host: &Host) {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let killed = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &host.ns.name,
+            "ss",
+            "-K",
+            "-tan",
+            "state",
+            "time-wait",
+        ])
+        .output()
+        .expect("run ss");
+    assert!(killed.status.success(), "ss -K: {killed:?}");
+}
+
+#[test]
+fn a_check_in_that_changes_nothing_dirties_one_page_and_the_inode_at_most() {
+    let host = Host::new("quiet", 200, 262_144);
+    let agent = Agent::new("quiet", &host.srv.url());
+    assert_code(&host.run(&agent, &["--register-only"]), 0);
+    settle(&host);
+    assert_code(&host.run(&agent, &["--force", "--collector", "native"]), 0);
+    let state = fs::read(agent.state_dir.join("state.json")).unwrap();
+    for round in 0..2 {
+        settle(&host);
+        let written = written_by(&host, &agent, &["--force", "--collector", "native"]);
+        let last = host.srv.checkins().pop().unwrap();
+        assert_eq!(
+            get(&last.json, "connections")
+                .map(support::json::to_string)
+                .as_deref(),
+            Some("[]"),
+            "round {round}: the check-in changed nothing"
+        );
+        assert_eq!(fs::read(agent.state_dir.join("state.json")).unwrap(), state);
+        // One page of checkin.rec; on a filesystem without a journal also the block of its
+        // inode, whose modification time the write sets. 0.2.0 wrote 12 KiB with a journal,
+        // 36 to 44 KiB without.
+        assert!(written <= 8192, "round {round}: {written} bytes written");
+    }
+    assert_eq!(leftovers(&agent.state_dir), Vec::<String>::new());
+}
+
 /// Files a run may leave in the state directory.
 const EXPECTED: [&str; 5] = [
     "agent.lock",
