@@ -18,6 +18,7 @@ pub mod pacing;
 pub mod policy;
 pub mod report;
 pub mod run;
+pub mod slots;
 pub mod state;
 pub mod timefmt;
 pub mod tls;

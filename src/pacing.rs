@@ -1,5 +1,6 @@
 //! How hard the agent may push the server, learned from the server itself and kept across runs
-//! in `pacing.json` (apart from `state.json`: losing it costs only what was learned).
+//! as the `pacing` member of `checkin.rec` (apart from `state.json`: losing it costs only what
+//! was learned).
 //!
 //! Parts: a check-in part should take the server at most a third of the request timeout. A part
 //! the agent gave up on may be stored anyway, and a second copy ingested next to the first one
@@ -20,11 +21,11 @@ use miniserde::json::Value;
 use crate::error::Result;
 use crate::input;
 use crate::json::{self, Object};
-use crate::state::StateDir;
+use crate::state::{Durability, StateDir};
 use crate::timefmt;
 
-/// The file in the state directory.
-pub const FILE: &str = "pacing.json";
+/// The file in the state directory that keeps the pace (with the last check-in's fields).
+pub const FILE: &str = crate::state::RECORD_FILE;
 /// The decoded size of a part before anything is known about the server: a 256 KiB part took
 /// a loaded server 62 s, a quarter of it fits the default 30 s timeout.
 pub const START_PART_BYTES: u64 = 64 << 10;
@@ -41,7 +42,7 @@ const HOLD_TIMEOUTS: u32 = 4;
 /// 2 s timeout (an 8 s hold) would let the next run send while the first copy is stored.
 const MIN_HOLD_SECONDS: u64 = 120;
 /// The largest believable `gzip_permille`: gzip adds a few bytes per block to data it cannot
-/// compress, so even random bytes stay below this; a larger value in `pacing.json` is damage.
+/// compress, so even random bytes stay below this; a larger saved value is damage.
 const MAX_GZIP_PERMILLE: u64 = 1_100;
 /// The longest backoff after repeated failures, in seconds, whatever the policy says.
 const MAX_BACKOFF_SECONDS: u64 = 86_400;
@@ -99,7 +100,7 @@ pub struct Sent {
     pub bytes: u64,
 }
 
-/// What the agent knows about the server's pace (`pacing.json`).
+/// What the agent knows about the server's pace (the `pacing` member of `checkin.rec`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pacing {
     /// The decoded size of the next part; `None` until a part was answered.
@@ -325,8 +326,9 @@ impl Pacing {
         let mut drop = |what: &str, until: i64| {
             warnings.push(format!(
                 "{FILE} says {what} until {} (now {}): the clock was wrong when it was saved or has \
-                 been set back; ignoring it (if this repeats, delete {FILE}: only what was learned \
-                 about the server's pace is lost)",
+                 been set back; ignoring it (if this repeats, delete {FILE}: what was learned \
+                 about the server's pace is lost, and the last check-in's time and sequence \
+                 number are taken from state.json)",
                 timefmt::format_utc(until),
                 timefmt::format_utc(now)
             ));
@@ -497,7 +499,7 @@ impl Pacing {
         out
     }
 
-    /// Parses `pacing.json`; `None` when it is not a JSON object. A field of the wrong type
+    /// Parses the saved pace; `None` when it is not a JSON object. A field of the wrong type
     /// is left out (its default), so one bad value does not throw away the rest.
     fn from_json(text: &str) -> Option<Pacing> {
         input::check_json(text, input::REPLY_JSON).ok()?;
@@ -545,11 +547,18 @@ impl Pacing {
     }
 }
 
-/// Reads `pacing.json`. Missing, unreadable or damaged, it is the defaults (with a warning when
-/// it exists): the agent then starts again with small parts and no backoff.
+/// Reads the saved pace (or 0.2.0's `pacing.json`, the first time). Missing, unreadable or
+/// damaged, it is the defaults (with a warning when it was there): the agent then starts again
+/// with small parts and no backoff.
 pub fn load(dir: &StateDir) -> Pacing {
-    let path = dir.path().join(FILE);
-    match dir.read_small(FILE) {
+    let damaged = |path: &std::path::Path| {
+        warn!(
+            "the pace saved in {} is damaged; starting again from small check-in parts and no backoff",
+            path.display()
+        );
+        Pacing::default()
+    };
+    match dir.pacing_record() {
         Ok(None) => Pacing::default(),
         Ok(Some(text)) => match Pacing::from_json(&text) {
             Some(mut pacing) => {
@@ -559,24 +568,17 @@ pub fn load(dir: &StateDir) -> Pacing {
                 }
                 pacing
             }
-            None => {
-                warn!(
-                    "{} is damaged; starting again from small check-in parts and no backoff",
-                    path.display()
-                );
-                Pacing::default()
-            }
+            None => damaged(&dir.pacing_path()),
         },
-        Err(e) => {
-            warn!("{e}; starting again from small check-in parts and no backoff");
-            Pacing::default()
-        }
+        Err(path) => damaged(&path),
     }
 }
 
-/// Saves `pacing.json` atomically (it is small: one write per part is cheap).
-pub fn save(dir: &StateDir, pacing: &Pacing) -> Result<()> {
-    dir.write(FILE, pacing.to_json().as_bytes())
+/// Saves the pace in `checkin.rec`, as `when` says: [`Durability::Cached`] for the mark made
+/// before a part is sent (the answer's write, synced, makes it durable in the same page),
+/// [`Durability::Deferred`] to go with the state's next save.
+pub fn save(dir: &StateDir, pacing: &Pacing, when: Durability) -> Result<()> {
+    dir.save_pacing(pacing.to_json(), when)
 }
 
 /// A random number in `[0, 1]` from the OS (0.5 when there is none).
@@ -734,14 +736,16 @@ mod tests {
         assert_eq!(
             warnings,
             [
-                "pacing.json says scheduled runs back off until 2099-01-01T00:00:00Z (now \
+                "checkin.rec says scheduled runs back off until 2099-01-01T00:00:00Z (now \
                  2026-11-27T01:57:27Z): the clock was wrong when it was saved or has been set \
-                 back; ignoring it (if this repeats, delete pacing.json: only what was learned \
-                 about the server's pace is lost)",
-                "pacing.json says nothing is sent until 2099-01-01T00:00:00Z (now \
+                 back; ignoring it (if this repeats, delete checkin.rec: what was learned about \
+                 the server's pace is lost, and the last check-in's time and sequence number \
+                 are taken from state.json)",
+                "checkin.rec says nothing is sent until 2099-01-01T00:00:00Z (now \
                  2026-11-27T01:57:27Z): the clock was wrong when it was saved or has been set \
-                 back; ignoring it (if this repeats, delete pacing.json: only what was learned \
-                 about the server's pace is lost)",
+                 back; ignoring it (if this repeats, delete checkin.rec: what was learned about \
+                 the server's pace is lost, and the last check-in's time and sequence number \
+                 are taken from state.json)",
             ]
         );
         assert_eq!(p.backoff(NOW), None);

@@ -18,7 +18,7 @@ use crate::model::Snapshot;
 use crate::pacing::{self, Pacing};
 use crate::policy::Policy;
 use crate::report::{self, gzip, Counts, Header};
-use crate::state::{self, State, StateDir};
+use crate::state::{self, Durability, State, StateDir};
 use crate::timefmt;
 
 /// How long a run waits for another run (timer and manual) to release the lock.
@@ -257,7 +257,7 @@ fn lifecycle(cfg: &Config) -> Result<()> {
             sent.bytes,
             timefmt::format_utc(sent.at)
         );
-        pacing::save(&run.dir, &pace)?;
+        pacing::save(&run.dir, &pace, Durability::Synced)?;
     }
     let scheduled = cfg.action == Action::Run && !cfg.force;
     if scheduled {
@@ -284,7 +284,8 @@ fn lifecycle(cfg: &Config) -> Result<()> {
     }
     wait_for_hold(&pace)?;
     let result = check_in(&run, &mut state, &key, &mut pace);
-    if let Err(e) = pacing::save(&run.dir, &pace) {
+    // Nothing is written when the check-in's last write already holds this pace.
+    if let Err(e) = pacing::save(&run.dir, &pace, Durability::Synced) {
         warn!("{e}; what this run learned about the server's pace is lost");
     }
     result
@@ -701,9 +702,10 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
             Err(Failure::status(413, "larger than the server's raw limit"))
         } else {
             // Recorded before it goes out: a run killed while waiting leaves the next one
-            // knowing the part may be stored.
+            // knowing the part may be stored. Not synced: a killed process's write survives
+            // it, and the answer's write, synced, goes into the same page (docs/state.md).
             pace.sending(timefmt::now(), body.len());
-            pacing::save(dir, pace)?;
+            pacing::save(dir, pace, Durability::Cached)?;
             client.check_in(&gz, key)
         };
         match result {
@@ -712,13 +714,6 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                 next += 1;
                 sent += part.len();
                 accepted(state, &answer, seq, full, last, now);
-                // Recorded first: the window in which an accepted part is not yet known to be
-                // accepted is the only one in which a part can be sent twice (by the next run).
-                match progress.as_mut() {
-                    None => dir.save_state(state)?,
-                    Some(p) if !last => p.commit(state)?,
-                    Some(_) => {}
-                }
                 pace.accepted(
                     &limits,
                     timefmt::now(),
@@ -726,6 +721,16 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                     part.len(),
                     answer.elapsed,
                 );
+                // The pace goes into the same write as the state's fields, so the mark made
+                // before sending and this outcome end in one synced page.
+                pacing::save(dir, pace, Durability::Deferred)?;
+                // Recorded first: the window in which an accepted part is not yet known to be
+                // accepted is the only one in which a part can be sent twice (by the next run).
+                match progress.as_mut() {
+                    None => dir.save_state(state)?,
+                    Some(p) if !last => p.commit(state)?,
+                    Some(_) => {}
+                }
                 let resized = pace.budget(&limits);
                 debug!(
                     "part {done}/{total} accepted: {} records, {} bytes ({} gzip) in {} ms; next part {resized} bytes",
@@ -817,6 +822,8 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
     }
     if let Some(p) = progress {
         p.finish(state, report::union(kept, pending))?;
+        // The last part's outcome, and the record no longer naming the report.
+        pacing::save(dir, pace, Durability::Synced)?;
     }
     info!(
         "check-in accepted: {} records sent ({}), sequence number {}",

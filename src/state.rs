@@ -1,10 +1,13 @@
-//! The state directory: `agent_uuid`, `api_key`, `state.json`, in the earlier agent's format.
+//! The state directory: `agent_uuid`, `api_key`, `state.json`, in the earlier agent's format,
+//! and `checkin.rec`, the small fields of the last check-in and the server's pace.
 //!
-//! Every write is atomic and durable (temporary file, fsync, rename, fsync of the directory), so
-//! a crash or a full disk leaves either the old file or the new one, never a torn one. The
-//! directory is 0700 and every file 0600. One run at a time holds `agent.lock`.
+//! Every write is atomic and durable: files are replaced (temporary file, fsync, rename, fsync
+//! of the directory), so a crash or a full disk leaves either the old file or the new one, never
+//! a torn one; `checkin.rec` is overwritten in place, one of its two checksummed slots at a time
+//! (see [`crate::slots`]). The directory is 0700 and every file 0600. One run at a time holds
+//! `agent.lock`.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, RefMut};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -21,6 +24,7 @@ use crate::json::Object;
 use crate::model::Snapshot;
 use crate::policy::Policy;
 use crate::report::{records, Part};
+use crate::slots::{self, SlotFile, Slots};
 use crate::timefmt;
 
 const UUID_FILE: &str = "agent_uuid";
@@ -31,8 +35,15 @@ const LOCK_FILE: &str = "agent.lock";
 const KEY_RESERVATION: &str = ".api_key.reserved";
 /// The room reserved for the key (the longest key accepted is 512 bytes).
 const KEY_ROOM: u64 = 4096;
-/// The small fields of the last check-in and the progress of a report in parts.
+/// The small fields of the last check-in, the progress of a report in parts and the server's
+/// pace, in two slots overwritten in place ([`Record`]).
+pub const RECORD_FILE: &str = "checkin.rec";
+/// 0.2.0 kept the `checkin` member of the record here; read once and folded in.
 const CURSOR_FILE: &str = "checkin.json";
+/// 0.2.0 kept the `pacing` member of the record here; read once and folded in.
+const PACING_FILE: &str = "pacing.json";
+/// A `pacing` member longer than this is not the agent's (its own is under 600 bytes).
+const MAX_PACING_BYTES: usize = 1024;
 /// The next `state.json` while a report is sent in parts (followed by random hex).
 const REPORT_PREFIX: &str = "state.json.partial-";
 const MAX_CURSOR_BYTES: u64 = 64 << 10;
@@ -132,6 +143,9 @@ struct Cursor {
 /// Longest summary kept: the server's summary is a handful of counters.
 const MAX_SUMMARY_MEMBERS: usize = 64;
 const MAX_SUMMARY_STRING: usize = 1024;
+/// The summary's whole text is at most this long (members past it are left out), so the small
+/// fields fit one slot of `checkin.rec` with the pace beside them.
+const MAX_SUMMARY_BYTES: usize = 1024;
 
 /// The scalar members of the server's `summary` (counters, names), as a JSON object; nested
 /// values are left out, so a hostile reply cannot make the state file grow. `None` when the
@@ -147,6 +161,7 @@ pub fn summary_scalars(summary: &Value) -> Option<String> {
         if kept == MAX_SUMMARY_MEMBERS || key.len() > 64 {
             continue;
         }
+        let mark = o.out().len();
         match value {
             Value::Null => o.raw(key, "null"),
             Value::Bool(b) => o.num(key, b),
@@ -156,6 +171,10 @@ pub fn summary_scalars(summary: &Value) -> Option<String> {
             Value::String(s) if s.len() <= MAX_SUMMARY_STRING => o.str(key, s),
             _ => continue,
         };
+        if o.out().len() > MAX_SUMMARY_BYTES {
+            o.out().truncate(mark);
+            break;
+        }
         kept += 1;
     }
     o.end();
@@ -171,12 +190,13 @@ fn read_summary(r: &mut Reader<'_>) -> Step<Option<String>> {
     let mut out = String::new();
     let mut o = Object::new(&mut out);
     r.begin_object()?;
-    let (mut first, mut key, mut kept) = (true, String::new(), 0);
+    let (mut first, mut key, mut kept, mut full) = (true, String::new(), 0, false);
     while r.next_key(&mut first, &mut key, 64)? {
         let value = r.scalar(MAX_SUMMARY_STRING)?;
-        if kept == MAX_SUMMARY_MEMBERS || key.is_empty() {
+        if kept == MAX_SUMMARY_MEMBERS || key.is_empty() || full {
             continue;
         }
+        let mark = o.out().len();
         match value {
             Scalar::Null => o.raw(&key, "null"),
             Scalar::Bool(b) => o.num(&key, b),
@@ -186,6 +206,12 @@ fn read_summary(r: &mut Reader<'_>) -> Step<Option<String>> {
             Scalar::String(s) => o.str(&key, &s),
             Scalar::LongString | Scalar::Compound => continue,
         };
+        if o.out().len() > MAX_SUMMARY_BYTES {
+            // The rest of the object is still read (and skipped): it is part of the document.
+            o.out().truncate(mark);
+            full = true;
+            continue;
+        }
         kept += 1;
     }
     o.end();
@@ -287,6 +313,11 @@ impl State {
 
     /// Every member except the snapshot, as one JSON object.
     fn fields_json(&self) -> String {
+        self.fields_json_with(self.last_checkin_summary.as_deref())
+    }
+
+    /// [`State::fields_json`] with `summary` in place of the state's own.
+    fn fields_json_with(&self, summary: Option<&str>) -> String {
         let policy = self.policy.as_ref().map(Policy::to_json);
         let mut out = String::with_capacity(1024);
         let mut o = Object::new(&mut out);
@@ -300,10 +331,7 @@ impl State {
                     .map(timefmt::format_utc)
                     .as_deref(),
             )
-            .raw(
-                "last_checkin_summary",
-                self.last_checkin_summary.as_deref().unwrap_or("null"),
-            )
+            .raw("last_checkin_summary", summary.unwrap_or("null"))
             .opt_num("last_jitter_seconds", self.last_jitter_seconds)
             .opt_str(
                 "last_full_snapshot_at",
@@ -330,13 +358,28 @@ impl State {
         out
     }
 
-    /// `checkin.json`: the members besides the snapshot, the `state.json` they go with, and
-    /// the progress of a report in parts.
-    fn cursor_json(&self, state_file: FileId, report: Option<(&str, u64, bool)>) -> String {
-        let fields = self.fields_json();
+    /// The `checkin` member of `checkin.rec`: the members besides the snapshot, the
+    /// `state.json` they go with (its [`FileId`] text), and the progress of a report in parts.
+    /// A summary that would not leave the pace room beside it in the slot is left out.
+    fn cursor_json(&self, state_file: &str, report: Option<(&str, u64, bool)>) -> String {
+        let summary = self.last_checkin_summary.as_deref();
+        let out = self.cursor_json_with(summary, state_file, report);
+        if out.len() <= slots::ROOM - MAX_PACING_BYTES - 32 || summary.is_none() {
+            return out;
+        }
+        self.cursor_json_with(None, state_file, report)
+    }
+
+    fn cursor_json_with(
+        &self,
+        summary: Option<&str>,
+        state_file: &str,
+        report: Option<(&str, u64, bool)>,
+    ) -> String {
+        let fields = self.fields_json_with(summary);
         let mut extra = String::new();
         let mut o = Object::new(&mut extra);
-        o.str("state_file", &state_file.text());
+        o.str("state_file", state_file);
         if let Some((name, length, full)) = report {
             o.str("report_file", name)
                 .int("report_length", length)
@@ -355,6 +398,103 @@ impl State {
 #[derive(Debug)]
 pub struct StateDir {
     path: PathBuf,
+    record: RefCell<Record>,
+}
+
+/// When a write to `checkin.rec` is on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced before the call returns.
+    Synced,
+    /// Written to the page cache only: it survives the process being killed, not a host
+    /// crash; the next synced write of the run, into the same slot, makes it durable.
+    Cached,
+    /// Kept in memory and written with the next write.
+    Deferred,
+}
+
+/// `checkin.rec` as this run knows it: its two members and the file open for writing.
+///
+/// The payload of a slot is `{"checkin":…,"pacing":…}`: `checkin` is what 0.2.0 kept in
+/// `checkin.json` (the small fields, the `state.json` they go with, the progress of a report),
+/// `pacing` what it kept in `pacing.json` (owned by [`crate::pacing`], opaque here). Both go
+/// into one slot so that a check-in that changes nothing ends with one synced page.
+#[derive(Debug, Default)]
+struct Record {
+    read: bool,
+    checkin: Option<String>,
+    /// Where the `checkin` member was read from (for the operator's messages).
+    checkin_from: Option<PathBuf>,
+    pacing: Option<String>,
+    /// Where the `pacing` member came from, when it was there but is not JSON.
+    pacing_damaged: Option<PathBuf>,
+    /// Where the `pacing` member was read from (for the operator's messages).
+    pacing_from: Option<PathBuf>,
+    /// The payload last read or written: a write of the same payload is skipped.
+    on_disk: Option<Vec<u8>>,
+    writer: Option<SlotFile>,
+    /// What is at the path is not a regular file: it is moved aside before the first write.
+    planted: bool,
+    /// 0.2.0's files found beside it: removed once the record is durable.
+    legacy: Vec<&'static str>,
+}
+
+impl Record {
+    fn payload(&self) -> String {
+        let mut out = String::with_capacity(1024);
+        let mut o = Object::new(&mut out);
+        o.raw("checkin", self.checkin.as_deref().unwrap_or("null"))
+            .raw("pacing", self.pacing.as_deref().unwrap_or("null"));
+        o.end();
+        out
+    }
+}
+
+/// The members of a slot's payload; `None` when it is not the agent's JSON.
+fn parse_record(payload: &[u8]) -> Option<(Option<String>, Option<String>)> {
+    let mut r = Reader::new(payload);
+    let mut members = (None, None);
+    let parsed = (|| -> Step<()> {
+        r.begin_object()?;
+        let (mut first, mut key) = (true, String::new());
+        while r.next_key(&mut first, &mut key, 64)? {
+            let member = match key.as_str() {
+                "checkin" => &mut members.0,
+                "pacing" => &mut members.1,
+                _ => {
+                    r.skip()?;
+                    continue;
+                }
+            };
+            if !r.at_object()? {
+                r.skip()?;
+                continue;
+            }
+            let mut text = Vec::new();
+            if r.capture(&mut text, slots::ROOM)? {
+                *member = String::from_utf8(text).ok();
+            }
+        }
+        r.end()
+    })();
+    parsed.ok().map(|()| members)
+}
+
+/// A JSON object of at most `cap` bytes, as text; `None` otherwise.
+fn json_object(text: &str, cap: usize) -> Option<String> {
+    let mut r = Reader::new(text.as_bytes());
+    let mut out = Vec::new();
+    let whole = (|| -> Step<bool> {
+        if !r.at_object()? || !r.capture(&mut out, cap)? {
+            return Ok(false);
+        }
+        r.end()?;
+        Ok(true)
+    })();
+    match whole {
+        Ok(true) => String::from_utf8(out).ok(),
+        _ => None,
+    }
 }
 
 /// The room reserved for an API key about to be issued ([`StateDir::reserve_api_key`]).
@@ -509,6 +649,7 @@ impl StateDir {
         }
         Ok(StateDir {
             path: path.to_path_buf(),
+            record: RefCell::default(),
         })
     }
 
@@ -516,12 +657,297 @@ impl StateDir {
     pub fn existing(path: &Path) -> StateDir {
         StateDir {
             path: path.to_path_buf(),
+            record: RefCell::default(),
         }
     }
 
     /// The directory's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// `checkin.rec`, read on first use (and again by each [`StateDir::load_state`]).
+    fn record(&self) -> RefMut<'_, Record> {
+        let mut record = self.record.borrow_mut();
+        if !record.read {
+            *record = self.read_record();
+        }
+        record
+    }
+
+    /// Reads `checkin.rec` and, where 0.2.0's `checkin.json` or `pacing.json` is newer than
+    /// it (none was folded in yet, or 0.2.0 ran since, after a rollback), takes their members.
+    /// Nothing here fails a run: what cannot be read is warned about and left out, and the
+    /// members of `state.json` and the default pace are used instead.
+    fn read_record(&self) -> Record {
+        let path = self.path.join(RECORD_FILE);
+        let mut record = Record {
+            read: true,
+            ..Record::default()
+        };
+        let mut mtime = None;
+        match input::open_regular(&path, input::Links::Refuse) {
+            Ok(file) => {
+                mtime = file.metadata().ok().map(|m| (m.mtime(), m.mtime_nsec()));
+                match Slots::read(&file) {
+                    Ok(read) => match read.newest.as_ref().map(|n| parse_record(&n.2)) {
+                        Some(Some((checkin, pacing))) => {
+                            if read.damaged > 0 {
+                                debug!(
+                                    "{}: one slot holds no whole record (a write was cut short); \
+                                     using the other",
+                                    path.display()
+                                );
+                            }
+                            record.on_disk = read.newest.map(|n| n.2);
+                            record.checkin = checkin;
+                            record.checkin_from = Some(path.clone());
+                            record.pacing = pacing;
+                            record.pacing_from = Some(path.clone());
+                        }
+                        _ => warn!(
+                            "{} is damaged (neither of its slots holds a whole record); using the \
+                             last check-in's fields from {STATE_FILE} (its sequence number and \
+                             time may be older) and starting again from small check-in parts",
+                            path.display()
+                        ),
+                    },
+                    Err(e) => warn!(
+                        "cannot read {} ({e}); using the last check-in's fields from {STATE_FILE}",
+                        path.display()
+                    ),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                if let Some(kind) = input::not_a_file(&e) {
+                    record.planted = true;
+                    warn!(
+                        "{} is {kind}, which the agent never creates; using the last check-in's \
+                         fields from {STATE_FILE}; it is moved aside at the next write",
+                        path.display()
+                    );
+                } else {
+                    warn!(
+                        "cannot read {} ({e}); using the last check-in's fields from {STATE_FILE}",
+                        path.display()
+                    );
+                }
+            }
+        }
+        for name in [CURSOR_FILE, PACING_FILE] {
+            let legacy = self.path.join(name);
+            let Ok(meta) = fs::symlink_metadata(&legacy) else {
+                continue;
+            };
+            record.legacy.push(name);
+            if mtime.is_some_and(|t| (meta.mtime(), meta.mtime_nsec()) <= t) {
+                // Folded in by an earlier run, which was stopped before it removed the file.
+                continue;
+            }
+            let text = match read_own(&legacy, MAX_CURSOR_BYTES) {
+                Ok(text) => text,
+                Err(e) => {
+                    warn!("cannot read {} ({e}); ignoring it", legacy.display());
+                    continue;
+                }
+            };
+            if name == CURSOR_FILE {
+                // Judged (and rendered again, bounded) by `load_cursor`.
+                record.checkin = Some(text);
+                record.checkin_from = Some(legacy.clone());
+            } else {
+                record.pacing_from = Some(legacy.clone());
+                record.pacing = json_object(&text, MAX_PACING_BYTES);
+                if record.pacing.is_none() {
+                    record.pacing_damaged = Some(legacy);
+                }
+            }
+        }
+        record
+    }
+
+    /// The `pacing` member of `checkin.rec` (JSON text), as [`crate::pacing`] saved it. `Err`
+    /// names the file when a member was there but damaged.
+    pub fn pacing_record(&self) -> std::result::Result<Option<String>, PathBuf> {
+        let record = self.record();
+        match (&record.pacing, &record.pacing_damaged) {
+            (Some(text), _) => Ok(Some(text.clone())),
+            (None, Some(path)) => Err(path.clone()),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The `checkin` member of `checkin.rec` (JSON text), whichever `state.json` it names.
+    pub fn checkin_record(&self) -> Option<String> {
+        self.record().checkin.clone()
+    }
+
+    /// Where the pace was read from, for the operator's messages.
+    pub fn pacing_path(&self) -> PathBuf {
+        self.record()
+            .pacing_from
+            .clone()
+            .unwrap_or_else(|| self.path.join(RECORD_FILE))
+    }
+
+    /// Replaces the `pacing` member of `checkin.rec` (a JSON object, as [`crate::pacing`]
+    /// renders it), written as `when` says. Call with the lock held.
+    pub fn save_pacing(&self, pacing: String, when: Durability) -> Result<()> {
+        {
+            let mut record = self.record();
+            record.pacing = Some(pacing);
+            record.pacing_damaged = None;
+        }
+        self.write_record(when)
+    }
+
+    /// Replaces the `checkin` member in memory; the next write of the record writes it.
+    fn set_checkin(&self, checkin: Option<String>) {
+        self.record().checkin = checkin;
+    }
+
+    /// Writes the record's members into the slot that does not hold the newest durable record
+    /// (nothing when they are what the file already holds).
+    fn write_record(&self, when: Durability) -> Result<()> {
+        if when == Durability::Deferred {
+            return Ok(());
+        }
+        let path = self.path.join(RECORD_FILE);
+        let mut record = self.record();
+        let mut payload = record.payload().into_bytes();
+        if payload.len() > slots::ROOM {
+            // Only fields the server sent can be this long (an enrollment state of hundreds of
+            // escaped characters): better the fields of state.json than a run that never ends.
+            warn!(
+                "the last check-in's fields do not fit {} ({} bytes); the next run takes them \
+                 from {STATE_FILE}",
+                path.display(),
+                payload.len()
+            );
+            record.checkin = None;
+            payload = record.payload().into_bytes();
+        }
+        let sync = when == Durability::Synced;
+        let unchanged = record.on_disk.as_deref() == Some(&payload[..]);
+        if unchanged && !sync {
+            return Ok(());
+        }
+        if record.writer.is_none() {
+            let planted = std::mem::take(&mut record.planted);
+            record.writer = Some(self.open_record(&path, &payload, sync, planted)?);
+            record.on_disk = Some(payload);
+        } else if let Some(writer) = record.writer.as_mut() {
+            let written = if unchanged {
+                writer.sync()
+            } else {
+                writer.write(&payload, sync)
+            };
+            written.map_err(|e| Error::io("cannot write", &path, e))?;
+            record.on_disk = Some(payload);
+        }
+        if sync {
+            // The record now holds what 0.2.0's files held.
+            for name in std::mem::take(&mut record.legacy) {
+                self.remove_quietly(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `checkin.rec` for writing and writes `first` (synced with `sync`), creating the
+    /// file (with `first` in its first slot, durable) when missing; what is there but is not a
+    /// regular file is moved aside first.
+    fn open_record(
+        &self,
+        path: &Path,
+        first: &[u8],
+        sync: bool,
+        planted: bool,
+    ) -> Result<SlotFile> {
+        // O_NOATIME: the slots are read back through this descriptor (see input::open_regular).
+        let open = |noatime: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | noatime)
+                .open(path)
+        };
+        let opened = match open(libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+            opened => opened,
+        };
+        let regular = match opened {
+            Ok(file) => match file.metadata() {
+                Ok(meta) if meta.is_file() => Some(file),
+                Ok(_) => None,
+                Err(e) => return Err(Error::io("cannot inspect", path, e)),
+            },
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            // A link (ELOOP), a FIFO without a reader (ENXIO), a directory (EISDIR).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ELOOP | libc::ENXIO | libc::EISDIR)
+                ) =>
+            {
+                None
+            }
+            Err(e) => return Err(Error::io("cannot open", path, e)),
+        };
+        if let Some(file) = regular {
+            let written = (|| {
+                let slots = Slots::read(&file)?;
+                if file.metadata()?.len() != slots::FILE_LEN {
+                    file.set_len(slots::FILE_LEN)?;
+                }
+                let mut writer = SlotFile::open(file, &slots)?;
+                if slots.newest.as_ref().map(|n| &n.2[..]) != Some(first) {
+                    writer.write(first, sync)?;
+                }
+                Ok(writer)
+            })();
+            return written.map_err(|e| Error::io("cannot write", path, e));
+        }
+        if planted || fs::symlink_metadata(path).is_ok() {
+            // A name not taken yet: an earlier one moved aside this second is kept too.
+            let now = timefmt::now();
+            let aside = (0..)
+                .map(|n| match n {
+                    0 => self.path.join(format!("{RECORD_FILE}.corrupt-{now}")),
+                    n => self.path.join(format!("{RECORD_FILE}.corrupt-{now}-{n}")),
+                })
+                .find(|p| fs::symlink_metadata(p).is_err())
+                .unwrap_or_default();
+            fs::rename(path, &aside).map_err(|e| Error::io("cannot move aside", path, e))?;
+            warn!(
+                "{} was not a regular file; moved it to {} and writing a new one",
+                path.display(),
+                aside.display()
+            );
+        }
+        let tmp = self
+            .path
+            .join(format!(".{RECORD_FILE}.tmp-{}", std::process::id()));
+        let created = (|| -> std::io::Result<SlotFile> {
+            let _ = fs::remove_file(&tmp);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            let mut writer = SlotFile::format(file)?;
+            writer.write(first, true)?;
+            fs::rename(&tmp, path)?;
+            File::open(&self.path)?.sync_all()?;
+            Ok(writer)
+        })();
+        created.map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io("cannot write", path, e)
+        })
     }
 
     /// Takes the run lock, waiting up to `wait` for another run to finish. `None`: another run
@@ -675,15 +1101,15 @@ impl StateDir {
     /// (each up to the size of the state), and a key a killed run received but did not put in
     /// place is installed now.
     pub fn tidy(&self) -> Result<()> {
-        let entries = fs::read_dir(&self.path)
+        let names = list_names(&self.path)
             .map_err(|e| Error::io("cannot list the state directory", &self.path, e))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
+        for name in names {
+            let path = self.path.join(&name);
             let name = name.to_string_lossy();
             if is_temporary(&name) {
-                match fs::remove_file(entry.path()) {
+                match fs::remove_file(&path) {
                     Ok(()) => debug!("removed {name}, left by an interrupted run"),
-                    Err(e) => warn!("cannot remove {}: {e}", entry.path().display()),
+                    Err(e) => warn!("cannot remove {}: {e}", path.display()),
                 }
             }
         }
@@ -803,6 +1229,8 @@ impl StateDir {
     }
 
     fn load(&self, repair: bool, snapshot: bool) -> Result<State> {
+        // Read again: a run (or, after a rollback, 0.2.0) may have written it since.
+        *self.record.borrow_mut() = Record::default();
         let mut state = self.load_state_file(repair, snapshot)?;
         let cursor = self.load_cursor(&state);
         if let Some((fields, cursor)) = cursor {
@@ -917,39 +1345,39 @@ impl StateDir {
         Ok(State::default())
     }
 
-    /// `checkin.json`, when it belongs to the `state.json` just read.
+    /// The `checkin` member of the record, when it belongs to the `state.json` just read. It
+    /// is rendered again (bounded, in this agent's format) or, written for another
+    /// `state.json`, dropped from the record's next write.
     fn load_cursor(&self, state: &State) -> Option<(State, Cursor)> {
-        let base = state.origin.file.get()?;
-        let path = self.path.join(CURSOR_FILE);
-        let file = match input::open_regular(&path, input::Links::Refuse) {
-            Ok(file) => file,
-            Err(e) if e.kind() == ErrorKind::NotFound => return None,
-            Err(e) => {
-                warn!(
-                    "cannot read {} ({e}); using the fields of {STATE_FILE}",
-                    path.display()
-                );
-                return None;
-            }
+        let (text, from) = {
+            let mut record = self.record();
+            (record.checkin.take()?, record.checkin_from.clone())
         };
-        let mut reader = Reader::new(BufReader::new(file.take(MAX_CURSOR_BYTES)));
-        match read_state(&mut reader, false) {
-            Ok((fields, cursor)) if cursor.state_file.as_deref() == Some(&base.text()) => {
+        let base = state.origin.file.get()?.text();
+        let read = read_state(&mut Reader::new(text.as_bytes()), false);
+        match read {
+            Ok((fields, cursor)) if cursor.state_file.as_deref() == Some(&base) => {
+                let report = cursor
+                    .report_file
+                    .as_deref()
+                    .map(|name| (name, cursor.report_length, cursor.report_full));
+                self.set_checkin(Some(fields.cursor_json(&base, report)));
                 Some((fields, cursor))
             }
             // Written for an earlier state.json (replaced since, e.g. by the earlier agent).
             Ok(_) => None,
             Err(_) => {
                 warn!(
-                    "{} is unreadable; using the fields of {STATE_FILE} (the last check-in's sequence number and time may be older)",
-                    path.display()
+                    "the last check-in's fields in {} are unreadable; using those of {STATE_FILE} (the \
+                     last check-in's sequence number and time may be older)",
+                    from.unwrap_or_else(|| self.path.join(RECORD_FILE)).display()
                 );
                 None
             }
         }
     }
 
-    /// Takes the small fields of `checkin.json`.
+    /// Takes the small fields of the record's `checkin` member.
     fn take_fields(&self, state: &mut State, fields: State) {
         let snapshot = state.last_snapshot.take();
         let origin = std::mem::take(&mut state.origin);
@@ -1026,18 +1454,18 @@ impl StateDir {
     /// temporary files of writes a killed run did not finish.
     fn remove_stale_reports(&self, state: &State) {
         let keep = state.origin.report_file.borrow().clone();
-        let Ok(entries) = fs::read_dir(&self.path) else {
+        let Ok(names) = list_names(&self.path) else {
             return;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
+        for name in names {
             let Some(name) = name.to_str() else { continue };
             let stale =
                 (is_report_file(name) && keep.as_deref() != Some(name)) || is_temp_file(name);
             if stale {
-                match fs::remove_file(entry.path()) {
+                let path = self.path.join(name);
+                match fs::remove_file(&path) {
                     Ok(()) => debug!("removed {name}, left by a run that was stopped"),
-                    Err(e) => warn!("cannot remove {}: {e}", entry.path().display()),
+                    Err(e) => warn!("cannot remove {}: {e}", path.display()),
                 }
             }
         }
@@ -1053,20 +1481,25 @@ impl StateDir {
     }
 
     /// Persists the state. When `state.json` still holds this state's snapshot, only the small
-    /// fields are written (`checkin.json`, well under 4 KiB); otherwise `state.json` is
-    /// replaced whole. While a report is in progress, [`Report::commit`] saves instead (this
-    /// would forget the report's accepted parts, which would then be sent again).
+    /// fields are written (the `checkin` member of `checkin.rec`, with the pace that
+    /// [`StateDir::save_pacing`] left for it: one page); otherwise `state.json` is replaced
+    /// whole. While a report is in progress, [`Report::commit`] saves instead (this would
+    /// forget the report's accepted parts, which would then be sent again).
     pub fn save_state(&self, state: &State) -> Result<()> {
         let on_disk = self.state_file_id()?;
         if let Some(id) =
             on_disk.filter(|id| state.snapshot_saved() && state.origin.file.get() == Some(*id))
         {
-            return self.write(CURSOR_FILE, state.cursor_json(id, None).as_bytes());
+            self.set_checkin(Some(state.cursor_json(&id.text(), None)));
+            return self.write_record(Durability::Synced);
         }
         self.write(STATE_FILE, state.to_json().as_bytes())?;
         state.origin.file.set(self.state_file_id()?);
         state.origin.snapshot_saved.set(true);
-        // The fields now live in state.json; a report resumed from is folded in.
+        // The fields now live in state.json; a report resumed from is folded in. The record's
+        // `checkin` member names the old file (so it is ignored) until the record's next write
+        // drops it.
+        self.set_checkin(None);
         self.remove_quietly(CURSOR_FILE);
         if let Some(name) = state.origin.report_file.borrow_mut().take() {
             self.remove_quietly(&name);
@@ -1184,18 +1617,25 @@ fn choose<T>(begun: bool, full: bool, accepted: Vec<T>, base: Vec<T>) -> Vec<T> 
 /// `.state.json.tmp-<pid>` and the like, from [`StateDir::write`]; the caller holds the lock, so
 /// no other run is writing one.
 fn is_temp_file(name: &str) -> bool {
-    [STATE_FILE, CURSOR_FILE, KEY_FILE, UUID_FILE]
-        .iter()
-        .any(|f| {
-            name.strip_prefix('.')
-                .and_then(|n| n.strip_prefix(f))
-                .and_then(|n| n.strip_prefix(".tmp-"))
-                .is_some_and(|pid| {
-                    !pid.is_empty()
-                        && pid.bytes().all(|b| b.is_ascii_digit())
-                        && pid != std::process::id().to_string()
-                })
-        })
+    [
+        STATE_FILE,
+        RECORD_FILE,
+        CURSOR_FILE,
+        PACING_FILE,
+        KEY_FILE,
+        UUID_FILE,
+    ]
+    .iter()
+    .any(|f| {
+        name.strip_prefix('.')
+            .and_then(|n| n.strip_prefix(f))
+            .and_then(|n| n.strip_prefix(".tmp-"))
+            .is_some_and(|pid| {
+                !pid.is_empty()
+                    && pid.bytes().all(|b| b.is_ascii_digit())
+                    && pid != std::process::id().to_string()
+            })
+    })
 }
 
 fn is_report_file(name: &str) -> bool {
@@ -1330,15 +1770,18 @@ impl Report<'_> {
             .map_err(|e| Error::io("cannot truncate", &self.dir.path.join(&self.name), e))
     }
 
-    /// Records that the staged part was accepted: its records durable, then `checkin.json`
-    /// naming the new accepted length with the state's small fields.
+    /// Records that the staged part was accepted: its records durable, then the record's
+    /// `checkin` member naming the new accepted length with the state's small fields (and the
+    /// pace left by [`StateDir::save_pacing`]), synced.
     pub fn commit(&mut self, state: &State) -> Result<()> {
         let path = self.dir.path.join(&self.name);
         self.file
             .sync_data()
             .map_err(|e| Error::io("cannot write", &path, e))?;
-        let cursor = state.cursor_json(self.base, Some((&self.name, self.staged.bytes, self.full)));
-        self.dir.write(CURSOR_FILE, cursor.as_bytes())?;
+        let report = Some((self.name.as_str(), self.staged.bytes, self.full));
+        self.dir
+            .set_checkin(Some(state.cursor_json(&self.base.text(), report)));
+        self.dir.write_record(Durability::Synced)?;
         self.committed = self.staged;
         // The file this report resumed from is no longer referred to.
         let previous = state.origin.report_file.replace(Some(self.name.clone()));
@@ -1372,7 +1815,9 @@ impl Report<'_> {
         File::open(&self.dir.path)
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::io("cannot write", &self.dir.path, e))?;
-        // checkin.json belongs to the old state.json now; the new one carries every field.
+        // The record's `checkin` member belongs to the old state.json now (so it is ignored);
+        // the new one carries every field. The caller's next write of the record drops it.
+        self.dir.set_checkin(None);
         self.dir.remove_quietly(CURSOR_FILE);
         if let Some(previous) = state.origin.report_file.borrow_mut().take() {
             if previous != self.name {
@@ -1401,6 +1846,52 @@ impl Drop for Report<'_> {
 fn read_own(path: &Path, cap: u64) -> std::io::Result<String> {
     let bytes = input::read_regular(path, input::Links::Refuse, cap)?;
     String::from_utf8(bytes).map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "not UTF-8"))
+}
+
+/// The names in a directory (without `.` and `..`), listed without updating its access time:
+/// after a run that added or removed a file, the next listing would otherwise dirty the
+/// directory's inode (a 4 KiB write on a filesystem without a journal). `O_NOATIME` is
+/// allowed to the directory's owner, which [`StateDir::create`] checked.
+fn list_names(path: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::IntoRawFd;
+    let open = |noatime: i32| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | noatime)
+            .open(path)
+    };
+    let dir = match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
+        opened => opened?,
+    };
+    let fd = dir.into_raw_fd();
+    // SAFETY: fdopendir takes ownership of a directory descriptor we own (closed below by
+    // closedir, or here when it fails).
+    let stream = unsafe { libc::fdopendir(fd) };
+    if stream.is_null() {
+        let err = std::io::Error::last_os_error();
+        // SAFETY: the descriptor is still ours when fdopendir failed.
+        unsafe { libc::close(fd) };
+        return Err(err);
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: readdir on the open stream; the entry it returns stays valid until the next
+        // readdir or closedir, and its name is NUL-terminated.
+        let entry = unsafe { libc::readdir(stream) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: as above.
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(std::ffi::OsStr::from_bytes(name).to_os_string());
+        }
+    }
+    // SAFETY: closes the stream (and its descriptor) opened above, once.
+    unsafe { libc::closedir(stream) };
+    Ok(names)
 }
 
 /// Opens a directory itself, not a link to one.
@@ -2219,6 +2710,13 @@ mod tests {
         (parts.len(), expect)
     }
 
+    /// The two slots of `checkin.rec`.
+    fn pages(dir: &StateDir) -> [Vec<u8>; 2] {
+        let bytes = fs::read(dir.path().join(RECORD_FILE)).unwrap();
+        assert_eq!(bytes.len() as u64, slots::FILE_LEN);
+        [bytes[..slots::SLOT].to_vec(), bytes[slots::SLOT..].to_vec()]
+    }
+
     #[test]
     fn a_delta_with_no_change_writes_only_the_small_fields() {
         let (_t, dir) = saved("nochange", snap(1..=2000));
@@ -2228,10 +2726,279 @@ mod tests {
         s.last_successful_checkin_at = Some(1_795_744_700);
         dir.save_state(&s).unwrap();
         assert_eq!(fs::read(dir.path().join(STATE_FILE)).unwrap(), before);
-        let cursor = fs::metadata(dir.path().join(CURSOR_FILE)).unwrap().len();
-        assert!(cursor < 4096, "{cursor} bytes");
         assert_eq!(dir.load_state(true).unwrap(), s);
-        assert_eq!(names(&dir), [CURSOR_FILE, STATE_FILE]);
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+
+        // The next run: the mark before sending (cached), then the outcome (synced), go into
+        // the same page; the page of the record the run started from is left as it was.
+        let start = pages(&dir);
+        let s = dir.load_state(true).unwrap();
+        dir.save_pacing(
+            r#"{"in_flight":{"at":"2026-11-30T02:00:00Z","bytes":900}}"#.into(),
+            Durability::Cached,
+        )
+        .unwrap();
+        let marked = pages(&dir);
+        // A process killed now leaves the mark in the page cache, where the next run reads it.
+        assert_eq!(
+            StateDir::existing(dir.path())
+                .pacing_record()
+                .unwrap()
+                .as_deref(),
+            Some(r#"{"in_flight":{"at":"2026-11-30T02:00:00Z","bytes":900}}"#)
+        );
+        dir.save_pacing(r#"{"in_flight":null}"#.into(), Durability::Deferred)
+            .unwrap();
+        assert_eq!(pages(&dir), marked, "deferred: nothing written");
+        let mut next = s.clone();
+        next.sequence_number = 9;
+        dir.save_state(&next).unwrap();
+        let end = pages(&dir);
+        let changed: Vec<usize> = (0..2).filter(|&i| end[i] != start[i]).collect();
+        assert_eq!(changed.len(), 1, "one page written");
+        assert_eq!(marked[1 - changed[0]], start[1 - changed[0]]);
+        // The final save of the pace, unchanged, writes nothing.
+        dir.save_pacing(r#"{"in_flight":null}"#.into(), Durability::Synced)
+            .unwrap();
+        assert_eq!(pages(&dir), end);
+        let read = StateDir::existing(dir.path());
+        assert_eq!(read.load_state(false).unwrap(), next);
+        assert_eq!(
+            read.pacing_record().unwrap().as_deref(),
+            Some(r#"{"in_flight":null}"#)
+        );
+    }
+
+    #[test]
+    fn loading_leaves_the_access_time_of_the_directory_and_its_files() {
+        let (_t, dir) = saved("atime", snap(1..=10));
+        let s = dir.load_state(true).unwrap();
+        dir.save_state(&s).unwrap();
+        // Under relatime an access time older than the modification time is updated by the
+        // next read: a write of the inode, which the agent's reads must not cause.
+        let atime = |p: &Path| fs::metadata(p).unwrap().accessed().unwrap();
+        let paths = [
+            dir.path().to_path_buf(),
+            dir.path().join(STATE_FILE),
+            dir.path().join(RECORD_FILE),
+        ];
+        for p in &paths {
+            let old = fs::metadata(p).unwrap().modified().unwrap() - Duration::from_secs(60);
+            let times = fs::FileTimes::new().set_accessed(old);
+            File::open(p).unwrap().set_times(times).unwrap();
+        }
+        let before: Vec<_> = paths.iter().map(|p| atime(p)).collect();
+        let s = dir.load_state(true).unwrap();
+        dir.tidy().unwrap();
+        assert_eq!(s.last_snapshot, Some(snap(1..=10)));
+        let after: Vec<_> = paths.iter().map(|p| atime(p)).collect();
+        assert_eq!(after, before);
+    }
+
+    /// The fields of 0.2.0's `checkin.json` for `state_file`, as 0.2.0 wrote them.
+    fn checkin_0_2_0(state_file: &str) -> String {
+        format!(
+            concat!(
+                r#"{{"policy":{{"checkin_interval_seconds":900,"jitter_seconds":30,"#,
+                r#""command_timeout_seconds":15,"enabled_commands":{{"ip_addr":true,"#,
+                r#""ip_neigh":true,"ip_route":true,"ss_tunap":true}},"max_report_bytes":262144,"#,
+                r#""is_active":true}},"agent_id":5,"enrollment_state":"active","#,
+                r#""sequence_number":42,"last_successful_checkin_at":"2026-11-30T02:00:00Z","#,
+                r#""last_checkin_summary":{{"connections_created":0}},"last_jitter_seconds":3,"#,
+                r#""last_full_snapshot_at":"2026-11-29T02:00:00Z","full_snapshot_in_progress":false,"#,
+                r#""report_incomplete":false,"state_file":"{}"}}"#
+            ),
+            state_file
+        )
+    }
+
+    /// 0.2.0's `pacing.json` of a run killed while a part awaited its answer.
+    const PACING_0_2_0: &str = concat!(
+        r#"{"part_bytes":98304,"micros_per_kib":1234,"gzip_permille":51,"#,
+        r#""last_part":{"at":"2026-11-30T02:00:00Z","bytes":65536,"records":385,"millis":1250},"#,
+        r#""failures":0,"backoff_until":null,"in_flight":{"at":"2026-11-30T02:00:01Z","bytes":98304},"#,
+        r#""unanswered":null,"hold_until":null}"#
+    );
+
+    fn state_file_text(dir: &StateDir) -> String {
+        FileId::of(&fs::symlink_metadata(dir.path().join(STATE_FILE)).unwrap()).text()
+    }
+
+    #[test]
+    fn the_files_of_0_2_0_are_folded_into_the_record_once() {
+        let (_t, dir) = saved("upgrade", snap(1..=10));
+        fs::write(
+            dir.path().join(CURSOR_FILE),
+            checkin_0_2_0(&state_file_text(&dir)),
+        )
+        .unwrap();
+        fs::write(dir.path().join(PACING_FILE), PACING_0_2_0).unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(
+            (s.sequence_number, s.agent_id, s.last_jitter_seconds),
+            (42, Some(5), Some(3))
+        );
+        assert_eq!(
+            s.last_checkin_summary.as_deref(),
+            Some(r#"{"connections_created":0}"#)
+        );
+        assert_eq!(dir.pacing_record().unwrap().as_deref(), Some(PACING_0_2_0));
+        // The first durable write holds both; 0.2.0's files are removed after it.
+        dir.save_state(&s).unwrap();
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+        let again = StateDir::existing(dir.path());
+        assert_eq!(again.load_state(false).unwrap(), s);
+        assert_eq!(
+            again.pacing_record().unwrap().as_deref(),
+            Some(PACING_0_2_0)
+        );
+    }
+
+    #[test]
+    fn a_file_0_2_0_wrote_after_the_record_wins_and_an_older_one_is_only_removed() {
+        let (_t, dir) = saved("rollback", snap(1..=10));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 40;
+        dir.save_pacing(r#"{"failures":1}"#.into(), Durability::Deferred)
+            .unwrap();
+        dir.save_state(&s).unwrap();
+        // Rolled back: 0.2.0 checked in twice more, writing its own files.
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(
+            dir.path().join(CURSOR_FILE),
+            checkin_0_2_0(&state_file_text(&dir)),
+        )
+        .unwrap();
+        fs::write(dir.path().join(PACING_FILE), PACING_0_2_0).unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.sequence_number, 42);
+        assert_eq!(dir.pacing_record().unwrap().as_deref(), Some(PACING_0_2_0));
+        dir.save_state(&s).unwrap();
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+        // Files older than the record (a run stopped before removing them) are not read.
+        fs::write(dir.path().join(PACING_FILE), r#"{"failures":7}"#).unwrap();
+        let old = fs::metadata(dir.path().join(RECORD_FILE))
+            .unwrap()
+            .modified()
+            .unwrap()
+            - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(dir.path().join(PACING_FILE))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(dir.pacing_record().unwrap().as_deref(), Some(PACING_0_2_0));
+        dir.save_state(&s).unwrap();
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+    }
+
+    #[test]
+    fn a_torn_slot_leaves_the_other_record_and_two_mean_the_fields_of_state_json() {
+        let (_t, dir) = saved("torn", snap(1..=10));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 20;
+        dir.save_state(&s).unwrap();
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 21;
+        dir.save_state(&s).unwrap();
+        let generation = |page: &[u8]| u64::from_le_bytes(page[8..16].try_into().unwrap());
+        let [a, b] = pages(&dir);
+        let torn = if generation(&a) > generation(&b) {
+            0
+        } else {
+            1
+        };
+        let path = dir.path().join(RECORD_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[torn * slots::SLOT + 40] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            StateDir::existing(dir.path())
+                .load_state(false)
+                .unwrap()
+                .sequence_number,
+            20,
+            "a torn newest slot leaves the record before it"
+        );
+        // The next write goes into the torn slot, never into the one still whole.
+        let whole = pages(&dir)[1 - torn].clone();
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 22;
+        dir.save_state(&s).unwrap();
+        assert_eq!(pages(&dir)[1 - torn], whole);
+        assert_eq!(dir.load_state(true).unwrap().sequence_number, 22);
+        // Both slots garbage: the fields of state.json (sequence 7), and a fresh record later.
+        fs::write(&path, vec![0x5a; slots::FILE_LEN as usize]).unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.sequence_number, 7);
+        assert_eq!(dir.pacing_record(), Ok(None));
+        dir.save_state(&s).unwrap();
+        assert_eq!(StateDir::existing(dir.path()).load_state(false).unwrap(), s);
+    }
+
+    #[test]
+    fn a_record_that_is_a_link_fifo_short_or_oversized_is_judged_and_replaced() {
+        let (t, dir) = saved("badrecord", snap(1..=10));
+        let path = dir.path().join(RECORD_FILE);
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 30;
+        dir.save_state(&s).unwrap();
+        let good = fs::read(&path).unwrap();
+        // A link (to a record that would parse) is not followed: the fields of state.json.
+        let elsewhere = t.0.join("elsewhere");
+        fs::write(&elsewhere, &good).unwrap();
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.sequence_number, 7);
+        dir.save_state(&s).unwrap();
+        assert!(
+            fs::symlink_metadata(&path).unwrap().is_file(),
+            "moved aside, written anew"
+        );
+        assert_eq!(
+            fs::read(&elsewhere).unwrap(),
+            good,
+            "the link's target is untouched"
+        );
+        // A directory.
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.sequence_number, 7);
+        dir.save_state(&s).unwrap();
+        assert!(fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(dir.load_state(true).unwrap().sequence_number, 7);
+        // A FIFO: no read blocks.
+        fs::remove_file(&path).unwrap();
+        mkfifo(&path);
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.sequence_number, 7);
+        dir.save_state(&s).unwrap();
+        assert!(fs::symlink_metadata(&path).unwrap().is_file());
+        let aside: Vec<String> = names(&dir)
+            .into_iter()
+            .filter(|n| n.starts_with("checkin.rec.corrupt-"))
+            .collect();
+        assert_eq!(
+            aside.len(),
+            3,
+            "the link, the directory and the FIFO: {:?}",
+            names(&dir)
+        );
+        // Oversized: the slots are read, the rest ignored and cut at the next write.
+        let mut long = good.clone();
+        long.extend(vec![b'x'; 1 << 20]);
+        fs::write(&path, &long).unwrap();
+        let s = dir.load_state(true).unwrap();
+        assert_eq!(s.sequence_number, 30);
+        dir.save_state(&s).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), slots::FILE_LEN);
+        // Short: a file cut inside its first slot holds no record.
+        fs::write(&path, &good[..100]).unwrap();
+        assert_eq!(dir.load_state(true).unwrap().sequence_number, 7);
     }
 
     #[test]
@@ -2253,7 +3020,11 @@ mod tests {
         assert_eq!(s.last_snapshot, Some(snap(1..=3000)));
         assert_eq!(s.sequence_number, 10 + rest as u64);
         assert!(!s.report_incomplete && s.snapshot_saved());
-        assert_eq!(names(&dir), [STATE_FILE], "no cursor or report file left");
+        assert_eq!(
+            names(&dir),
+            [RECORD_FILE, STATE_FILE],
+            "no report file left"
+        );
     }
 
     #[test]
@@ -2368,6 +3139,39 @@ mod tests {
         fs::write(dir.path().join(STATE_FILE), long).unwrap();
         let s = dir.load_state(true).unwrap();
         assert_eq!((s.sequence_number, s.last_snapshot), (3, Some(snap([1]))));
+    }
+
+    #[test]
+    fn a_long_summary_is_cut_so_the_fields_fit_one_slot() {
+        let members: Vec<String> = (0..64)
+            .map(|i| format!(r#""counter_{i:02}":"{}""#, "v".repeat(100)))
+            .collect();
+        let reply: Value =
+            miniserde::json::from_str(&format!("{{{}}}", members.join(","))).unwrap();
+        let cut = summary_scalars(&reply).unwrap();
+        assert!(cut.len() <= MAX_SUMMARY_BYTES, "{} bytes", cut.len());
+        let kept: Value = miniserde::json::from_str(&cut).unwrap();
+        let Value::Object(kept) = kept else { panic!() };
+        assert_eq!(kept.len(), 8, "{cut}");
+        // The same cut when state.json is read.
+        let text = format!(r#"{{"last_checkin_summary":{{{}}}}}"#, members.join(","));
+        let (s, _) = read_state(&mut Reader::new(text.as_bytes()), true).unwrap();
+        assert_eq!(s.last_checkin_summary.as_deref(), Some(cut.as_str()));
+        // A summary set some other way that would crowd out the pace is left out of the record
+        // (state.json keeps it); every other field is recorded.
+        let (_t, dir) = saved("longsummary", snap(1..=3));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 8;
+        s.last_checkin_summary = Some(format!(r#"{{"x":"{}"}}"#, "y".repeat(3000)));
+        dir.save_state(&s).unwrap();
+        let read = StateDir::existing(dir.path()).load_state(false).unwrap();
+        assert_eq!(
+            read,
+            State {
+                last_checkin_summary: None,
+                ..s
+            }
+        );
     }
 
     #[test]

@@ -98,24 +98,20 @@ fn established(checkins: &[support::AcceptedCheckin]) -> Vec<String> {
 }
 
 fn pacing(agent: &Agent) -> Value {
-    miniserde::json::from_str(&agent.file("pacing.json").expect("pacing.json"))
-        .expect("pacing.json is JSON")
+    miniserde::json::from_str(&agent.pacing_record().expect("a saved pace"))
+        .expect("the saved pace is JSON")
 }
 
-/// Rewrites the time at `path` in `pacing.json` to `at`, as if the time between had passed:
+/// Rewrites the time at `path` in the saved pace to `at`, as if the time between had passed:
 /// holds last two minutes, which the tests do not wait out.
 fn pass_time(agent: &Agent, path: &str, at: i64) {
-    let text = agent.file("pacing.json").expect("pacing.json");
-    let p: Value = miniserde::json::from_str(&text).expect("pacing.json is JSON");
+    let text = agent.pacing_record().expect("a saved pace");
+    let p: Value = miniserde::json::from_str(&text).expect("the saved pace is JSON");
     let saved = str_at(&p, path).unwrap_or_else(|| panic!("no {path} in {text}"));
-    std::fs::write(
-        agent.state_dir.join("pacing.json"),
-        text.replace(
-            &format!("\"{saved}\""),
-            &format!("\"{}\"", timefmt::format_utc(at)),
-        ),
-    )
-    .unwrap();
+    agent.set_pacing_record(&text.replace(
+        &format!("\"{saved}\""),
+        &format!("\"{}\"", timefmt::format_utc(at)),
+    ));
 }
 
 /// Year, month and day of days since 1970-01-01.
@@ -452,25 +448,41 @@ fn backoff_grows_across_failed_runs_is_skipped_by_force_and_resets_after_success
 }
 
 #[test]
-fn a_damaged_pacing_file_means_defaults_and_a_warning() {
+fn a_damaged_saved_pace_means_defaults_and_a_warning() {
     let srv = ContractServer::start();
     srv.add_enrollment_key(ENROLLMENT_KEY, EnrollmentKey::auto_approve());
     let agent = Agent::new("badpace", &srv.url());
     assert_code(&agent.run(&["--register-only"]), 0);
+    // 0.2.0's pacing.json, damaged, is read once (no record holds a pace yet).
     std::fs::write(agent.state_dir.join("pacing.json"), "{\"part_bytes\": [").unwrap();
     let run = agent.run(&["--force"]);
     assert_code(&run, 0);
-    assert!(
-        run.stderr.contains("pacing.json is damaged"),
-        "{}",
-        run.stderr
+    let warning = format!(
+        "the pace saved in {} is damaged; starting again from small check-in parts and no backoff",
+        agent.state_dir.join("pacing.json").display()
     );
+    assert!(run.stderr.contains(&warning), "{}", run.stderr);
     let p = pacing(&agent);
     assert_eq!(u64_at(&p, "failures"), Some(0));
     assert!(
         u64_at(&p, "part_bytes").is_some(),
         "rewritten with what was learned"
     );
+    assert_eq!(agent.file("pacing.json"), None, "folded into checkin.rec");
+
+    // Both slots of the record damaged: the same defaults, and the fields of state.json.
+    std::fs::write(agent.state_dir.join("checkin.rec"), vec![0x5a; 8192]).unwrap();
+    let run = agent.run(&["--force"]);
+    assert_code(&run, 0);
+    assert!(
+        run.stderr.contains(&format!(
+            "{} is damaged (neither of its slots holds a whole record)",
+            agent.state_dir.join("checkin.rec").display()
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(u64_at(&pacing(&agent), "part_bytes").is_some());
 }
 
 #[test]

@@ -106,15 +106,11 @@ fn a_run_killed_after_part_k_resumes_at_part_k_plus_1_and_sends_every_record_onc
     // back at least two minutes after it was sent and sends the rest in smaller parts
     // (tests/pacing.rs proves that). Here the send time is moved back, as if the hold had
     // passed, so that this test waits for nothing.
-    let pacing = agent.file("pacing.json").expect("pacing.json");
-    let p: Value = miniserde::json::from_str(&pacing).expect("pacing.json is JSON");
+    let pacing = agent.pacing_record().expect("a saved pace");
+    let p: Value = miniserde::json::from_str(&pacing).expect("the saved pace is JSON");
     let at = support::json::str_at(&p, "in_flight.at")
         .unwrap_or_else(|| panic!("part {} is recorded in flight: {pacing}", k + 1));
-    fs::write(
-        agent.state_dir.join("pacing.json"),
-        pacing.replace(&format!("\"{at}\""), "\"2000-01-01T00:00:00Z\""),
-    )
-    .unwrap();
+    agent.set_pacing_record(&pacing.replace(&format!("\"{at}\""), "\"2000-01-01T00:00:00Z\""));
     let parts = u64_at(&first[0].json, "metadata.parts").unwrap();
     assert!(parts > k as u64 + 2, "{parts} parts");
     let state = agent.state();
@@ -161,13 +157,86 @@ fn a_run_killed_after_part_k_resumes_at_part_k_plus_1_and_sends_every_record_onc
     assert_eq!(bool_at(&agent.state(), "report_incomplete"), Some(false));
 }
 
+/// Runs the agent in the host's namespace to its end (exit 0) and returns what it wrote: the
+/// pages it dirtied on the state directory's filesystem, `ru_oublock` × 512, the figure
+/// scripts/bench.sh reports.
+// The child is reaped by wait4, which Child::wait cannot do: it gives no rusage.
+#[allow(clippy::zombie_processes)]
+fn written_by(host: &Host, agent: &Agent, args: &[&str]) -> u64 {
+    let child = agent
+        .command_in(&host.ns.name, args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the agent");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: wait4 on our own child, into a status and a rusage we own; the Child is not
+    // waited on again.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the agent failed: status {status}"
+    );
+    usage.ru_oublock as u64 * 512
+}
+
+/// Makes what the runs before wrote clean, and removes their connections to the server in
+/// TIME_WAIT (on a host, 15 minutes apart, they are long gone), as scripts/bench.sh does.
+fn settle(host: &Host) {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let killed = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &host.ns.name,
+            "ss",
+            "-K",
+            "-tan",
+            "state",
+            "time-wait",
+        ])
+        .output()
+        .expect("run ss");
+    assert!(killed.status.success(), "ss -K: {killed:?}");
+}
+
+#[test]
+fn a_check_in_that_changes_nothing_dirties_one_page_and_the_inode_at_most() {
+    let host = Host::new("quiet", 200, 262_144);
+    let agent = Agent::new("quiet", &host.srv.url());
+    assert_code(&host.run(&agent, &["--register-only"]), 0);
+    settle(&host);
+    assert_code(&host.run(&agent, &["--force", "--collector", "native"]), 0);
+    let state = fs::read(agent.state_dir.join("state.json")).unwrap();
+    for round in 0..2 {
+        settle(&host);
+        let written = written_by(&host, &agent, &["--force", "--collector", "native"]);
+        let last = host.srv.checkins().pop().unwrap();
+        assert_eq!(
+            get(&last.json, "connections")
+                .map(support::json::to_string)
+                .as_deref(),
+            Some("[]"),
+            "round {round}: the check-in changed nothing"
+        );
+        assert_eq!(fs::read(agent.state_dir.join("state.json")).unwrap(), state);
+        // One page of checkin.rec; on a filesystem without a journal also the block of its
+        // inode, whose modification time the write sets. 0.2.0 wrote 12 KiB with a journal,
+        // 36 to 44 KiB without.
+        assert!(written <= 8192, "round {round}: {written} bytes written");
+    }
+    assert_eq!(leftovers(&agent.state_dir), Vec::<String>::new());
+}
+
 /// Files a run may leave in the state directory.
-const EXPECTED: [&str; 6] = [
+const EXPECTED: [&str; 5] = [
     "agent.lock",
     "agent_uuid",
     "api_key",
-    "checkin.json",
-    "pacing.json",
+    "checkin.rec",
     "state.json",
 ];
 
@@ -178,10 +247,16 @@ fn check_readable(dir: &Path, trial: usize) {
         miniserde::json::from_str::<Value>(&text).is_ok(),
         "trial {trial}: state.json is torn"
     );
-    if let Ok(text) = fs::read_to_string(dir.join("checkin.json")) {
+    // The record: its newest whole slot holds the agent's JSON.
+    if let Ok(file) = fs::File::open(dir.join("checkin.rec")) {
+        let slots = grapheon_agent::slots::Slots::read(&file).unwrap();
+        let (_, _, payload) = slots
+            .newest
+            .unwrap_or_else(|| panic!("trial {trial}: no whole slot in checkin.rec"));
+        let text = String::from_utf8(payload).unwrap();
         assert!(
             miniserde::json::from_str::<Value>(&text).is_ok(),
-            "trial {trial}: checkin.json is torn: {text:?}"
+            "trial {trial}: the record is not JSON: {text:?}"
         );
     }
 }
@@ -234,13 +309,15 @@ fn kill_9_at_random_moments_of_a_50_part_check_in_never_tears_state() {
     for trial in 0..trials {
         if fresh {
             // Start a full report afresh: the state of an agent just registered.
-            let _ = fs::remove_file(dir.join("checkin.json"));
+            let _ = fs::remove_file(dir.join("checkin.rec"));
             fs::write(dir.join("state.json"), &registered).unwrap();
         }
         // A kill while a part is in flight makes the next run hold back for four request
         // timeouts (tests/pacing.rs proves that); here every trial starts without that hold,
         // so that the trials probe the state files, not the wait.
-        let _ = fs::remove_file(dir.join("pacing.json"));
+        if dir.join("checkin.rec").exists() {
+            agent.set_pacing_record("{}");
+        }
         let before = host.srv.checkins().len();
         let mut child = host.spawn(&agent);
         let at = Instant::now() + Duration::from_micros(random.below(whole.as_micros() as u64 + 1));
@@ -269,7 +346,7 @@ fn kill_9_at_random_moments_of_a_50_part_check_in_never_tears_state() {
         fresh = bool_at(&agent.state(), "report_incomplete") != Some(true);
     }
     // The last report is finished by a run that completes; the saved snapshot is then whole.
-    let _ = fs::remove_file(dir.join("pacing.json"));
+    agent.set_pacing_record("{}");
     assert_code(&host.run(&agent, &["--force", "--collector", "native"]), 0);
     assert_eq!(leftovers(&dir), Vec::<String>::new(), "files left");
     let loopback = saved_connections(&agent)

@@ -200,16 +200,40 @@ impl Agent {
             .to_string()
     }
 
-    /// `state.json`, parsed, with the small fields of `checkin.json` laid over it when that
-    /// file names this very `state.json` (inode, size, mtime), as the agent reads them.
+    /// The `checkin` member of `checkin.rec` (the small fields of the last check-in), read
+    /// with the agent's own reader.
+    pub fn checkin_record(&self) -> Option<String> {
+        grapheon_agent::state::StateDir::existing(&self.state_dir).checkin_record()
+    }
+
+    /// The `pacing` member of `checkin.rec` (what the agent learned about the server's pace).
+    pub fn pacing_record(&self) -> Option<String> {
+        grapheon_agent::state::StateDir::existing(&self.state_dir)
+            .pacing_record()
+            .expect("the saved pace is not damaged")
+    }
+
+    /// Replaces the `pacing` member of `checkin.rec`, durably, as a run saving its pace does
+    /// (call while no run holds the lock).
+    pub fn set_pacing_record(&self, pacing: &str) {
+        let dir = grapheon_agent::state::StateDir::create(&self.state_dir).expect("state dir");
+        dir.save_pacing(
+            pacing.to_string(),
+            grapheon_agent::state::Durability::Synced,
+        )
+        .expect("the pace is written");
+    }
+
+    /// `state.json`, parsed, with the small fields of `checkin.rec` laid over it when they
+    /// name this very `state.json` (inode, size, mtime), as the agent reads them.
     pub fn state(&self) -> Value {
         let mut state: Value =
             miniserde::json::from_str(&self.file("state.json").expect("state.json"))
                 .expect("state.json is JSON");
-        let Some(text) = self.file("checkin.json") else {
+        let Some(text) = self.checkin_record() else {
             return state;
         };
-        let cursor: Value = miniserde::json::from_str(&text).expect("checkin.json is JSON");
+        let cursor: Value = miniserde::json::from_str(&text).expect("the record is JSON");
         let meta = fs::metadata(self.state_dir.join("state.json")).unwrap();
         let id = format!(
             "{}:{}:{}:{}.{:09}",
@@ -220,7 +244,7 @@ impl Agent {
             meta.mtime_nsec()
         );
         let (Value::Object(fields), Value::Object(into)) = (cursor, &mut state) else {
-            panic!("state.json and checkin.json are objects");
+            panic!("state.json and the record's checkin member are objects");
         };
         if matches!(fields.get("state_file"), Some(Value::String(s)) if *s == id) {
             for (key, value) in fields {
