@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr::NonNull;
@@ -18,14 +19,14 @@ use crate::collect::{Socket, SourceError};
 use crate::model::{ip_from_bytes, Protocol};
 
 /// The socket tables under `<proc_root>/net`, their protocol and whether they are IPv6.
-const TABLES: [(&str, Protocol, bool); 4] = [
-    ("tcp", Protocol::Tcp, false),
-    ("tcp6", Protocol::Tcp, true),
-    ("udp", Protocol::Udp, false),
-    ("udp6", Protocol::Udp, true),
+const TABLES: [(&CStr, Protocol, bool); 4] = [
+    (c"tcp", Protocol::Tcp, false),
+    (c"tcp6", Protocol::Tcp, true),
+    (c"udp", Protocol::Udp, false),
+    (c"udp6", Protocol::Udp, true),
 ];
-/// Real lines are under 200 bytes; a longer one is cut and its pieces skipped as garbage.
-const MAX_LINE: u64 = 4096;
+/// Real lines of the files read here are under 200 bytes; a longer one is skipped whole.
+pub const MAX_LINE: usize = 4096;
 /// The most of one socket table that is read.
 const MAX_TABLE_BYTES: u64 = 256 << 20;
 /// `socket:[18446744073709551615]` is 29 bytes; a longer link target is no socket.
@@ -35,11 +36,29 @@ const LINK_BUFFER: usize = 64;
 /// owners. A missing table (no IPv6) is skipped; `Err` only when none of the four is readable.
 /// `dual_stack` is always false: `/proc` does not say whether a socket is `IPV6_V6ONLY`.
 pub fn sockets(proc_root: &Path) -> Result<Vec<Socket>, SourceError> {
+    let net = proc_root.join("net");
+    match open_dir(&net) {
+        Ok(dir) => sockets_in(dir.as_fd(), &net, &mut ProcReader::default()),
+        Err(err) => Err(SourceError(format!(
+            "cannot read {}/{{tcp,tcp6,udp,udp6}} ({err})",
+            net.display()
+        ))),
+    }
+}
+
+/// [`sockets`] of the open `net` directory `net` (shown as `shown` in messages), read
+/// through `reader`.
+pub fn sockets_in(
+    net: BorrowedFd<'_>,
+    shown: &Path,
+    reader: &mut ProcReader,
+) -> Result<Vec<Socket>, SourceError> {
     let mut out = Vec::new();
-    let mut line = Vec::with_capacity(256);
     let mut readable = 0;
     let mut failures = Vec::new();
-    let in_use = InUse::read(&proc_root.join("net"));
+    let in_use = InUse::read(net, reader);
+    // One allocation of the right size; the bound keeps a counts file that lies cheap.
+    out.reserve(in_use.sockets().min(1 << 16));
     for (name, protocol, v6) in TABLES {
         if !in_use.may_have(protocol, v6) {
             // Listing a TCP table walks the kernel's whole hash of established sockets
@@ -47,100 +66,196 @@ pub fn sockets(proc_root: &Path) -> Result<Vec<Socket>, SourceError> {
             readable += 1;
             continue;
         }
-        let path = proc_root.join("net").join(name);
         let start = out.len();
-        match read_table(&path, protocol, v6, MAX_TABLE_BYTES, &mut line, &mut out) {
+        let read = crate::input::open_regular_at(net, name)
+            .and_then(|file| read_table(file, protocol, v6, MAX_TABLE_BYTES, reader, &mut out));
+        let name = name.to_string_lossy();
+        match read {
             Ok(()) => readable += 1,
             Err(err) => {
                 out.truncate(start);
-                debug!("skipping {}: {err}", path.display());
+                debug!("skipping {}/{name}: {err}", shown.display());
                 failures.push(format!("{name}: {err}"));
             }
         }
     }
     if readable == 0 {
         return Err(SourceError(format!(
-            "cannot read {}/net/{{tcp,tcp6,udp,udp6}} ({})",
-            proc_root.display(),
+            "cannot read {}/{{tcp,tcp6,udp,udp6}} ({})",
+            shown.display(),
             failures.join("; ")
         )));
     }
     Ok(out)
 }
 
-/// Streams one table of at most `cap` bytes into `out`, reusing `line` so that 100,000
-/// sockets cost no text copy.
+/// Opens the directory `path` to read files relative to it.
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    open_dir_at(libc::AT_FDCWD, &path)
+}
+
+/// Opens the directory `path` relative to the open directory `dir_fd`.
+pub fn open_dir_at(dir_fd: libc::c_int, path: &CStr) -> io::Result<OwnedFd> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    // SAFETY: `path` is NUL-terminated; the result is checked.
+    let fd = unsafe { libc::openat(dir_fd, path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Streams one table of at most `cap` bytes into `out` through `reader`'s buffer, so that
+/// 100,000 sockets cost no text copy.
 fn read_table(
-    path: &Path,
+    file: File,
     protocol: Protocol,
     v6: bool,
     cap: u64,
-    line: &mut Vec<u8>,
+    reader: &mut ProcReader,
     out: &mut Vec<Socket>,
 ) -> io::Result<()> {
     // A regular file only (a FIFO would block, /dev/zero never end), and bounded: a real table
-    // of a million sockets is about 150 MB. One byte past the cap tells a table of exactly
-    // `cap` bytes from a larger one.
-    let file = SeqFile::open(path)?;
-    let mut reader = BufReader::with_capacity(64 * 1024, file.take(cap + 1));
-    loop {
-        line.clear();
-        if (&mut reader).take(MAX_LINE).read_until(b'\n', line)? == 0 {
-            if reader.get_ref().limit() == 0 {
+    // of a million sockets is about 150 MB.
+    reader.lines(file, cap, |line| {
+        let Some(line) = line else {
+            debug!("skipped a socket table line longer than {MAX_LINE} bytes");
+            return;
+        };
+        let Ok(text) = std::str::from_utf8(line) else {
+            debug!("skipped a socket table line that is not text");
+            return;
+        };
+        match parse_net_line(text, protocol, v6) {
+            Some(socket) => out.push(socket),
+            None if is_header(text) => {}
+            None => debug!("skipped malformed socket table line {:?}", text.trim()),
+        }
+    })
+}
+
+/// The size of the one buffer a run reads `/proc` files through: the kernel answers a
+/// `read` of a table with at most a page, and a file on disk (a fixture) takes fewer calls.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Reads `/proc` files through one buffer kept for a whole run. A buffer per file cost more
+/// than the file did: under musl each 64 KiB one was mapped, zeroed page by page and
+/// unmapped again, about 40 page faults and two system calls per namespace.
+///
+/// A `/proc` file is read without the last, empty `read`: the kernel fills at most one page
+/// per call and stops early only at the end, so a short answer is the end. Each `read` of a
+/// socket table restarts the kernel's walk of its socket hash (UDP from its first bucket),
+/// and the empty one that would only confirm the end costs as much as the table itself.
+#[derive(Debug, Default)]
+pub struct ProcReader {
+    buf: Vec<u8>,
+    /// `read` calls made, for the tests that count them.
+    reads: usize,
+}
+
+/// An answer this much shorter than a page (4 KiB or more) cannot have been cut by a full
+/// page: every line of the files read this way is under 200 bytes.
+const SHORT_READ: usize = 4096 - 512;
+
+impl ProcReader {
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        if self.buf.is_empty() {
+            self.buf = vec![0; READ_BUFFER];
+        }
+        &mut self.buf
+    }
+
+    /// One `read` of `file` into `buf[from..to]`: the bytes read and whether that was the
+    /// end. Only a request of at least a page tells by a short answer.
+    fn read_into(
+        &mut self,
+        file: &mut impl Read,
+        from: usize,
+        to: usize,
+    ) -> io::Result<(usize, bool)> {
+        self.reads += 1;
+        let buf = self.buffer();
+        let n = loop {
+            match file.read(&mut buf[from..to]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                read => break read?,
+            }
+        };
+        Ok((n, n == 0 || (n < SHORT_READ && to - from >= 4096)))
+    }
+
+    /// The first `limit` bytes of `file` (all of it when shorter); `limit` is at most the
+    /// buffer's size. A small file takes one `read`.
+    pub fn head(&mut self, mut file: impl Read, limit: usize) -> io::Result<&[u8]> {
+        let limit = limit.min(READ_BUFFER);
+        let mut filled = 0;
+        while filled < limit {
+            // Ask for the whole buffer: a request under a page could not tell the end.
+            let (n, end) = self.read_into(&mut file, filled, READ_BUFFER)?;
+            filled += n;
+            if end {
+                break;
+            }
+        }
+        Ok(&self.buf[..filled.min(limit)])
+    }
+
+    /// Streams `file` to `each` line by line, without the newline: `None` for a line longer
+    /// than [`MAX_LINE`] (skipped whole, never held). More than `cap` bytes is an error
+    /// (`InvalidData`); one byte past the cap tells a file of exactly `cap` bytes from a
+    /// larger one.
+    pub fn lines(
+        &mut self,
+        mut file: impl Read,
+        cap: u64,
+        mut each: impl FnMut(Option<&[u8]>),
+    ) -> io::Result<()> {
+        let (mut start, mut end) = (0, 0);
+        let mut total = 0u64;
+        let mut skipping = false;
+        let mut done = false;
+        loop {
+            let buf = self.buffer();
+            while let Some(i) = buf[start..end].iter().position(|b| *b == b'\n') {
+                let line = &buf[start..start + i];
+                if skipping {
+                    skipping = false;
+                } else {
+                    each((line.len() <= MAX_LINE).then_some(line));
+                }
+                start += i + 1;
+            }
+            if end - start > MAX_LINE {
+                if !skipping {
+                    each(None);
+                    skipping = true;
+                }
+                start = end;
+            }
+            if done {
+                if end > start && !skipping {
+                    each(Some(&buf[start..end]));
+                }
+                return Ok(());
+            }
+            buf.copy_within(start..end, 0);
+            (start, end) = (0, end - start);
+            let room = u64::try_from(READ_BUFFER - end).unwrap_or(u64::MAX);
+            let want = usize::try_from(room.min(cap + 1 - total)).unwrap_or(0);
+            let (n, last) = self.read_into(&mut file, end, end + want)?;
+            total += n as u64;
+            if total > cap {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("larger than {cap} bytes"),
                 ));
             }
-            return Ok(());
+            end += n;
+            done = last;
         }
-        let Ok(text) = std::str::from_utf8(line) else {
-            debug!("{}: skipped a line that is not text", path.display());
-            continue;
-        };
-        match parse_net_line(text, protocol, v6) {
-            Some(socket) => out.push(socket),
-            None if is_header(text) => {}
-            None => debug!(
-                "{}: skipped malformed line {:?}",
-                path.display(),
-                text.trim()
-            ),
-        }
-    }
-}
-
-/// A `/proc` table read without the last, empty `read`: the kernel fills at most one page
-/// per call and stops early only at the end of the table, so a short answer is the end.
-/// Each `read` of a TCP table restarts the kernel's walk of its socket hash; the empty one
-/// that would only confirm the end costs as much as the table itself.
-struct SeqFile {
-    file: File,
-    done: bool,
-}
-
-/// A read this much shorter than a page (4 KiB or more) cannot have been cut by a full page:
-/// every table line is under 200 bytes.
-const SHORT_READ: usize = 4096 - 512;
-
-impl SeqFile {
-    fn open(path: &Path) -> io::Result<SeqFile> {
-        Ok(SeqFile {
-            file: crate::input::open_regular(path, crate::input::Links::Follow)?,
-            done: false,
-        })
-    }
-}
-
-impl Read for SeqFile {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.done {
-            return Ok(0);
-        }
-        let n = self.file.read(buf)?;
-        // Only a request of at least a page tells: a smaller buffer is short by itself.
-        self.done = n < SHORT_READ && buf.len() >= 4096;
-        Ok(n)
     }
 }
 
@@ -158,16 +273,26 @@ struct InUse {
 }
 
 impl InUse {
-    fn read(net: &Path) -> InUse {
-        let text = |name: &str| {
-            crate::input::read_regular(&net.join(name), crate::input::Links::Follow, 4096)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
+    fn read(net: BorrowedFd<'_>, reader: &mut ProcReader) -> InUse {
+        let mut text = |name: &CStr| {
+            let file = crate::input::open_regular_at(net, name).ok()?;
+            // A real one is a few hundred bytes: one past the bound says this is none.
+            let bytes = reader.head(file, 4097).ok()?;
+            (bytes.len() <= 4096)
+                .then(|| std::str::from_utf8(bytes).ok().map(str::to_owned))
+                .flatten()
         };
-        match (text("sockstat"), text("sockstat6")) {
+        match (text(c"sockstat"), text(c"sockstat6")) {
             (Some(v4), Some(v6)) => InUse::parse(&v4, &v6).unwrap_or_default(),
             _ => InUse::default(),
         }
+    }
+
+    /// The sockets the tables can list at most (when known): what to make room for.
+    fn sockets(&self) -> usize {
+        let all = [self.tcp, self.tcp6, self.time_wait, self.udp, self.udp6];
+        let n = all.iter().fold(0u64, |sum, n| sum.saturating_add(*n));
+        usize::try_from(n).unwrap_or(usize::MAX)
     }
 
     /// Parses `TCP: inuse 4 orphan 0 tw 175 ...`, `UDP: inuse 0 ...`, `TCP6: inuse 0`, ...;
@@ -360,6 +485,12 @@ impl Owners {
         self.collecting = false;
     }
 
+    /// The name of `pid`, read already (a namespace's first process, read with its tables),
+    /// so that the walk does not read it again when the process holds a wanted socket.
+    pub fn know_name(&mut self, pid: u32, name: Option<String>) {
+        self.names.entry(pid).or_insert(name);
+    }
+
     /// Unmatched descriptors kept for sockets wanted later in the walk.
     pub fn strays(&self) -> usize {
         self.stray.as_ref().map_or(0, Vec::len)
@@ -534,7 +665,7 @@ pub fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
 
 /// `<dir>/comm`, `dir` being one process's `/proc` directory, trimmed; `None` when
 /// unreadable or empty.
-pub fn read_comm_in(dir: &Path) -> Option<String> {
+fn read_comm_in(dir: &Path) -> Option<String> {
     let path = dir.join("comm");
     let mut bytes = Vec::with_capacity(32);
     // comm is at most 16 bytes; the bound keeps a strange file from costing memory.
@@ -542,7 +673,18 @@ pub fn read_comm_in(dir: &Path) -> Option<String> {
         .and_then(|f| f.take(256).read_to_end(&mut bytes))
         .map_err(|err| debug!("cannot read {}: {err}", path.display()))
         .ok()?;
-    let name = String::from_utf8_lossy(&bytes).trim().to_string();
+    comm_name(&bytes)
+}
+
+/// `comm` of the open process directory `dir`, read through `reader`, trimmed; `Ok(None)`
+/// when empty.
+pub fn read_comm_at(dir: BorrowedFd<'_>, reader: &mut ProcReader) -> io::Result<Option<String>> {
+    let file = crate::input::open_regular_at(dir, c"comm")?;
+    Ok(comm_name(reader.head(file, 256)?))
+}
+
+fn comm_name(bytes: &[u8]) -> Option<String> {
+    let name = String::from_utf8_lossy(bytes).trim().to_string();
     (!name.is_empty()).then_some(name)
 }
 
@@ -559,12 +701,7 @@ impl Dir {
 
     /// Opens `path` relative to the directory `dir_fd`.
     fn open_at(dir_fd: libc::c_int, path: &CStr) -> io::Result<Dir> {
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
-        // SAFETY: `path` is NUL-terminated; the result is checked.
-        let fd = unsafe { libc::openat(dir_fd, path.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = open_dir_at(dir_fd, path)?.into_raw_fd();
         // SAFETY: `fd` is an open directory descriptor that fdopendir takes over on success.
         match NonNull::new(unsafe { libc::fdopendir(fd) }) {
             Some(dir) => Ok(Dir(dir)),
@@ -864,7 +1001,7 @@ mod tests {
     fn fifo_tables_and_comm_are_refused_without_waiting() {
         let root = temp_root("fifo");
         for (name, _, _) in TABLES {
-            mkfifo(&root.join("net").join(name));
+            mkfifo(&root.join("net").join(name.to_str().unwrap()));
         }
         std::fs::create_dir_all(root.join("1")).unwrap();
         mkfifo(&root.join("1/comm"));
@@ -894,15 +1031,94 @@ mod tests {
         let line = "0: 0100007F:0016 00000000:0000 0A 0:0 0:0 0 0 0 77\n";
         std::fs::write(&path, line).unwrap();
         let cap = line.len() as u64;
-        let (mut buf, mut out) = (Vec::new(), Vec::new());
-        let read = read_table(&path, Protocol::Tcp, false, cap, &mut buf, &mut out);
+        let (mut reader, mut out) = (ProcReader::default(), Vec::new());
+        let open = || File::open(&path).unwrap();
+        let read = read_table(open(), Protocol::Tcp, false, cap, &mut reader, &mut out);
         assert_eq!((read.map_err(|e| e.to_string()), out.len()), (Ok(()), 1));
         out.clear();
-        let err = read_table(&path, Protocol::Tcp, false, cap - 1, &mut buf, &mut out);
+        let err = read_table(open(), Protocol::Tcp, false, cap - 1, &mut reader, &mut out);
         assert_eq!(
             err.map_err(|e| e.to_string()),
             Err(format!("larger than {} bytes", cap - 1))
         );
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A file answered as the kernel answers a `/proc` table: whole lines, at most a page
+    /// per `read`, counting the calls.
+    struct Pages {
+        text: Vec<u8>,
+        at: usize,
+        calls: usize,
+    }
+
+    impl Read for Pages {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            let rest = &self.text[self.at..];
+            let mut n = rest.len().min(buf.len()).min(4096);
+            if n < rest.len() {
+                n = rest[..n]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(n, |i| i + 1);
+            }
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn pages(text: &str) -> Pages {
+        Pages {
+            text: text.as_bytes().to_vec(),
+            at: 0,
+            calls: 0,
+        }
+    }
+
+    #[test]
+    fn proc_files_are_read_without_the_empty_read_that_confirms_their_end() {
+        let line = "  12: 0200CC0A:1B58 0200CC0A:9430 01 00000000:00000000 00:00000000 00000000     0        0 10852300 1 0000000000000000 20 4 30 10 -1\n";
+        let mut reader = ProcReader::default();
+        let mut calls_and_lines = |text: String| {
+            let mut source = pages(&text);
+            let mut lines = 0;
+            reader
+                .lines(&mut source, MAX_TABLE_BYTES, |l| {
+                    assert_eq!(l.map(|l| l.len()), Some(line.len() - 1));
+                    lines += 1;
+                })
+                .unwrap();
+            (source.calls, lines)
+        };
+        // 49 sockets, as in a container: a full page, then a short one that is the end.
+        assert_eq!(calls_and_lines(line.repeat(49)), (2, 49));
+        // Exactly full pages cannot tell the end: one more read answers nothing.
+        let per_page = 4096 / line.len();
+        assert_eq!(
+            calls_and_lines(line.repeat(per_page * 2)),
+            (3, per_page * 2)
+        );
+        // A short file (sockstat, comm, cgroup) takes one read.
+        let mut sockstat =
+            pages("TCP: inuse 49 orphan 0 tw 0 alloc 99 mem 37\nUDP: inuse 1 mem 0\n");
+        let head = reader.head(&mut sockstat, 4097).unwrap().to_vec();
+        assert_eq!((sockstat.calls, head), (1, sockstat.text.clone()));
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_skipped_whole() {
+        let text = format!("first\n{}\nlast", "x".repeat(3 * MAX_LINE));
+        let mut got = Vec::new();
+        ProcReader::default()
+            .lines(text.as_bytes(), u64::MAX - 1, |l| {
+                got.push(l.map(|l| String::from_utf8_lossy(l).into_owned()))
+            })
+            .unwrap();
+        assert_eq!(
+            got,
+            [Some("first".to_string()), None, Some("last".to_string())]
+        );
     }
 }
