@@ -10,10 +10,9 @@ use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::ptr::NonNull;
 
 use crate::collect::{Socket, SourceError};
 use crate::model::{ip_from_bytes, Protocol};
@@ -569,11 +568,14 @@ pub fn walk(
         }
     };
     let root_fd = root.fd();
+    let (mut root_buf, mut fd_buf) = (vec![0u8; LISTING_BUFFER], vec![0u8; LISTING_BUFFER]);
     let mut path = Vec::with_capacity(32);
     let mut link = [0u8; LINK_BUFFER];
     loop {
         let pid = {
-            let Some(entry) = root.next_name() else { break };
+            let Some(entry) = root.next_name(&mut root_buf) else {
+                break;
+            };
             let Some(pid) = parse_pid(entry.to_bytes()) else {
                 continue;
             };
@@ -596,9 +598,9 @@ pub fn walk(
         };
         let fds_fd = fds.fd();
         let mut holds = false;
-        while let Some(entry) = fds.next_name() {
-            // SAFETY: `entry` is a NUL-terminated name inside `fds`, `link` a live buffer of
-            // the given length; readlinkat writes at most that many bytes.
+        while let Some(entry) = fds.next_name(&mut fd_buf) {
+            // SAFETY: `entry` is a NUL-terminated name inside `fd_buf`, `link` a live buffer
+            // of the given length; readlinkat writes at most that many bytes.
             let len = unsafe {
                 libc::readlinkat(fds_fd, entry.as_ptr(), link.as_mut_ptr().cast(), link.len())
             };
@@ -688,9 +690,21 @@ fn comm_name(bytes: &[u8]) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
-/// A directory stream read with `readdir`, so listing `/proc/<pid>/fd` allocates nothing per
-/// entry (`std::fs::read_dir` allocates each name).
-struct Dir(NonNull<libc::DIR>);
+/// A directory listed with `getdents64` into a buffer the caller keeps for the whole walk, so
+/// listing `/proc/<pid>/fd` allocates nothing, per entry or per directory (`readdir` would
+/// allocate its stream and add an `fstat` and two `fcntl` calls per directory).
+struct Dir {
+    fd: OwnedFd,
+    /// The unread entries are `buf[at..len]` of the buffer passed to [`Dir::next_name`].
+    at: usize,
+    len: usize,
+    done: bool,
+}
+
+/// Bytes of `getdents64` entries asked for per call: about 1,300 `/proc/<pid>/fd` entries.
+const LISTING_BUFFER: usize = 32 * 1024;
+/// `d_name` starts after `d_ino` (8), `d_off` (8), `d_reclen` (2) and `d_type` (1).
+const DIRENT_NAME: usize = 19;
 
 impl Dir {
     fn open(path: &Path) -> io::Result<Dir> {
@@ -701,48 +715,66 @@ impl Dir {
 
     /// Opens `path` relative to the directory `dir_fd`.
     fn open_at(dir_fd: libc::c_int, path: &CStr) -> io::Result<Dir> {
-        let fd = open_dir_at(dir_fd, path)?.into_raw_fd();
-        // SAFETY: `fd` is an open directory descriptor that fdopendir takes over on success.
-        match NonNull::new(unsafe { libc::fdopendir(fd) }) {
-            Some(dir) => Ok(Dir(dir)),
-            None => {
-                let err = io::Error::last_os_error();
-                // SAFETY: fdopendir failed, so `fd` is still ours to close.
-                unsafe { libc::close(fd) };
-                Err(err)
-            }
-        }
+        Ok(Dir {
+            fd: open_dir_at(dir_fd, path)?,
+            at: 0,
+            len: 0,
+            done: false,
+        })
     }
 
-    /// The descriptor of the stream, for `*at` calls relative to it.
+    /// The descriptor of the directory, for `*at` calls relative to it.
     fn fd(&self) -> libc::c_int {
-        // SAFETY: `self.0` is an open stream until drop.
-        unsafe { libc::dirfd(self.0.as_ptr()) }
+        self.fd.as_raw_fd()
     }
 
-    /// The next entry name other than `.` and `..`; `None` at the end or on an error (a
-    /// process that exited mid-listing), which both end the listing.
-    fn next_name(&mut self) -> Option<&CStr> {
-        loop {
-            // SAFETY: `self.0` is an open stream; the entry stays valid until the next call
-            // on this stream, which the `&mut self` borrow of the result prevents.
-            let entry = unsafe { libc::readdir(self.0.as_ptr()) };
-            if entry.is_null() {
+    /// The next entry name other than `.` and `..`, listed into `buf` (the same buffer at
+    /// every call on one directory); `None` at the end or on an error (a process that
+    /// exited mid-listing), which both end the listing.
+    fn next_name<'b>(&mut self, buf: &'b mut [u8]) -> Option<&'b CStr> {
+        let name = loop {
+            if self.at >= self.len {
+                if self.done {
+                    return None;
+                }
+                // SAFETY: getdents64 writes at most `buf.len()` bytes of entries into `buf`.
+                let n = unsafe {
+                    libc::syscall(
+                        libc::SYS_getdents64,
+                        self.fd.as_raw_fd(),
+                        buf.as_mut_ptr(),
+                        buf.len(),
+                    )
+                };
+                match usize::try_from(n) {
+                    Ok(n) if n > 0 => (self.at, self.len) = (0, n.min(buf.len())),
+                    _ => {
+                        self.done = true;
+                        return None;
+                    }
+                }
+            }
+            let entry = &buf[self.at..self.len];
+            let reclen = entry
+                .get(16..18)
+                .map_or(0, |b| usize::from(u16::from_ne_bytes([b[0], b[1]])));
+            if reclen <= DIRENT_NAME || reclen > entry.len() {
+                // Not what the kernel writes: end the listing rather than guess.
+                self.done = true;
+                self.len = 0;
                 return None;
             }
-            // SAFETY: `d_name` is a NUL-terminated name inside the entry.
-            let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) };
-            if name.to_bytes() != b"." && name.to_bytes() != b".." {
-                return Some(name);
+            let start = self.at + DIRENT_NAME;
+            self.at += reclen;
+            let Some(nul) = entry[DIRENT_NAME..reclen].iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let name = &entry[DIRENT_NAME..DIRENT_NAME + nul];
+            if name != b"." && name != b".." {
+                break start..start + nul + 1;
             }
-        }
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        // SAFETY: `self.0` is open and closed exactly once, here.
-        unsafe { libc::closedir(self.0.as_ptr()) };
+        };
+        CStr::from_bytes_with_nul(&buf[name]).ok()
     }
 }
 
@@ -1120,5 +1152,27 @@ mod tests {
             got,
             [Some("first".to_string()), None, Some("last".to_string())]
         );
+    }
+
+    #[test]
+    fn a_directory_larger_than_one_listing_buffer_is_listed_whole() {
+        let root = temp_root("listing");
+        let dir = root.join("fd");
+        std::fs::create_dir_all(&dir).unwrap();
+        // About 2,000 entries of 32 bytes: two buffers' worth and a part.
+        let mut want: Vec<String> = (0..2_000).map(|i| format!("{i}")).collect();
+        for name in &want {
+            std::os::unix::fs::symlink(format!("socket:[{name}]"), dir.join(name)).unwrap();
+        }
+        let mut listing = Dir::open(&dir).unwrap();
+        let mut buf = vec![0u8; LISTING_BUFFER];
+        let mut got = Vec::new();
+        while let Some(name) = listing.next_name(&mut buf) {
+            got.push(name.to_str().unwrap().to_string());
+        }
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
