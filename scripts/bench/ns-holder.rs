@@ -10,7 +10,7 @@
 //!       pid's /proc directory as the agent does (one read per page, no final empty read of
 //!       a table): `<what> <read calls> <median µs of CPU>` per line, the CPU of this thread
 //!       (CLOCK_THREAD_CPUTIME_ID, to the nanosecond) around open, reads and close, the
-//!       median over every pid and run. `fd walk` is the listing of /proc/<pid>/fd and one
+//!       median over every pid and run. `fd/*` is the listing of /proc/<pid>/fd and one
 //!       readlink per descriptor.
 //!   ns-holder <ready-file> <sockets> --fresh <parent-netns> <count>
 //!       The same in <count> namespaces each process makes itself as a child of the named
@@ -292,7 +292,7 @@ fn probe(runs: usize, pids: &[String]) {
         "net/fib_trie",
         "cgroup",
         "comm",
-        "fd walk",
+        "fd/*",
     ];
     let mut buf = vec![0u8; 64 * 1024];
     for what in FILES {
@@ -303,7 +303,7 @@ fn probe(runs: usize, pids: &[String]) {
                 let start = thread_cpu_ns();
                 calls = match what {
                     "ns/net" => usize::from(std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok()),
-                    "fd walk" => fd_walk(pid),
+                    "fd/*" => fd_walk(pid),
                     _ => read_like_agent(&format!("/proc/{pid}/{what}"), &mut buf),
                 };
                 times.push(thread_cpu_ns() - start);
@@ -311,7 +311,7 @@ fn probe(runs: usize, pids: &[String]) {
         }
         times.sort_unstable();
         let median = times.get(times.len() / 2).copied().unwrap_or(0);
-        let unit = if what == "fd walk" { "descriptors" } else { "reads" };
+        let unit = if what == "fd/*" { "descriptors" } else { "reads" };
         println!("{what} {calls} {unit} {:.1}", median as f64 / 1000.0);
     }
 }
