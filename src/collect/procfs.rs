@@ -961,6 +961,34 @@ mod tests {
         );
     }
 
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn a_name_read_with_its_namespace_is_not_read_again_by_the_walk() {
+        // Discovery read pid 100's comm with its namespace's tables ("sshd" on disk): the
+        // walk that finds 100 holding sockets uses that name instead of reading comm again.
+        let root = fixture();
+        let mut sockets = sockets(&root).unwrap();
+        let mut owners = Owners::new(&sockets, false);
+        owners.know_name(100, Some("read-before".to_string()));
+        walk(&root, &mut owners, |_, _, _| {});
+        owners.attach(&mut sockets);
+        let all = fixture_sockets();
+        assert_eq!(
+            sockets,
+            vec![
+                owned(all[0].clone(), 100, "read-before"),
+                all[1].clone(),
+                all[2].clone(),
+                owned(all[3].clone(), 100, "read-before"),
+                owned(all[4].clone(), 200, "nginx"),
+                all[5].clone(),
+                owned(all[6].clone(), 99, "dhclient"),
+                owned(all[7].clone(), 99, "dhclient"),
+                owned(all[8].clone(), 1000, "chronyd"),
+            ]
+        );
+    }
+
     #[test]
     fn unmatched_descriptors_are_not_kept_once_nothing_more_can_be_wanted() {
         // Kept while a namespace found later may want them: every fixture socket is unmatched.
