@@ -6,7 +6,7 @@
 #   BENCH_NAMESPACES=100      other network namespaces in the second table
 #   BENCH_SOCKETS=50          sockets held in each of them
 #   BENCH_SIZES="10000 100000"  connections of the owner-map table ("" for none)
-#   BENCH_BASELINE=path       an earlier grapheon-agent binary to compare the owner map with
+#   BENCH_BASELINE=path       an earlier grapheon-agent binary to compare with (both tables)
 #   BENCH_TIMEOUT=3600        the whole script is stopped after this many seconds
 #
 # Every scene lives in network namespaces made here and in a pid namespace of its own, whose
@@ -157,18 +157,25 @@ per_ns() {
 }
 # TCP sockets of the whole machine (every namespace): what a shared hash holds.
 machine_tcp() { sed -n 's/^TCP: .* alloc \([0-9]*\).*/\1/p' /proc/net/sockstat; }
-# Runs the agent with own and with all in turn in the current scene $1: the measurements go
-# to $work/$1-own and $work/$1-all, the probe of 20 namespaces to $work/$1-probe.
+# Runs the agent with own and with all in turn in the current scene $1 (and the baseline,
+# when given, in the same turns): the measurements go to $work/$1-{own,all,base-own,base-all},
+# the probe of 20 namespaces to $work/$1-probe.
 run_scene() {
-  : >"$work/$1-own" && : >"$work/$1-all"
-  local before r a b
+  : >"$work/$1-own" && : >"$work/$1-all" && : >"$work/$1-base-own" && : >"$work/$1-base-all"
+  local before r a b c d
   before=$(machine_tcp)
   for r in $(seq 0 "$runs"); do
     a=$(measure own "$agent")
     b=$(measure all "$agent")
+    c="" d=""
+    if [ -n "$baseline" ]; then
+      c=$(measure own "$baseline")
+      d=$(measure all "$baseline")
+    fi
     if [ "$r" -gt 0 ]; then # run 0 warms the caches
       echo "$a" >>"$work/$1-own"
       echo "$b" >>"$work/$1-all"
+      [ -n "$c" ] && echo "$c" >>"$work/$1-base-own" && echo "$d" >>"$work/$1-base-all"
     fi
   done
   printf '%s to %s\n' "$before" "$(machine_tcp)" >"$work/$1-tcp"
@@ -278,6 +285,13 @@ cat <<EOF
 CPU per extra namespace of $per sockets (target: at most 0.5 ms):
   default kernel:      $(per_ns shared 2) ms ($(per_ns shared 4) ms agent user, $(per_ns shared 5) ms kernel); TCP sockets on the machine: $(cat "$work/shared-tcp")
   hashes of their own: $(per_ns own 2) ms ($(per_ns own 4) ms agent user, $(per_ns own 5) ms kernel); TCP sockets on the machine: $(cat "$work/own-tcp")
+EOF
+if [ -n "$baseline" ]; then
+  cat <<EOF
+  baseline ($baseline), the same turns: default kernel $(per_ns shared-base 2) ms ($(per_ns shared-base 4) user), hashes of their own $(per_ns own-base 2) ms ($(per_ns own-base 4) user)
+EOF
+fi
+cat <<EOF
 
 What the kernel takes for each file the agent reads per namespace (median µs of CPU, 20 namespaces x 5 reads):
 
