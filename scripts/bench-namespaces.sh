@@ -8,6 +8,7 @@
 #   BENCH_SIZES="10000 100000"  connections of the owner-map table ("" for none)
 #   BENCH_BASELINE=path       an earlier grapheon-agent binary to compare with (both tables)
 #   BENCH_TIMEOUT=3600        the whole script is stopped after this many seconds
+#   BENCH_KEEP=dir            keep every run's figures (one file per scene and binary) in dir
 #
 # Every scene lives in network namespaces made here and in a pid namespace of its own, whose
 # /proc is the agent's --proc-root: the owners are the scene's processes, not the machine's.
@@ -61,6 +62,7 @@ cleanup() {
   set +e
   stop_scene
   for ns in "${made[@]}"; do ip netns del "$ns" 2>/dev/null; done
+  [ -n "${BENCH_KEEP:-}" ] && cp -r "$work" "$BENCH_KEEP"
   rm -rf "$work"
 }
 trap cleanup EXIT
