@@ -27,7 +27,8 @@
 #    sockets do not weigh on its own listing. User and kernel CPU are the kernel's split of
 #    the run's CPU (tick-sampled where the kernel accounts so: indicative). Beside them,
 #    what one read of each file the agent reads per namespace costs the kernel
-#    (ns-holder probe, on 20 of the namespaces).
+#    (ns-holder probe, on 20 of the namespaces), and the kernel's floor: the same reads of
+#    every namespace made once by a program that parses nothing (ns-holder floor).
 # 2. Owner map: N loopback connections in the agent's own namespace, GRAPHEON_AGENT_NAMESPACES
 #    =own, this build against BENCH_BASELINE (when given; earlier binaries ignore the variable).
 set -euo pipefail
@@ -159,16 +160,31 @@ per_ns() {
 }
 # TCP sockets of the whole machine (every namespace): what a shared hash holds.
 machine_tcp() { sed -n 's/^TCP: .* alloc \([0-9]*\).*/\1/p' /proc/net/sockstat; }
+# The kernel's floor: `ns-holder floor` (what the agent reads per namespace, read once and
+# not parsed) over every namespace of the scene ($1 = all), or over none ($1 = none: the cost
+# of starting it): "<wall> <cpu> <rss_kib> <user> <sys>".
+measure_floor() {
+  local out pids=()
+  if [ "$1" = all ]; then
+    read -r -a pids <"/proc/$init/task/$init/children"
+  fi
+  out=$("$holder" measure "$holder" floor "${pids[@]}")
+  read -r _ w u s k <<<"$out"
+  awk -v w="$w" -v u="$u" -v s="$s" -v k="$k" 'BEGIN { printf "%s %.6f %s %s %s\n", w, u + s, k, u, s }'
+}
 # Runs the agent with own and with all in turn in the current scene $1 (and the baseline,
 # when given, in the same turns): the measurements go to $work/$1-{own,all,base-own,base-all},
 # the probe of 20 namespaces to $work/$1-probe.
 run_scene() {
   : >"$work/$1-own" && : >"$work/$1-all" && : >"$work/$1-base-own" && : >"$work/$1-base-all"
-  local before r a b c d
+  : >"$work/$1-floor-own" && : >"$work/$1-floor-all"
+  local before r a b c d e f
   before=$(machine_tcp)
   for r in $(seq 0 "$runs"); do
     a=$(measure own "$agent")
     b=$(measure all "$agent")
+    e=$(measure_floor none)
+    f=$(measure_floor all)
     c="" d=""
     if [ -n "$baseline" ]; then
       c=$(measure own "$baseline")
@@ -177,6 +193,8 @@ run_scene() {
     if [ "$r" -gt 0 ]; then # run 0 warms the caches
       echo "$a" >>"$work/$1-own"
       echo "$b" >>"$work/$1-all"
+      echo "$e" >>"$work/$1-floor-own"
+      echo "$f" >>"$work/$1-floor-all"
       [ -n "$c" ] && echo "$c" >>"$work/$1-base-own" && echo "$d" >>"$work/$1-base-all"
     fi
   done
@@ -287,6 +305,7 @@ cat <<EOF
 CPU per extra namespace of $per sockets (target: at most 0.5 ms):
   default kernel:      $(per_ns shared 2) ms ($(per_ns shared 4) ms agent user, $(per_ns shared 5) ms kernel); TCP sockets on the machine: $(cat "$work/shared-tcp")
   hashes of their own: $(per_ns own 2) ms ($(per_ns own 4) ms agent user, $(per_ns own 5) ms kernel); TCP sockets on the machine: $(cat "$work/own-tcp")
+  the kernel's floor (ns-holder floor: the same reads, once, unparsed): default kernel $(per_ns shared-floor 2) ms, hashes of their own $(per_ns own-floor 2) ms
 EOF
 if [ -n "$baseline" ]; then
   cat <<EOF

@@ -12,6 +12,12 @@
 //!       (CLOCK_THREAD_CPUTIME_ID, to the nanosecond) around open, reads and close, the
 //!       median over every pid and run. `fd/*` is the listing of /proc/<pid>/fd and one
 //!       readlink per descriptor.
+//!   ns-holder floor <pid>...
+//!       Reads, once per pid, what the agent reads per namespace and nothing else: the
+//!       ns/net link twice, net/sockstat and net/sockstat6, the socket tables those count
+//!       sockets in, net/if_inet6, net/fib_trie, cgroup, comm, and one readlink per
+//!       descriptor; no parsing, no records. Run under `measure`, the kernel's floor for the
+//!       agent's collection of those namespaces.
 //!   ns-holder <ready-file> <sockets> --fresh <parent-netns> <count>
 //!       The same in <count> namespaces each process makes itself as a child of the named
 //!       one (unshare after setns), so that they take the parent's sysctls such as
@@ -70,6 +76,12 @@ fn main() {
         measure(&args[1..]);
         return;
     }
+    if args.first().map(String::as_str) == Some("floor") {
+        for pid in &args[1..] {
+            floor(pid);
+        }
+        return;
+    }
     if args.first().map(String::as_str) == Some("probe") && args.len() > 2 {
         probe(args[1].parse().expect("a run count"), &args[2..]);
         return;
@@ -126,7 +138,11 @@ fn child(place: &Place, sockets: usize, mark: &std::path::Path) -> ! {
     };
     let ns = File::open(format!("/run/netns/{name}")).expect("open the namespace");
     // SAFETY: setns on a descriptor we own; single-threaded, so the whole process moves.
-    assert_eq!(unsafe { setns(ns.as_raw_fd(), CLONE_NEWNET) }, 0, "setns {name}");
+    assert_eq!(
+        unsafe { setns(ns.as_raw_fd(), CLONE_NEWNET) },
+        0,
+        "setns {name}"
+    );
     if let Place::Fresh(_, i) = place {
         // SAFETY: unshare of the network namespace only; the process is single-threaded.
         assert_eq!(unsafe { unshare(CLONE_NEWNET) }, 0, "unshare");
@@ -146,7 +162,10 @@ fn child(place: &Place, sockets: usize, mark: &std::path::Path) -> ! {
             .expect("ip stdin")
             .write_all(script.as_bytes())
             .expect("write to ip");
-        assert!(ip.wait().expect("wait for ip").success(), "ip -batch failed");
+        assert!(
+            ip.wait().expect("wait for ip").success(),
+            "ip -batch failed"
+        );
     }
     let ip = first_address();
     let listener = TcpListener::bind(SocketAddr::new(ip, 7000)).expect("listen");
@@ -226,7 +245,10 @@ fn measure(cmd: &[String]) {
 fn thread_cpu_ns() -> i64 {
     let mut ts = Timeval { sec: 0, usec: 0 };
     // SAFETY: clock_gettime writes one struct timespec (two i64 on x86_64 and aarch64).
-    assert_eq!(unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) }, 0);
+    assert_eq!(
+        unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) },
+        0
+    );
     ts.sec * 1_000_000_000 + ts.usec
 }
 
@@ -302,7 +324,9 @@ fn probe(runs: usize, pids: &[String]) {
             for pid in pids {
                 let start = thread_cpu_ns();
                 calls = match what {
-                    "ns/net" => usize::from(std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok()),
+                    "ns/net" => {
+                        usize::from(std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok())
+                    }
                     "fd/*" => fd_walk(pid),
                     _ => read_like_agent(&format!("/proc/{pid}/{what}"), &mut buf),
                 };
@@ -311,7 +335,53 @@ fn probe(runs: usize, pids: &[String]) {
         }
         times.sort_unstable();
         let median = times.get(times.len() / 2).copied().unwrap_or(0);
-        let unit = if what == "fd/*" { "descriptors" } else { "reads" };
+        let unit = if what == "fd/*" {
+            "descriptors"
+        } else {
+            "reads"
+        };
         println!("{what} {calls} {unit} {:.1}", median as f64 / 1000.0);
     }
+}
+
+/// What [`floor`] reads of one table: whether `sockstat` says it can have sockets (the
+/// agent's rule: time-wait sockets of either family keep both TCP tables).
+fn counted(v4: &str, v6: &str, table: &str) -> bool {
+    let count = |text: &str, line: &str, key: &str| -> u64 {
+        let Some(rest) = text.lines().find_map(|l| l.strip_prefix(line)) else {
+            return 1;
+        };
+        let mut words = rest.split_ascii_whitespace();
+        while let Some(word) = words.next() {
+            if word == key {
+                return words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+            }
+        }
+        1
+    };
+    let tw = count(v4, "TCP: ", "tw");
+    match table {
+        "tcp" => count(v4, "TCP: ", "inuse") + tw > 0,
+        "tcp6" => count(v6, "TCP6: ", "inuse") + tw > 0,
+        "udp" => count(v4, "UDP: ", "inuse") > 0,
+        _ => count(v6, "UDP6: ", "inuse") > 0,
+    }
+}
+
+fn floor(pid: &str) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let text =
+        |name: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{name}")).unwrap_or_default();
+    let _ = std::fs::read_link(format!("/proc/{pid}/ns/net"));
+    let _ = std::fs::read_link(format!("/proc/{pid}/ns/net"));
+    let (v4, v6) = (text("sockstat"), text("sockstat6"));
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        if counted(&v4, &v6, table) {
+            read_like_agent(&format!("/proc/{pid}/net/{table}"), &mut buf);
+        }
+    }
+    for file in ["net/if_inet6", "net/fib_trie", "cgroup", "comm"] {
+        read_like_agent(&format!("/proc/{pid}/{file}"), &mut buf);
+    }
+    fd_walk(pid);
 }
