@@ -314,7 +314,7 @@ impl ProcessDir {
         let shown = || proc_root.join(pid.to_string());
         let net = self.net.as_fd();
         let sockets =
-            procfs::sockets_in(net, &shown().join("net"), reader).map_err(|e| e.to_string())?;
+            procfs::sockets_in(net, || shown().join("net"), reader).map_err(|e| e.to_string())?;
         let mut addresses = read_if_inet6(net, reader)
             .map_err(|e| debug!("cannot read {}/net/if_inet6: {e}", shown().display()))
             .unwrap_or_default();

@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::collect::{Socket, SourceError};
 use crate::model::{ip_from_bytes, Protocol};
@@ -37,7 +37,7 @@ const LINK_BUFFER: usize = 64;
 pub fn sockets(proc_root: &Path) -> Result<Vec<Socket>, SourceError> {
     let net = proc_root.join("net");
     match open_dir(&net) {
-        Ok(dir) => sockets_in(dir.as_fd(), &net, &mut ProcReader::default()),
+        Ok(dir) => sockets_in(dir.as_fd(), || net.clone(), &mut ProcReader::default()),
         Err(err) => Err(SourceError(format!(
             "cannot read {}/{{tcp,tcp6,udp,udp6}} ({err})",
             net.display()
@@ -45,11 +45,11 @@ pub fn sockets(proc_root: &Path) -> Result<Vec<Socket>, SourceError> {
     }
 }
 
-/// [`sockets`] of the open `net` directory `net` (shown as `shown` in messages), read
-/// through `reader`.
+/// [`sockets`] of the open `net` directory `net`, read through `reader`; messages name it as
+/// `shown()` (built only for one).
 pub fn sockets_in(
     net: BorrowedFd<'_>,
-    shown: &Path,
+    shown: impl Fn() -> PathBuf,
     reader: &mut ProcReader,
 ) -> Result<Vec<Socket>, SourceError> {
     let mut out = Vec::new();
@@ -73,7 +73,7 @@ pub fn sockets_in(
             Ok(()) => readable += 1,
             Err(err) => {
                 out.truncate(start);
-                debug!("skipping {}/{name}: {err}", shown.display());
+                debug!("skipping {}/{name}: {err}", shown().display());
                 failures.push(format!("{name}: {err}"));
             }
         }
@@ -81,7 +81,7 @@ pub fn sockets_in(
     if readable == 0 {
         return Err(SourceError(format!(
             "cannot read {}/{{tcp,tcp6,udp,udp6}} ({})",
-            shown.display(),
+            shown().display(),
             failures.join("; ")
         )));
     }
