@@ -370,8 +370,13 @@ fn counted(v4: &str, v6: &str, table: &str) -> bool {
 
 fn floor(pid: &str) {
     let mut buf = vec![0u8; 64 * 1024];
-    let text =
-        |name: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{name}")).unwrap_or_default();
+    // One read, as the agent reads a short file (read_to_string would take several).
+    let mut text = |name: &str| {
+        let n = File::open(format!("/proc/{pid}/net/{name}"))
+            .and_then(|mut f| f.read(&mut buf))
+            .unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
     let _ = std::fs::read_link(format!("/proc/{pid}/ns/net"));
     let _ = std::fs::read_link(format!("/proc/{pid}/ns/net"));
     let (v4, v6) = (text("sockstat"), text("sockstat6"));
