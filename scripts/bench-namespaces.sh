@@ -6,8 +6,9 @@
 #   BENCH_NAMESPACES=100      other network namespaces in the second table
 #   BENCH_SOCKETS=50          sockets held in each of them
 #   BENCH_SIZES="10000 100000"  connections of the owner-map table ("" for none)
-#   BENCH_BASELINE=path       an earlier grapheon-agent binary to compare the owner map with
+#   BENCH_BASELINE=path       an earlier grapheon-agent binary to compare with (both tables)
 #   BENCH_TIMEOUT=3600        the whole script is stopped after this many seconds
+#   BENCH_KEEP=dir            keep every run's figures (one file per scene and binary) in dir
 #
 # Every scene lives in network namespaces made here and in a pid namespace of its own, whose
 # /proc is the agent's --proc-root: the owners are the scene's processes, not the machine's.
@@ -16,10 +17,18 @@
 #
 # 1. Namespaces: BENCH_NAMESPACES namespaces, one process each holding BENCH_SOCKETS sockets
 #    on its own address (a veth of its own; all reported); the agent with `own` and with
-#    `all`. The difference divided by the number of namespaces is the cost of one extra
-#    namespace. Listing a TCP table walks the kernel's hash of every namespace's sockets,
-#    so this part runs first, before the owner map's connections leave time-wait sockets.
-#    User and kernel CPU are the kernel's tick-sampled split of the run's CPU: indicative.
+#    `all`, run after run in turn. The difference divided by the number of namespaces is the
+#    cost of one extra namespace. Two scenes: namespaces as a default kernel makes them, whose
+#    TCP and UDP listings walk the socket hashes every namespace shares (and every socket in
+#    them: this part runs first, before the owner map's connections leave time-wait
+#    sockets), and namespaces made with net.ipv4.tcp_child_ehash_entries and (Linux 6.2+)
+#    net.ipv4.udp_child_hash_entries set in their parent, so that each has hashes of its
+#    own; in that scene the agent's namespace has its own too, so that the machine's other
+#    sockets do not weigh on its own listing. User and kernel CPU are the kernel's split of
+#    the run's CPU (tick-sampled where the kernel accounts so: indicative). Beside them,
+#    what one read of each file the agent reads per namespace costs the kernel
+#    (ns-holder probe, on 20 of the namespaces), and the kernel's floor: the same reads of
+#    every namespace made once by a program that parses nothing (ns-holder floor).
 # 2. Owner map: N loopback connections in the agent's own namespace, GRAPHEON_AGENT_NAMESPACES
 #    =own, this build against BENCH_BASELINE (when given; earlier binaries ignore the variable).
 set -euo pipefail
@@ -54,6 +63,7 @@ cleanup() {
   set +e
   stop_scene
   for ns in "${made[@]}"; do ip netns del "$ns" 2>/dev/null; done
+  [ -n "${BENCH_KEEP:-}" ] && cp -r "$work" "$BENCH_KEEP"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -82,10 +92,18 @@ new_host() {
   ip netns exec "$host" sh -c 'echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range'
 }
 
-# Starts "$@" as init of a new pid namespace inside $host; sets $scene (unshare) and $init.
+# Starts "$@" as init of a new pid namespace; sets $scene (unshare), $init and $enter (the
+# command prefix that runs a program in the scene's network namespace). The network
+# namespace is $host, or with $child_of set a new one made inside that one (so that it takes
+# its sysctls).
 start_scene() {
   rm -f "$work/ready"
-  ip netns exec "$host" unshare --pid --fork --mount-proc "$@" &
+  if [ -n "${child_of:-}" ]; then
+    ip netns exec "$child_of" unshare --net --pid --fork --mount-proc \
+      sh -c 'ip link set lo up && exec "$@"' scene "$@" &
+  else
+    ip netns exec "$host" unshare --pid --fork --mount-proc "$@" &
+  fi
   scene=$!
   init=""
   local deadline=$((SECONDS + 600))
@@ -95,6 +113,11 @@ start_scene() {
     sleep 0.2
   done
   init=$(tr -d ' \n' <"/proc/$scene/task/$scene/children")
+  if [ -n "${child_of:-}" ]; then
+    enter=(nsenter "--net=/proc/$init/ns/net")
+  else
+    enter=(ip netns exec "$host")
+  fi
 }
 stop_scene() {
   if [ -n "$scene" ]; then
@@ -110,7 +133,7 @@ stop_scene() {
 # "<wall> <cpu> <rss_kib> <user> <sys>".
 measure() {
   local out
-  out=$(ip netns exec "$host" timeout 300 "$holder" measure env GRAPHEON_AGENT_NAMESPACES="$1" \
+  out=$("${enter[@]}" timeout 300 "$holder" measure env GRAPHEON_AGENT_NAMESPACES="$1" \
     "$2" --dry-run --collector native --config /dev/null --state-dir "$work/no-state" \
     --proc-root "/proc/$init/root/proc")
   if [ "${out%% *}" != 0 ]; then
@@ -122,7 +145,7 @@ measure() {
 }
 # Connection records of one --dry-run (all parts).
 records() {
-  ip netns exec "$host" env GRAPHEON_AGENT_NAMESPACES="$1" "$2" --dry-run --collector native \
+  "${enter[@]}" env GRAPHEON_AGENT_NAMESPACES="$1" "$2" --dry-run --collector native \
     --config /dev/null --state-dir "$work/no-state" --proc-root "/proc/$init/root/proc" 2>/dev/null |
     awk -F '"local_port"' '{ n += NF - 1 } END { print n + 0 }'
 }
@@ -130,6 +153,61 @@ median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 col() { awk -v i="$2" '{ print $i }' "$work/$1" | median; }
 ms() { awk -v x="$1" 'BEGIN { printf "%.1f", x * 1000 }'; }
 mib() { awk -v x="$1" 'BEGIN { printf "%.1f", x / 1024 }'; }
+# The CPU per extra namespace of scene $1 in column $2 (2 all, 4 user, 5 kernel), in ms:
+# from the medians, or with $3 = fastest from the fastest runs (the other work on a shared
+# machine slows the CPU of a run down too, never speeds it up).
+per_ns() {
+  local pick=col
+  [ "${3:-}" = fastest ] && pick=fastest
+  awk -v a="$($pick "$1-all" "$2")" -v o="$($pick "$1-own" "$2")" -v n="$count" \
+    'BEGIN { printf "%.3f", (a - o) * 1000 / n }'
+}
+fastest() { awk -v i="$2" '{ print $i }' "$work/$1" | sort -g | head -1; }
+# TCP sockets of the whole machine (every namespace): what a shared hash holds.
+machine_tcp() { sed -n 's/^TCP: .* alloc \([0-9]*\).*/\1/p' /proc/net/sockstat; }
+# The kernel's floor: `ns-holder floor` (what the agent reads per namespace, read once and
+# not parsed) over every namespace of the scene ($1 = all), or over none ($1 = none: the cost
+# of starting it): "<wall> <cpu> <rss_kib> <user> <sys>".
+measure_floor() {
+  local out pids=()
+  if [ "$1" = all ]; then
+    read -r -a pids <"/proc/$init/task/$init/children"
+  fi
+  out=$("$holder" measure "$holder" floor "${pids[@]}")
+  read -r _ w u s k <<<"$out"
+  awk -v w="$w" -v u="$u" -v s="$s" -v k="$k" 'BEGIN { printf "%s %.6f %s %s %s\n", w, u + s, k, u, s }'
+}
+# Runs the agent with own and with all in turn in the current scene $1 (and the baseline,
+# when given, in the same turns): the measurements go to $work/$1-{own,all,base-own,base-all},
+# the probe of 20 namespaces to $work/$1-probe.
+run_scene() {
+  : >"$work/$1-own" && : >"$work/$1-all" && : >"$work/$1-base-own" && : >"$work/$1-base-all"
+  : >"$work/$1-floor-own" && : >"$work/$1-floor-all"
+  local before r a b c d e f
+  before=$(machine_tcp)
+  for r in $(seq 0 "$runs"); do
+    a=$(measure own "$agent")
+    b=$(measure all "$agent")
+    e=$(measure_floor none)
+    f=$(measure_floor all)
+    c="" d=""
+    if [ -n "$baseline" ]; then
+      c=$(measure own "$baseline")
+      d=$(measure all "$baseline")
+    fi
+    if [ "$r" -gt 0 ]; then # run 0 warms the caches
+      echo "$a" >>"$work/$1-own"
+      echo "$b" >>"$work/$1-all"
+      echo "$e" >>"$work/$1-floor-own"
+      echo "$f" >>"$work/$1-floor-all"
+      [ -n "$c" ] && echo "$c" >>"$work/$1-base-own" && echo "$d" >>"$work/$1-base-all"
+    fi
+  done
+  printf '%s to %s\n' "$before" "$(machine_tcp)" >"$work/$1-tcp"
+  echo "$(records own "$agent") $(records all "$agent")" >"$work/$1-records"
+  # shellcheck disable=SC2046 # one pid per word
+  "$holder" probe 5 $(tr ' ' '\n' <"/proc/$init/task/$init/children" | head -20) >"$work/$1-probe"
+}
 
 # ---- 1. other namespaces (first: time-wait sockets left by the owner-map scenes would
 # lengthen every TCP table listing for a minute) ----
@@ -152,41 +230,25 @@ link set d1 up
 EOF
 done
 start_scene "$holder" "$work/ready" "$per" "${names[@]}"
-: >"$work/own" && : >"$work/all"
-for r in $(seq 0 "$runs"); do
-  a=$(measure own "$agent")
-  b=$(measure all "$agent")
-  if [ "$r" -gt 0 ]; then
-    echo "$a" >>"$work/own"
-    echo "$b" >>"$work/all"
-  fi
-done
-own_records=$(records own "$agent")
-all_records=$(records all "$agent")
-oc=$(col own 2) ac=$(col all 2)
-per_ns=$(awk -v a="$ac" -v o="$oc" -v n="$count" 'BEGIN { printf "%.3f", (a - o) * 1000 / n }')
-per_user=$(awk -v a="$(col all 4)" -v o="$(col own 4)" -v n="$count" 'BEGIN { printf "%.3f", (a - o) * 1000 / n }')
-per_sys=$(awk -v a="$(col all 5)" -v o="$(col own 5)" -v n="$count" 'BEGIN { printf "%.3f", (a - o) * 1000 / n }')
+run_scene shared
 stop_scene
 
-# The same namespaces made with net.ipv4.tcp_child_ehash_entries=1024 in their parent
-# (Linux 6.1+): each gets a TCP hash of its own, which its /proc listing walks instead.
-echo "== $count namespaces of $per sockets, own TCP hash tables" >&2
-new_host own-ehash
+# The same namespaces made inside a parent that gives its children hashes of their own.
+echo "== $count namespaces of $per sockets, hashes of their own" >&2
 parent=ga-bnp-$$
 ip netns add "$parent"
 made+=("$parent")
+own_hashes="net.ipv4.tcp_child_ehash_entries=1024"
 ip netns exec "$parent" sysctl -qw net.ipv4.tcp_child_ehash_entries=1024
+if [ -e /proc/sys/net/ipv4/udp_child_hash_entries ]; then # Linux 6.2+
+  ip netns exec "$parent" sysctl -qw net.ipv4.udp_child_hash_entries=1024
+  own_hashes+=", net.ipv4.udp_child_hash_entries=1024"
+fi
+child_of=$parent
 start_scene "$holder" "$work/ready" "$per" --fresh "$parent" "$count"
-: >"$work/small"
-for r in $(seq 0 "$runs"); do
-  b=$(measure all "$agent")
-  [ "$r" -gt 0 ] && echo "$b" >>"$work/small"
-done
-small_records=$(records all "$agent")
-sc=$(col small 2)
-per_small=$(awk -v a="$sc" -v o="$oc" -v n="$count" 'BEGIN { printf "%.3f", (a - o) * 1000 / n }')
+run_scene own
 stop_scene
+child_of=""
 
 # ---- 2. the owner map ----
 owner_rows=()
@@ -228,15 +290,44 @@ EOF
 printf '%s\n' "${owner_rows[@]}"
 cat <<EOF
 
-Other namespaces ($count namespaces, $per sockets each, all reported):
+Other namespaces ($count namespaces, $per sockets each, all reported; own and all run in turn):
 
-| --namespaces | connection records | CPU ms | user ms | sys ms | wall ms | peak RSS MiB |
-|---|---:|---:|---:|---:|---:|---:|
-| own | $own_records | $(ms "$oc") | $(ms "$(col own 4)") | $(ms "$(col own 5)") | $(ms "$(col own 1)") | $(mib "$(col own 3)") |
-| all | $all_records | $(ms "$ac") | $(ms "$(col all 4)") | $(ms "$(col all 5)") | $(ms "$(col all 1)") | $(mib "$(col all 3)") |
-| all, namespaces with their own TCP hash (tcp_child_ehash_entries=1024) | $small_records | $(ms "$sc") | $(ms "$(col small 4)") | $(ms "$(col small 5)") | $(ms "$(col small 1)") | $(mib "$(col small 3)") |
+| scene | --namespaces | connection records | CPU ms | user ms | sys ms | wall ms | peak RSS MiB |
+|---|---|---:|---:|---:|---:|---:|---:|
+EOF
+for sc in shared own; do
+  read -r own_n all_n <"$work/$sc-records"
+  label="default kernel (shared hashes)"
+  [ "$sc" = own ] && label="hashes of their own ($own_hashes)"
+  for mode in own all; do
+    n=$own_n
+    [ "$mode" = all ] && n=$all_n
+    echo "| $label | $mode | $n | $(ms "$(col "$sc-$mode" 2)") | $(ms "$(col "$sc-$mode" 4)") | $(ms "$(col "$sc-$mode" 5)") | $(ms "$(col "$sc-$mode" 1)") | $(mib "$(col "$sc-$mode" 3)") |"
+  done
+done
+cat <<EOF
 
-CPU per extra namespace of $per sockets: $per_ns ms ($per_user ms user, $per_sys ms kernel; target: at most 0.5 ms)
-CPU per extra namespace with a TCP hash of its own: $per_small ms
-Kernel: TCP established hash of $(dmesg 2>/dev/null | sed -n 's/.*TCP established hash table entries: \([0-9]*\).*/\1/p' | head -1) buckets (each TCP table listing walks all of them)
+CPU per extra namespace of $per sockets (target: at most 0.5 ms), from the medians (and the fastest runs):
+  default kernel:      $(per_ns shared 2) ms ($(per_ns shared 4) ms agent user, $(per_ns shared 5) ms kernel) ($(per_ns shared 2 fastest) ms); TCP sockets on the machine: $(cat "$work/shared-tcp")
+  hashes of their own: $(per_ns own 2) ms ($(per_ns own 4) ms agent user, $(per_ns own 5) ms kernel) ($(per_ns own 2 fastest) ms); TCP sockets on the machine: $(cat "$work/own-tcp")
+  the kernel's floor (ns-holder floor: the same reads, once, unparsed): default kernel $(per_ns shared-floor 2) ms ($(per_ns shared-floor 2 fastest) ms), hashes of their own $(per_ns own-floor 2) ms ($(per_ns own-floor 2 fastest) ms)
+EOF
+if [ -n "$baseline" ]; then
+  cat <<EOF
+  baseline ($baseline), the same turns: default kernel $(per_ns shared-base 2) ms ($(per_ns shared-base 2 fastest) ms), hashes of their own $(per_ns own-base 2) ms ($(per_ns own-base 2 fastest) ms)
+EOF
+fi
+cat <<EOF
+
+What the kernel takes for each file the agent reads per namespace (median µs of CPU, 20 namespaces x 5 reads):
+
+| file | calls | µs, default kernel | µs, hashes of their own |
+|---|---:|---:|---:|
+EOF
+paste -d ' ' "$work/shared-probe" "$work/own-probe" |
+  awk '{ printf "| %s | %s %s | %s | %s |\n", $1, $2, $3, $4, $8 }'
+cat <<EOF
+
+Kernel hashes at boot: $(dmesg 2>/dev/null | sed -n 's/.*\] \(TCP established\|tcp_listen_portaddr_hash\|UDP\) hash table entries: \([0-9]*\).*/\1 \2/p' | paste -sd ';' -)
+A TCP listing walks every bucket of the established hash (and of the listening one, which stays shared); a UDP listing walks the UDP hash from its first bucket at every read().
 EOF

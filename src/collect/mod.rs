@@ -298,9 +298,11 @@ pub fn collect(opts: &Options, known: &mut dyn FnMut() -> Vec<Address>) -> Colle
         over_cap: others.as_ref().map_or(0, namespaces::Discovery::over_cap),
         ..Default::default()
     };
-    for ns in others.map(|d| d.found).unwrap_or_default() {
-        let (records, summary, left) = namespaces::report(ns);
-        connections.extend(records);
+    let found = others.map(|d| d.found).unwrap_or_default();
+    // Room for every namespace's records at once: the list grows once, not per namespace.
+    connections.reserve(found.iter().map(|ns| ns.sockets.len()).sum());
+    for ns in found {
+        let (summary, left) = namespaces::report_into(ns, &mut connections);
         unexpanded += left;
         namespaces.list.push(summary);
     }
@@ -374,6 +376,16 @@ pub fn expand_wildcards(sockets: Vec<Socket>, addresses: &[Address]) -> (Vec<Con
 /// [`expand_wildcards`] over bare addresses.
 pub(crate) fn expand(sockets: Vec<Socket>, addresses: &[IpAddr]) -> (Vec<Connection>, usize) {
     let mut out = Vec::with_capacity(sockets.len());
+    let left_out = expand_into(sockets, addresses, &mut out);
+    (out, left_out)
+}
+
+/// [`expand`] appending to `out`; returns the sockets left out.
+pub(crate) fn expand_into(
+    sockets: Vec<Socket>,
+    addresses: &[IpAddr],
+    out: &mut Vec<Connection>,
+) -> usize {
     let mut left_out = 0;
     for socket in sockets {
         let c = socket.connection;
@@ -407,7 +419,7 @@ pub(crate) fn expand(sockets: Vec<Socket>, addresses: &[IpAddr]) -> (Vec<Connect
             );
         }
     }
-    (out, left_out)
+    left_out
 }
 
 /// The server's length limits (in characters) for the strings we send.

@@ -5,22 +5,22 @@
 //! `/proc` walk that also finds socket owners ([`procfs::walk`]); its first process (lowest
 //! pid) represents it. Through that process the kernel shows the namespace's own tables:
 //! `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` (the `/proc/net` parser), `/proc/<pid>/net/if_inet6`
-//! and `/proc/<pid>/net/fib_trie` (IPv4 `LOCAL` entries) for its addresses, all read through
-//! one open `/proc/<pid>` (as `/proc/self/fd/<fd>/...`) so that a reused pid cannot slip in. Nothing calls
+//! and `/proc/<pid>/net/fib_trie` (IPv4 `LOCAL` entries) for its addresses, all read relative
+//! to one open `/proc/<pid>` and its `net` so that a reused pid cannot slip in. Nothing calls
 //! `setns`, so this works under `RestrictNamespaces=yes` with `CAP_SYS_PTRACE` (to read other
 //! users' `ns/net` links) and `CAP_DAC_READ_SEARCH`. `/proc/<pid>/cgroup` says whose it is
 //! ([`cgroup`]).
 
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::io::{BufRead, BufReader, Read};
+use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 
 use crate::collect::cgroup::{self, Attribution};
-use crate::collect::procfs::{self, FastHash, Owners};
-use crate::collect::{expand, Socket};
+use crate::collect::procfs::{self, FastHash, Owners, ProcReader, MAX_LINE};
+use crate::collect::{expand_into, Socket};
 use crate::json::Object;
 use crate::model::{ip_from_bytes, Connection, Protocol};
 
@@ -51,10 +51,10 @@ pub const MAX_NAMESPACES: usize = 1000;
 const ATTRIBUTION_TRIES: u8 = 4;
 /// Addresses listed per namespace in the metadata.
 const LISTED_ADDRESSES: usize = 16;
-/// A `fib_trie` line longer than this is skipped (real ones are under 100 bytes). The file
-/// itself is read whole however large: with policy routing the `Local` table, which holds
-/// the addresses, comes after a router's full `Main` table.
-const MAX_FIB_LINE: u64 = 4096;
+/// The most of `if_inet6` read: about 19,000 addresses.
+const MAX_IF_INET6_BYTES: u64 = 1 << 20;
+/// The most of a `cgroup` file read; a real one is a few hundred bytes.
+const MAX_CGROUP_BYTES: usize = 64 * 1024;
 /// `net:[18446744073709551615]` is 26 bytes.
 const LINK_BUFFER: usize = 64;
 
@@ -88,6 +88,8 @@ pub struct Discovery {
     failed: usize,
     /// Failed reads of a namespace not collected yet.
     attempts: HashMap<u64, u8, FastHash>,
+    /// The buffer every file of the other namespaces is read through.
+    reader: ProcReader,
 }
 
 /// What one other namespace contributed to the report, for `metadata.namespaces`.
@@ -191,7 +193,7 @@ impl Discovery {
                 if pid < ns.pid {
                     ns.pid = pid;
                     ns.process_name = procfs::read_comm(proc_root, pid);
-                    let lower = read_attribution(proc_root, pid);
+                    let lower = read_attribution(proc_root, root_fd, pid, &mut self.reader);
                     if lower.runtime.is_some() || lower.pod_uid.is_some() {
                         ns.attribution = lower;
                     }
@@ -199,7 +201,7 @@ impl Discovery {
                 // The first process had no telling cgroup (a helper joined first): ask a few more.
                 if ns.attribution.runtime.is_none() && ns.tries < ATTRIBUTION_TRIES {
                     ns.tries += 1;
-                    let other = read_attribution(proc_root, pid);
+                    let other = read_attribution(proc_root, root_fd, pid, &mut self.reader);
                     if other.runtime.is_some() || other.pod_uid.is_some() {
                         ns.attribution = other;
                     }
@@ -214,7 +216,8 @@ impl Discovery {
             self.seen.insert(inode, None);
             return;
         }
-        let read = ProcessDir::open(root_fd, pid, inode).and_then(|dir| dir.read(inode, pid));
+        let read = ProcessDir::open(root_fd, pid, inode)
+            .and_then(|dir| dir.read(proc_root, inode, pid, &mut self.reader));
         let ns = match read {
             Ok(ns) => ns,
             Err(e) => {
@@ -231,6 +234,8 @@ impl Discovery {
             }
         };
         owners.want(&ns.sockets);
+        // Read with its tables, through the directory that cannot be another process's.
+        owners.know_name(pid, ns.process_name.clone());
         self.seen.insert(inode, Some(self.found.len()));
         self.found.push(ns);
         if self.found.len() >= self.cap {
@@ -270,58 +275,67 @@ fn namespace_at(dir_fd: libc::c_int, path: &str) -> Option<u64> {
     namespace_inode(link.get(..len)?)
 }
 
-/// One process's `/proc/<pid>`, held open while its namespace is read. Paths by pid would
-/// read whichever process has the pid by then: when the first one exits and the pid is
-/// reused by a host process, the host's sockets would be reported as the namespace's. An
-/// open `/proc/<pid>` keeps showing the process it was opened for (and nothing once that
-/// one is gone), so everything is read through it (`/proc/self/fd/<fd>/...`).
+/// One process's `/proc/<pid>` and its `net`, held open while its namespace is read. Paths by
+/// pid would read whichever process has the pid by then: when the first one exits and the
+/// pid is reused by a host process, the host's sockets would be reported as the namespace's.
+/// An open `/proc/<pid>` keeps showing the process it was opened for (and nothing once that
+/// one is gone), and its open `net` the namespace, so everything is read relative to them.
 struct ProcessDir {
-    fd: OwnedFd,
+    dir: OwnedFd,
+    net: OwnedFd,
 }
 
 impl ProcessDir {
-    /// Opens `<root>/<pid>` and checks that it is still in namespace `inode`.
+    /// Opens `<root>/<pid>` and its `net` and checks that the process is still in namespace
+    /// `inode`.
     fn open(root_fd: libc::c_int, pid: u32, inode: u64) -> Result<ProcessDir, String> {
         let name = format!("{pid}\0");
         let name = CStr::from_bytes_with_nul(name.as_bytes()).map_err(|e| e.to_string())?;
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
-        // SAFETY: `name` is NUL-terminated; the result is checked.
-        let fd = unsafe { libc::openat(root_fd, name.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(format!(
-                "cannot open its /proc directory: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        // SAFETY: `fd` was just opened and is owned by nothing else.
-        let dir = ProcessDir {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        };
-        match namespace_at(dir.fd.as_raw_fd(), "ns/net\0") {
-            Some(now) if now == inode => Ok(dir),
+        let dir = procfs::open_dir_at(root_fd, name)
+            .map_err(|e| format!("cannot open its /proc directory: {e}"))?;
+        let net = procfs::open_dir_at(dir.as_raw_fd(), c"net")
+            .map_err(|e| format!("cannot open its /proc net directory: {e}"))?;
+        // Checked after both opens: `net` is then the namespace the process was seen in.
+        match namespace_at(dir.as_raw_fd(), "ns/net\0") {
+            Some(now) if now == inode => Ok(ProcessDir { dir, net }),
             _ => Err("the process exited or left the namespace while being read".into()),
         }
     }
 
-    /// The directory as a path the reads can use, resolved by the kernel through the open
-    /// descriptor.
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
-    }
-
-    /// The namespace as seen through this process: its tables, addresses, name and owner.
-    fn read(&self, inode: u64, pid: u32) -> Result<Namespace, String> {
-        let dir = self.path();
-        let sockets = procfs::sockets(&dir).map_err(|e| e.to_string())?;
-        let mut addresses = read_if_inet6(&dir.join("net/if_inet6"));
-        addresses.extend(read_fib_trie(&dir.join("net/fib_trie")));
+    /// The namespace as seen through this process: its tables, addresses, name and owner;
+    /// `proc_root` and `pid` only name the files in messages.
+    fn read(
+        &self,
+        proc_root: &Path,
+        inode: u64,
+        pid: u32,
+        reader: &mut ProcReader,
+    ) -> Result<Namespace, String> {
+        let shown = || proc_root.join(pid.to_string());
+        let net = self.net.as_fd();
+        let sockets =
+            procfs::sockets_in(net, || shown().join("net"), reader).map_err(|e| e.to_string())?;
+        let mut addresses = read_if_inet6(net, reader)
+            .map_err(|e| debug!("cannot read {}/net/if_inet6: {e}", shown().display()))
+            .unwrap_or_default();
+        match read_fib_trie(net, reader) {
+            Ok(v4) => addresses.extend(v4),
+            Err(e) => debug!("cannot read {}/net/fib_trie: {e}", shown().display()),
+        }
         addresses.sort();
         addresses.dedup();
+        let process_name = procfs::read_comm_at(self.dir.as_fd(), reader)
+            .map_err(|e| debug!("cannot read {}/comm: {e}", shown().display()))
+            .ok()
+            .flatten();
+        let attribution = attribution_at(self.dir.as_fd(), c"cgroup", reader)
+            .map_err(|e| debug!("cannot read {}/cgroup: {e}", shown().display()))
+            .unwrap_or_default();
         Ok(Namespace {
             inode,
             pid,
-            process_name: procfs::read_comm_in(&dir),
-            attribution: read_attribution_in(&dir),
+            process_name,
+            attribution,
             addresses,
             sockets,
             tries: 0,
@@ -329,111 +343,139 @@ impl ProcessDir {
     }
 }
 
-fn read_attribution(proc_root: &Path, pid: u32) -> Attribution {
-    read_attribution_in(&proc_root.join(pid.to_string()))
+/// The attribution of process `pid` from `<root>/<pid>/cgroup`; none when unreadable.
+fn read_attribution(
+    proc_root: &Path,
+    root_fd: libc::c_int,
+    pid: u32,
+    reader: &mut ProcReader,
+) -> Attribution {
+    let name = format!("{pid}/cgroup\0");
+    let Ok(name) = CStr::from_bytes_with_nul(name.as_bytes()) else {
+        return Attribution::default();
+    };
+    // SAFETY: the walk keeps the proc root open while it calls visit.
+    let root = unsafe { BorrowedFd::borrow_raw(root_fd) };
+    attribution_at(root, name, reader)
+        .map_err(|e| debug!("cannot read {}/{pid}/cgroup: {e}", proc_root.display()))
+        .unwrap_or_default()
 }
 
-/// The attribution from `<dir>/cgroup`, `dir` being one process's `/proc` directory.
-fn read_attribution_in(dir: &Path) -> Attribution {
-    let path = dir.join("cgroup");
-    let mut text = String::new();
-    // A real cgroup file is a few hundred bytes; the bound keeps a strange one cheap.
-    match crate::input::open_regular(&path, crate::input::Links::Follow)
-        .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
-    {
-        Ok(_) => cgroup::attribute(&text),
-        Err(e) => {
-            debug!("cannot read {}: {e}", path.display());
-            Attribution::default()
-        }
-    }
+/// The attribution from the cgroup file `name` relative to the directory `dir`.
+fn attribution_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    reader: &mut ProcReader,
+) -> std::io::Result<Attribution> {
+    let file = crate::input::open_regular_at(dir, name)?;
+    // The bound keeps a strange file cheap.
+    let text = std::str::from_utf8(reader.head(file, MAX_CGROUP_BYTES)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok(cgroup::attribute(text))
 }
 
 /// The IPv6 addresses of `/proc/<pid>/net/if_inet6` (`<32 hex> <ifindex> <prefix> <scope>
 /// <flags> <name>`), without those of `lo` and loopback.
 pub fn parse_if_inet6(text: &str) -> Vec<IpAddr> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_ascii_whitespace().collect();
-            let [hex, _, _, _, _, name] = fields.as_slice() else {
-                return None;
-            };
-            if hex.len() != 32 || *name == "lo" {
-                return None;
-            }
-            let mut octets = [0u8; 16];
-            for (i, octet) in octets.iter_mut().enumerate() {
-                *octet = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
-            }
-            ip_from_bytes(&octets).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
-        })
-        .collect()
+    text.lines().filter_map(if_inet6_address).collect()
 }
 
-fn read_if_inet6(path: &Path) -> Vec<IpAddr> {
-    let mut text = String::new();
-    match crate::input::open_regular(path, crate::input::Links::Follow)
-        .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
-    {
-        Ok(_) => parse_if_inet6(&text),
-        // No IPv6 in that namespace (disabled) is ordinary.
-        Err(e) => {
-            debug!("cannot read {}: {e}", path.display());
-            Vec::new()
+/// The address of one `if_inet6` line, unless it is `lo`'s, loopback or malformed.
+fn if_inet6_address(line: &str) -> Option<IpAddr> {
+    let mut fields = line.split_ascii_whitespace();
+    let hex = fields.next()?;
+    let name = fields.nth(4)?;
+    if fields.next().is_some() || hex.len() != 32 || name == "lo" {
+        return None;
+    }
+    let mut octets = [0u8; 16];
+    for (i, octet) in octets.iter_mut().enumerate() {
+        *octet = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    ip_from_bytes(&octets).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+/// The addresses of `net/if_inet6` in the open `net` directory; those in its first
+/// [`MAX_IF_INET6_BYTES`] when it is larger.
+fn read_if_inet6(net: BorrowedFd<'_>, reader: &mut ProcReader) -> std::io::Result<Vec<IpAddr>> {
+    let file = crate::input::open_regular_at(net, c"if_inet6")?;
+    let mut out = Vec::new();
+    let read = reader.lines(file, MAX_IF_INET6_BYTES, |line| {
+        if let Some(ip) = line
+            .and_then(|l| std::str::from_utf8(l).ok())
+            .and_then(if_inet6_address)
+        {
+            out.push(ip);
         }
+    });
+    match read {
+        // No IPv6 in that namespace (disabled) is ordinary; a huge file keeps what was read.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            debug!("if_inet6: {e}; the addresses before are kept");
+            Ok(out)
+        }
+        Err(e) => Err(e),
+        Ok(()) => Ok(out),
     }
 }
 
 /// The IPv4 addresses of a `fib_trie` listing: each leaf `|-- <ip>` followed by a
 /// `/32 host LOCAL` entry is an address of the namespace (loopback left out).
-pub fn parse_fib_trie(mut reader: impl BufRead) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut leaf: Option<Ipv4Addr> = None;
-    let mut buf = Vec::with_capacity(256);
-    loop {
-        buf.clear();
-        match (&mut reader).take(MAX_FIB_LINE).read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        if !buf.ends_with(b"\n") && buf.len() as u64 == MAX_FIB_LINE {
-            // Not a line of the kernel's: skip the rest of it without holding it.
-            if reader.skip_until(b'\n').is_err() {
-                break;
-            }
-            leaf = None;
-            continue;
-        }
-        let Ok(line) = std::str::from_utf8(&buf) else {
-            leaf = None;
-            continue;
+#[derive(Debug, Default)]
+struct LocalEntries {
+    leaf: Option<Ipv4Addr>,
+    found: Vec<IpAddr>,
+}
+
+impl LocalEntries {
+    /// One line of the listing; `None` for a line no kernel writes (too long), which ends
+    /// the leaf it was in.
+    fn line(&mut self, line: Option<&[u8]>) {
+        let Some(line) = line.and_then(|l| std::str::from_utf8(l).ok()) else {
+            self.leaf = None;
+            return;
         };
         let line = line.trim();
         if let Some(ip) = line.strip_prefix("|-- ") {
-            leaf = ip.parse().ok();
+            self.leaf = ip.parse().ok();
         } else if line.starts_with('/') {
             let mut fields = line.split_ascii_whitespace();
             let local = fields.next() == Some("/32") && fields.nth(1).is_some_and(|t| t == "LOCAL");
-            if let Some(ip) = leaf.filter(|ip| local && !ip.is_loopback() && !ip.is_unspecified()) {
-                out.push(IpAddr::V4(ip));
+            if let Some(ip) = self
+                .leaf
+                .filter(|ip| local && !ip.is_loopback() && !ip.is_unspecified())
+            {
+                self.found.push(IpAddr::V4(ip));
             }
         } else {
-            leaf = None;
+            self.leaf = None;
         }
     }
-    out.sort();
-    out.dedup();
-    out
+
+    fn addresses(mut self) -> Vec<IpAddr> {
+        self.found.sort();
+        self.found.dedup();
+        self.found
+    }
 }
 
-fn read_fib_trie(path: &Path) -> Vec<IpAddr> {
-    match crate::input::open_regular(path, crate::input::Links::Follow) {
-        Ok(f) => parse_fib_trie(BufReader::with_capacity(16 * 1024, f)),
-        Err(e) => {
-            debug!("cannot read {}: {e}", path.display());
-            Vec::new()
-        }
+/// The `LOCAL` addresses of a whole `fib_trie` text.
+pub fn parse_fib_trie(text: &[u8]) -> Vec<IpAddr> {
+    let mut entries = LocalEntries::default();
+    for line in text.split(|b| *b == b'\n') {
+        entries.line((line.len() <= MAX_LINE).then_some(line));
     }
+    entries.addresses()
+}
+
+/// The `LOCAL` addresses of `fib_trie` in the open `net` directory. The file is read whole
+/// however large: with policy routing the `Local` table, which holds the addresses, comes
+/// after a router's full `Main` table.
+fn read_fib_trie(net: BorrowedFd<'_>, reader: &mut ProcReader) -> std::io::Result<Vec<IpAddr>> {
+    let file = crate::input::open_regular_at(net, c"fib_trie")?;
+    let mut entries = LocalEntries::default();
+    reader.lines(file, u64::MAX - 1, |line| entries.line(line))?;
+    Ok(entries.addresses())
 }
 
 /// True for a socket only its own namespace can use: local loopback, and a remote that is
@@ -452,6 +494,14 @@ fn loopback_only(c: &Connection) -> bool {
 /// (the kernel's default, `bindv6only=0`) unless the namespace also has a `0.0.0.0` socket of
 /// the same protocol and port, which could not have been bound next to a dual-stack one.
 pub fn report(ns: Namespace) -> (Vec<Connection>, Summary, usize) {
+    let mut connections = Vec::new();
+    let (summary, unexpanded) = report_into(ns, &mut connections);
+    (connections, summary, unexpanded)
+}
+
+/// [`report`] appending the records to `out`, which a run shares between its namespaces:
+/// a list per namespace, freed right after, cost a page mapped and unmapped each.
+pub fn report_into(ns: Namespace, out: &mut Vec<Connection>) -> (Summary, usize) {
     let mut v4_wildcards: Vec<(Protocol, u16)> = ns
         .sockets
         .iter()
@@ -480,7 +530,8 @@ pub fn report(ns: Namespace) -> (Vec<Connection>, Summary, usize) {
             s
         })
         .collect();
-    let (connections, unexpanded) = expand(sockets, &ns.addresses);
+    let before = out.len();
+    let unexpanded = expand_into(sockets, &ns.addresses, out);
     let summary = Summary {
         inode: ns.inode,
         pid: ns.pid,
@@ -488,10 +539,10 @@ pub fn report(ns: Namespace) -> (Vec<Connection>, Summary, usize) {
         attribution: ns.attribution,
         addresses: ns.addresses,
         sockets: total,
-        connections: connections.len(),
+        connections: out.len() - before,
         loopback_left_out: loopback,
     };
-    (connections, summary, unexpanded)
+    (summary, unexpanded)
 }
 
 impl Namespaces {
@@ -519,15 +570,20 @@ impl Namespaces {
         // Room for the counts around the list.
         let room = limit.saturating_sub(128);
         for s in &self.list {
-            let item = summary_json(s);
-            // One large entry (a long container name) must not hide the smaller ones after it.
-            if items.len() + item.len() + 2 > room {
-                continue;
-            }
-            if listed > 0 {
+            // Written in place and taken back when too large: a string per entry, freed
+            // right after, cost a page mapped and unmapped each.
+            let before = items.len();
+            let comma = usize::from(listed > 0);
+            if comma > 0 {
                 items.push(',');
             }
-            items.push_str(&item);
+            summary_json(s, &mut items);
+            // Room for the entry, a comma and the closing bracket, as if it stood alone. One
+            // large entry (a long container name) must not hide the smaller ones after it.
+            if items.len() - comma + 2 > room {
+                items.truncate(before);
+                continue;
+            }
             listed += 1;
         }
         items.push(']');
@@ -542,20 +598,19 @@ impl Namespaces {
     }
 }
 
-fn summary_json(s: &Summary) -> String {
+/// Appends the JSON of `s` to `out`.
+fn summary_json(s: &Summary, out: &mut String) {
     let mut addresses = String::from("[");
     for (i, ip) in s.addresses.iter().take(LISTED_ADDRESSES).enumerate() {
         if i > 0 {
             addresses.push(',');
         }
-        addresses.push('"');
-        addresses.push_str(&ip.to_string());
-        addresses.push('"');
+        // An address is digits, dots, colons and hex letters: nothing to escape.
+        let _ = write!(addresses, "\"{ip}\"");
     }
     addresses.push(']');
     let a = &s.attribution;
-    let mut out = String::new();
-    let mut o = Object::new(&mut out);
+    let mut o = Object::new(out);
     o.num("inode", s.inode)
         .num("pid", s.pid)
         .opt_str("process_name", s.process_name.as_deref())
@@ -568,13 +623,14 @@ fn summary_json(s: &Summary) -> String {
         .num("connections", s.connections)
         .num("loopback_left_out", s.loopback_left_out);
     o.end();
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::ConnState;
+    use std::os::fd::FromRawFd;
+    use std::path::PathBuf;
 
     const FIB_TRIE: &str = "Main:
   +-- 0.0.0.0/0 3 0 5
@@ -638,10 +694,10 @@ fd000db80000000000000000000000 02 40 00 80     eth0
             "Local:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 203.0.113.5\n        /32 host LOCAL\n",
         );
         let scratch = Scratch::new("fib");
-        let path = scratch.0.join("fib_trie");
-        std::fs::write(&path, trie).unwrap();
+        std::fs::write(scratch.0.join("fib_trie"), trie).unwrap();
+        let dir = procfs::open_dir(&scratch.0).unwrap();
         assert_eq!(
-            read_fib_trie(&path),
+            read_fib_trie(dir.as_fd(), &mut ProcReader::default()).unwrap(),
             ["10.88.0.7", "203.0.113.5"].map(|a| a.parse::<IpAddr>().unwrap())
         );
     }
@@ -701,7 +757,9 @@ fd000db80000000000000000000000 02 40 00 80     eth0
         std::fs::rename(root.join("42"), root.join("42.gone")).unwrap();
         copy_tree(&fixture.join("1"), &root.join("42"));
         copy_tree(&fixture.join("net"), &root.join("42/net"));
-        let ns = dir.read(4026532100, 42).unwrap();
+        let ns = dir
+            .read(root, 4026532100, 42, &mut ProcReader::default())
+            .unwrap();
         let locals: Vec<String> = ns
             .sockets
             .iter()
