@@ -171,14 +171,37 @@ pub fn part_budget(max_report_bytes: u32) -> usize {
 /// There is always at least one part, so an empty delta still checks in (the server then knows
 /// the agent is alive).
 pub fn split(header: &Header, delta: &Snapshot, removed: &Counts, budget: usize) -> Vec<Part> {
-    split_from(header, delta, removed, budget, 0)
+    split_from(header, delta, &Lengths::of(delta), removed, budget, 0)
+}
+
+/// The rendered length of every record of a delta, with its comma, in report order. Measured
+/// once per report: a check-in cuts the rest of its parts again each time the server's pace
+/// moves the part size, and measuring a record costs as much as rendering it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lengths(Vec<u32>);
+
+impl Lengths {
+    /// Measures every record of `delta`.
+    pub fn of(delta: &Snapshot) -> Lengths {
+        let mut lengths = Vec::with_capacity(delta.len());
+        for t in 0..4 {
+            for i in 0..table_len(delta, t) {
+                let mut length = Length::default();
+                push_record(&mut length, delta, t, i);
+                lengths.push(u32::try_from(length.0 + 1).unwrap_or(u32::MAX));
+            }
+        }
+        Lengths(lengths)
+    }
 }
 
 /// [`split`] for the records from position `from` of the report order on (the rest of a
-/// report whose parts turned out too large). One pass over the records: each is measured once.
+/// report whose parts turned out too large or too small for the server's pace), with the
+/// records' `lengths` measured once ([`Lengths::of`] the same `delta`).
 pub fn split_from(
     header: &Header,
     delta: &Snapshot,
+    lengths: &Lengths,
     removed: &Counts,
     budget: usize,
     from: usize,
@@ -198,28 +221,16 @@ pub fn split_from(
     );
     let room = budget.saturating_sub(overhead.len()).max(1);
     let mut cuts = vec![from];
-    let (mut used, mut position) = (0, 0);
-    for t in 0..4 {
-        let len = table_len(delta, t);
-        if position + len <= from {
-            position += len;
-            continue;
+    let mut used = 0;
+    let rest = lengths.0.get(from..).unwrap_or_default();
+    for (position, len) in (from..).zip(rest.iter().map(|l| *l as usize)) {
+        if used > 0 && used + len > room {
+            cuts.push(position);
+            used = 0;
         }
-        let skip = from.saturating_sub(position);
-        position += skip;
-        for i in skip..len {
-            let mut length = Length::default();
-            push_record(&mut length, delta, t, i);
-            let len = length.0 + 1; // and its comma
-            if used > 0 && used + len > room {
-                cuts.push(position);
-                used = 0;
-            }
-            used += len;
-            position += 1;
-        }
+        used += len;
     }
-    cuts.push(position.max(from));
+    cuts.push(lengths.0.len().max(from));
     cuts.windows(2)
         .map(|w| Part::of(delta, w[0]..w[1]))
         .collect()
@@ -480,12 +491,40 @@ pub(crate) mod tests {
         let budget = part_budget(262_144);
         let all = split(&header(), &delta, &[0; 4], budget);
         let from = all[1].start();
-        let rest = split_from(&header(), &delta, &[0; 4], budget, from);
+        let lengths = Lengths::of(&delta);
+        let rest = split_from(&header(), &delta, &lengths, &[0; 4], budget, from);
         assert_eq!(rest, all[1..]);
-        let halves = split_from(&header(), &delta, &[0; 4], budget / 2, from);
+        let halves = split_from(&header(), &delta, &lengths, &[0; 4], budget / 2, from);
         assert_eq!(halves.first().map(Part::start), Some(from));
         assert_eq!(halves.last().map(|p| p.ranges[2].end), Some(3000));
         assert!(halves.len() > rest.len());
+    }
+
+    #[test]
+    fn lengths_are_the_records_as_rendered_with_their_commas() {
+        let mut delta = snap([1, 80, 443, 50442]);
+        delta.routes = vec![crate::model::Route {
+            destination: "default".into(),
+            gateway: None,
+            interface: Some("eth0".into()),
+            source_ip: None,
+        }];
+        let mut body = String::new();
+        let all = Part::of(&delta, 0..delta.len());
+        let at = render_into(&mut body, &header(), 1, true, (1, 1), &[0; 4], &delta, &all);
+        let rendered: Vec<usize> = at.iter().map(|r| r.len()).collect();
+        let Lengths(lengths) = Lengths::of(&delta);
+        // Each table's records are `rec,rec,rec`: its lengths less the last comma.
+        assert_eq!(lengths.len(), 5);
+        assert_eq!(
+            rendered,
+            vec![
+                0,
+                0,
+                lengths[..4].iter().sum::<u32>() as usize - 1,
+                lengths[4] as usize - 1
+            ]
+        );
     }
 
     #[test]
