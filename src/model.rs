@@ -4,7 +4,6 @@
 //! the edge, so the rest of the program never re-checks an address, a MAC or a state. Field names
 //! and normalisation follow the server contract and the earlier agent.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -252,17 +251,21 @@ pub type ProcessName = Arc<str>;
 /// Hands out one shared [`ProcessName`] per distinct name, for readers that see the same names
 /// over and over (a saved snapshot, `ss` output).
 #[derive(Debug, Default)]
-pub struct Names(BTreeSet<ProcessName>);
+pub struct Names(Vec<ProcessName>);
 
 impl Names {
     /// The shared name equal to `name`, made on first sight.
     pub fn get(&mut self, name: &str) -> ProcessName {
-        if let Some(known) = self.0.get(name) {
-            return known.clone();
+        // Sorted, searched by halves: a host has a few hundred distinct names at most, and a
+        // vector costs less code than a tree or a hash set (the binary's size is watched).
+        match self.0.binary_search_by(|known| (**known).cmp(name)) {
+            Ok(at) => self.0[at].clone(),
+            Err(at) => {
+                let new = ProcessName::from(name);
+                self.0.insert(at, new.clone());
+                new
+            }
         }
-        let new = ProcessName::from(name);
-        self.0.insert(new.clone());
-        new
     }
 
     /// How many distinct names were handed out.
