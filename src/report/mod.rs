@@ -104,6 +104,10 @@ pub fn partition(base: &Snapshot, current: Snapshot) -> (Snapshot, Snapshot) {
         // The swaps keep the base's records in order but rotate the new ones among themselves
         // (few, in a delta; the sort is the one `normalize` already compiles).
         new.sort();
+        // When most records are new, the room they left is given back.
+        if current.len() < current.capacity() / 2 {
+            current.shrink_to_fit();
+        }
         (current, new)
     }
     let (addresses, new_addresses) = split(&base.addresses, current.addresses);
@@ -483,6 +487,14 @@ pub(crate) mod tests {
         assert_eq!(kept, snap((1..=1000).filter(|p| p % 10 != 0)));
         assert_eq!(new, snap((10..=1000).step_by(10)));
         assert_eq!(kept.connections.as_ptr(), buffer);
+    }
+
+    #[test]
+    fn a_delta_of_mostly_new_records_keeps_them_in_order_and_gives_back_the_room() {
+        let (kept, new) = partition(&snap([0, 500, 999, 5000]), snap(1..=1000));
+        assert_eq!(kept, snap([500, 999]));
+        assert_eq!(new, snap((1..=1000).filter(|p| *p != 500 && *p != 999)));
+        assert!(kept.connections.capacity() < 500);
     }
 
     #[test]
