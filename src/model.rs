@@ -115,6 +115,12 @@ impl Protocol {
 
     /// Accepts `tcp`, `udp`, `tcp6`, `udp6` (as `ss` and `netstat` print them).
     pub fn parse(text: &str) -> Option<Protocol> {
+        // The contract's spelling, as every saved record has it, needs no lowercase copy.
+        match text {
+            "tcp" => return Some(Protocol::Tcp),
+            "udp" => return Some(Protocol::Udp),
+            _ => {}
+        }
         match text.trim().to_ascii_lowercase().as_str() {
             "tcp" | "tcp6" => Some(Protocol::Tcp),
             "udp" | "udp6" => Some(Protocol::Udp),
@@ -141,6 +147,21 @@ pub enum ConnState {
 }
 
 impl ConnState {
+    const ALL: [ConnState; 12] = [
+        ConnState::Established,
+        ConnState::Listen,
+        ConnState::TimeWait,
+        ConnState::CloseWait,
+        ConnState::FinWait1,
+        ConnState::FinWait2,
+        ConnState::SynRecv,
+        ConnState::SynSent,
+        ConnState::Closing,
+        ConnState::LastAck,
+        ConnState::Closed,
+        ConnState::Unknown,
+    ];
+
     /// The contract's spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -162,6 +183,11 @@ impl ConnState {
     /// Maps a state as `ss`, `netstat` or the contract print it (`ESTAB`, `estab`, `FIN-WAIT-1`,
     /// `FIN_WAIT1`, `UNCONN`, `established`, ...). Names it does not know become `Unknown`.
     pub fn parse(text: &str) -> ConnState {
+        // The contract's own spellings (every saved record) are taken as they are, without
+        // the normalised copy the tools' spellings need.
+        if let Some(state) = ConnState::ALL.into_iter().find(|s| s.as_str() == text) {
+            return state;
+        }
         let norm: String = text
             .trim()
             .chars()

@@ -100,14 +100,36 @@ const FIELDS: [&str; 15] = [
     "source_ip",
 ];
 
+/// Where `key` is in [`FIELDS`]. A `match` on the names, not a search of the array: it runs
+/// for every member of every saved record.
+fn field(key: &str) -> Option<usize> {
+    Some(match key {
+        "interface" => 0,
+        "ip_address" => 1,
+        "mac_address" => 2,
+        "prefix_length" => 3,
+        "state" => 4,
+        "local_ip" => 5,
+        "local_port" => 6,
+        "remote_ip" => 7,
+        "remote_port" => 8,
+        "protocol" => 9,
+        "pid" => 10,
+        "process_name" => 11,
+        "destination" => 12,
+        "gateway" => 13,
+        "source_ip" => 14,
+        _ => return None,
+    })
+}
+
 /// The known members of one cached record object, as read.
 #[derive(Default)]
-struct Fields([Option<Scalar>; 15]);
+struct Fields([Option<Scalar>; FIELDS.len()]);
 
 impl Fields {
     fn get(&self, key: &str) -> Option<&Scalar> {
-        let at = FIELDS.iter().position(|f| *f == key)?;
-        self.0[at].as_ref()
+        self.0[field(key)?].as_ref()
     }
 
     fn str(&self, key: &str) -> Option<&str> {
@@ -183,7 +205,11 @@ impl Fields {
             local_port: u16::try_from(self.int("local_port")?).ok()?,
             remote_ip: self.opt_ip("remote_ip")?,
             remote_port: self.opt_int("remote_port")?,
-            state: self.opt_string("state")?.map(|s| ConnState::parse(&s)),
+            state: match self.get("state") {
+                None | Some(Scalar::Null) => None,
+                Some(Scalar::String(s)) => Some(ConnState::parse(s)),
+                Some(_) => return None,
+            },
             pid: self.opt_int("pid")?,
             process_name,
         })
@@ -207,7 +233,7 @@ fn read_fields(r: &mut Reader<'_>, key: &mut String) -> Step<Fields> {
     r.begin_object()?;
     let mut first = true;
     while r.next_key(&mut first, key, 32)? {
-        match FIELDS.iter().position(|f| *f == key.as_str()) {
+        match field(key) {
             Some(at) => fields.0[at] = Some(r.scalar(MAX_FIELD)?),
             None => r.skip()?,
         }
@@ -325,6 +351,13 @@ mod tests {
         };
         s.normalize();
         s
+    }
+
+    #[test]
+    fn every_field_name_has_its_own_place() {
+        let places: Vec<Option<usize>> = FIELDS.iter().map(|f| field(f)).collect();
+        assert_eq!(places, (0..FIELDS.len()).map(Some).collect::<Vec<_>>());
+        assert_eq!(field("remote_ipx"), None);
     }
 
     #[test]
