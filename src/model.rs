@@ -274,8 +274,8 @@ pub struct Route {
 /// a heap block beside it, for a few distinct names.
 pub type ProcessName = Arc<str>;
 
-/// Hands out one shared [`ProcessName`] per distinct name, for readers that see the same names
-/// over and over (a saved snapshot, `ss` output).
+/// Hands out one shared [`ProcessName`] per distinct name, for a reader that sees the same
+/// names over and over (a saved snapshot: thousands of records, a few names).
 #[derive(Debug, Default)]
 pub struct Names(Vec<ProcessName>);
 
