@@ -25,6 +25,9 @@
 # directories live under BENCH_STATE_ROOT (default target/bench-state): a real filesystem,
 # since tmpfs writes no blocks. `uptime` is printed beside the figures (the machine is shared).
 #   BENCH_COMMANDS=0      skip the command path (ss -p takes minutes at 100,000)
+# Everything measured runs in a PID namespace of its own (with its own /proc) beside the
+# connection holder: the owner walk of /proc/*/fd then sees the scene's processes only, not
+# whatever else this machine runs (other builds and tests, thousands of descriptors at times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +42,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "bench.sh: must run as root (it builds network namespaces)" >&2
   exit 2
 fi
-for tool in ip ss rustc cargo timeout; do
+for tool in ip ss rustc cargo timeout unshare nsenter; do
   command -v "$tool" >/dev/null || { echo "bench.sh: $tool is missing" >&2; exit 2; }
 done
 
@@ -56,8 +59,14 @@ ns=""
 srvns=""
 server=""
 holder=""
+anchor=""
 cleanup() {
   set +e
+  if [ -n "$anchor" ]; then
+    # The PID namespace's first process: every process in the namespace dies with it.
+    kill -KILL "$anchor" 2>/dev/null
+    wait "$anchor" 2>/dev/null
+  fi
   if [ -n "$holder" ]; then
     kill -KILL "$holder" 2>/dev/null
     wait "$holder" 2>/dev/null
@@ -99,15 +108,19 @@ bench_server=$target_dir/release/examples/bench_server
 helper=$work/helper
 rustc -O --edition 2021 -o "$helper" scripts/bench/helper.rs
 
+# Runs a command in the scene: the network namespace $ns and the PID namespace (with its /proc)
+# whose first process is $anchor_pid.
+scene() { nsenter --target "$anchor_pid" --net --pid --mount "$@"; }
+
 # One measurement: prints "<wall> <cpu> <rss_kib> <bytes written>"; fails the script if the
 # command failed. MEASURE_TIMEOUT (default 120) bounds it.
 measure() {
   local out code
-  out=$(ip netns exec "$ns" "$helper" measure "${MEASURE_TIMEOUT:-120}" "$@")
+  out=$(scene "$helper" measure "${MEASURE_TIMEOUT:-120}" "$@")
   code=${out%% *}
   if [ "$code" != 0 ]; then
     echo "bench.sh: '$*' failed (exit $code) in $ns" >&2
-    ip netns exec "$ns" "$@" >/dev/null || true
+    scene "$@" >/dev/null || true
     exit 1
   fi
   echo "${out#* }"
@@ -120,7 +133,7 @@ ms() { awk -v x="$1" 'BEGIN { printf "%.1f", x * 1000 }'; }
 mib() { awk -v x="$1" 'BEGIN { printf "%.1f", x / 1024 }'; }
 # Connection records in the agent's --dry-run with collector $1.
 count() {
-  ip netns exec "$ns" "$agent" "${agent_args[@]}" --collector "$1" |
+  scene "$agent" "${agent_args[@]}" --collector "$1" |
     awk -F '"local_port"' '{ n += NF - 1 } END { print n + 0 }'
 }
 mb() { awk -v x="$1" 'BEGIN { printf "%.2f", x / 1000000 }'; }
@@ -151,9 +164,18 @@ route add default via 192.0.2.2
 route add blackhole 203.0.113.0/24
 EOF
   ip netns exec "$ns" sh -c 'echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range'
+  # The scene's PID namespace: a first process that only waits, with a /proc of its own.
+  ip netns exec "$ns" unshare --pid --fork --kill-child --mount-proc sleep 1000000 &
+  anchor=$!
+  anchor_pid=""
+  until [ -n "$anchor_pid" ]; do
+    kill -0 "$anchor" 2>/dev/null || { echo "bench.sh: cannot make a PID namespace" >&2; exit 1; }
+    anchor_pid=$(cat "/proc/$anchor/task/$anchor/children" 2>/dev/null | awk '{ print $1 }')
+    [ -n "$anchor_pid" ] || sleep 0.1
+  done
   if [ "$n" -gt 0 ]; then
     rm -f "$work/ready"
-    ip netns exec "$ns" "$helper" hold "$n" "$work/ready" &
+    scene "$helper" hold "$n" "$work/ready" &
     holder=$!
     deadline=$((SECONDS + 120 + n / 500))
     until [ -s "$work/ready" ]; do
@@ -236,7 +258,7 @@ EOF
     sd=$states/$n-$r
     rm -rf "$sd"
     ck_args=(--config "$work/agent.env" --state-dir "$sd" --server-url "$(cat "$work/url")" --collector native)
-    ip netns exec "$ns" "$agent" "${ck_args[@]}" --register-only 2>/dev/null
+    scene "$agent" "${ck_args[@]}" --register-only 2>/dev/null
     # The previous run's own connection to the server would be a TIME_WAIT record in this
     # run's tables; on a host, 15 minutes apart, it is long gone. Remove it.
     settle() { sync; ip netns exec "$ns" ss -K -tan state time-wait >/dev/null; }
@@ -276,6 +298,9 @@ EOF
   fi
   loads+=("$n: $(cut -d' ' -f1-3 /proc/loadavg)")
 
+  kill -KILL "$anchor" 2>/dev/null || true
+  wait "$anchor" 2>/dev/null || true
+  anchor=""
   if [ -n "$holder" ]; then
     kill -KILL "$holder" 2>/dev/null || true
     wait "$holder" 2>/dev/null || true

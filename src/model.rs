@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 /// A six-octet link-layer address: the only shape the server accepts as `mac_address`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -114,6 +115,12 @@ impl Protocol {
 
     /// Accepts `tcp`, `udp`, `tcp6`, `udp6` (as `ss` and `netstat` print them).
     pub fn parse(text: &str) -> Option<Protocol> {
+        // The contract's spelling, as every saved record has it, needs no lowercase copy.
+        match text {
+            "tcp" => return Some(Protocol::Tcp),
+            "udp" => return Some(Protocol::Udp),
+            _ => {}
+        }
         match text.trim().to_ascii_lowercase().as_str() {
             "tcp" | "tcp6" => Some(Protocol::Tcp),
             "udp" | "udp6" => Some(Protocol::Udp),
@@ -140,6 +147,21 @@ pub enum ConnState {
 }
 
 impl ConnState {
+    const ALL: [ConnState; 12] = [
+        ConnState::Established,
+        ConnState::Listen,
+        ConnState::TimeWait,
+        ConnState::CloseWait,
+        ConnState::FinWait1,
+        ConnState::FinWait2,
+        ConnState::SynRecv,
+        ConnState::SynSent,
+        ConnState::Closing,
+        ConnState::LastAck,
+        ConnState::Closed,
+        ConnState::Unknown,
+    ];
+
     /// The contract's spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -161,6 +183,11 @@ impl ConnState {
     /// Maps a state as `ss`, `netstat` or the contract print it (`ESTAB`, `estab`, `FIN-WAIT-1`,
     /// `FIN_WAIT1`, `UNCONN`, `established`, ...). Names it does not know become `Unknown`.
     pub fn parse(text: &str) -> ConnState {
+        // The contract's own spellings (every saved record) are taken as they are, without
+        // the normalised copy the tools' spellings need.
+        if let Some(state) = ConnState::ALL.into_iter().find(|s| s.as_str() == text) {
+            return state;
+        }
         let norm: String = text
             .trim()
             .chars()
@@ -242,6 +269,42 @@ pub struct Route {
     pub source_ip: Option<IpAddr>,
 }
 
+/// A process name, shared: every socket of one process (and every saved record of one name)
+/// points at one allocation. At 200,000 sockets a `String` each was 24 bytes in the record and
+/// a heap block beside it, for a few distinct names.
+pub type ProcessName = Arc<str>;
+
+/// Hands out one shared [`ProcessName`] per distinct name, for a reader that sees the same
+/// names over and over (a saved snapshot: thousands of records, a few names).
+#[derive(Debug, Default)]
+pub struct Names(Vec<ProcessName>);
+
+impl Names {
+    /// The shared name equal to `name`, made on first sight.
+    pub fn get(&mut self, name: &str) -> ProcessName {
+        // Sorted, searched by halves: a host has a few hundred distinct names at most, and a
+        // vector costs less code than a tree or a hash set (the binary's size is watched).
+        match self.0.binary_search_by(|known| (**known).cmp(name)) {
+            Ok(at) => self.0[at].clone(),
+            Err(at) => {
+                let new = ProcessName::from(name);
+                self.0.insert(at, new.clone());
+                new
+            }
+        }
+    }
+
+    /// How many distinct names were handed out.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True before the first name.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// A TCP or UDP socket with its owning process when known. A port of 0 on the remote side (a
 /// listener, an unconnected UDP socket) is `None`, as `ss` prints `*`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -253,7 +316,7 @@ pub struct Connection {
     pub remote_port: Option<u16>,
     pub state: Option<ConnState>,
     pub pid: Option<u32>,
-    pub process_name: Option<String>,
+    pub process_name: Option<ProcessName>,
 }
 
 /// Everything one collection saw, each table sorted and free of duplicates.
@@ -314,6 +377,17 @@ mod tests {
             Mac::from_bytes(&[1, 2, 3, 4, 5, 6]),
             Some(Mac([1, 2, 3, 4, 5, 6]))
         );
+    }
+
+    #[test]
+    fn names_hand_out_one_shared_copy_per_distinct_name() {
+        let mut names = Names::default();
+        let a = names.get("nginx");
+        let b = names.get("nginx");
+        let c = names.get("sshd");
+        assert_eq!((&*a, &*b, &*c), ("nginx", "nginx", "sshd"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(names.len(), 2);
     }
 
     #[test]

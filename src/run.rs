@@ -17,7 +17,8 @@ use crate::log;
 use crate::model::Snapshot;
 use crate::pacing::{self, Pacing};
 use crate::policy::Policy;
-use crate::report::{self, gzip, Counts, Header};
+use crate::report::gzip::Gzip;
+use crate::report::{self, Counts, Header};
 use crate::state::{self, Durability, State, StateDir};
 use crate::timefmt;
 
@@ -654,9 +655,12 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
     } else {
         Some(dir.begin_report(state, full)?)
     };
-    let mut parts = report::split(&header, &pending, &removed, budget);
+    // Measured once: the rest is cut again whenever the server's pace moves the part size.
+    let lengths = report::Lengths::of(&pending);
+    let mut parts = report::split_from(&header, &pending, &lengths, &removed, budget, 0);
     let (mut next, mut done, mut sent) = (0, 0, 0);
     let mut body = String::new();
+    let mut gzip = Gzip::new();
     while next < parts.len() {
         let part = &parts[next];
         let total = done + parts.len() - next;
@@ -677,7 +681,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
             &pending,
             part,
         );
-        let gz = gzip::compress(body.as_bytes());
+        let gz = gzip.compress(body.as_bytes());
         pace.compressed(body.len(), gz.len());
         if gz.len() > report::RAW_LIMIT {
             // Never sent: cut again to what this host's reports compress to.
@@ -690,7 +694,8 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                 );
                 budget = smaller;
                 header.namespaces = namespaces.metadata_for_part(budget);
-                parts = report::split_from(&header, &pending, &removed, budget, part.start());
+                parts =
+                    report::split_from(&header, &pending, &lengths, &removed, budget, part.start());
                 next = 0;
                 continue;
             }
@@ -706,7 +711,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
             // it, and the answer's write, synced, goes into the same page (docs/state.md).
             pace.sending(timefmt::now(), body.len());
             pacing::save(dir, pace, Durability::Cached)?;
-            client.check_in(&gz, key)
+            client.check_in(gz, key)
         };
         match result {
             Ok(answer) => {
@@ -748,6 +753,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                     parts = report::split_from(
                         &header,
                         &pending,
+                        &lengths,
                         &removed,
                         budget,
                         parts[next].start(),
@@ -771,7 +777,8 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                     p.unstage()?;
                 }
                 header.namespaces = namespaces.metadata_for_part(budget);
-                parts = report::split_from(&header, &pending, &removed, budget, part.start());
+                parts =
+                    report::split_from(&header, &pending, &lengths, &removed, budget, part.start());
                 next = 0;
             }
             Err(Failure::InDoubt(why)) => {

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use miniserde::json::{self, Object, Value};
 
 use super::{Socket, SourceError};
-use crate::model::{parse_ip, Address, ConnState, Connection, Mac, Neighbor, Protocol, Route};
+use crate::model::{
+    parse_ip, Address, ConnState, Connection, Mac, Neighbor, ProcessName, Protocol, Route,
+};
 
 /// Most stdout one command may print. Real tables are far smaller; more means a runaway tool.
 pub const MAX_OUTPUT: usize = 64 << 20;
@@ -874,7 +876,7 @@ fn listed(
             remote_port: (remote_port != 0).then_some(remote_port),
             state: Some(state),
             pid,
-            process_name,
+            process_name: process_name.map(ProcessName::from),
         },
         inode: 0,
         dual_stack,
@@ -1149,7 +1151,7 @@ mod tests {
                 remote_port: (remote.1 != 0).then_some(remote.1),
                 state: Some(state),
                 pid: owner.map(|o| o.0),
-                process_name: owner.map(|o| o.1.to_string()),
+                process_name: owner.map(|o| o.1.into()),
             },
             inode: 0,
             dual_stack: false,
@@ -1547,7 +1549,7 @@ mod tests {
         let owner = |port: u16, pid: Option<u32>, name: Option<&str>| {
             let mut s = sock(Tcp, ("0.0.0.0", port), ("0.0.0.0", 0), Listen, None);
             s.connection.pid = pid;
-            s.connection.process_name = name.map(str::to_string);
+            s.connection.process_name = name.map(Into::into);
             s
         };
         assert_eq!(

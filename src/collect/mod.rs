@@ -450,8 +450,15 @@ fn finish(s: &mut Snapshot) -> usize {
         }
     }
     for c in &mut s.connections {
-        if let Some(name) = &mut c.process_name {
-            truncate_chars(name, NAME_LIMIT);
+        // Shared with the process's other sockets: a long one is replaced, not cut in place.
+        if let Some(name) = c
+            .process_name
+            .as_mut()
+            .filter(|n| n.chars().nth(NAME_LIMIT).is_some())
+        {
+            let mut cut = name.to_string();
+            truncate_chars(&mut cut, NAME_LIMIT);
+            *name = cut.into();
         }
     }
     for r in &mut s.routes {
@@ -575,7 +582,7 @@ mod tests {
                 state: Some("stale".into()),
             }],
             connections: vec![Connection {
-                process_name: Some("p".repeat(400)),
+                process_name: Some("p".repeat(400).into()),
                 ..listener("10.0.0.1", 1, false).connection
             }],
             routes: vec![],
@@ -589,7 +596,7 @@ mod tests {
         assert_eq!(s.addresses[0].interface.len(), 255);
         assert!(s.neighbors.is_empty());
         assert_eq!(
-            s.connections[0].process_name.as_ref().map(String::len),
+            s.connections[0].process_name.as_deref().map(str::len),
             Some(255)
         );
     }

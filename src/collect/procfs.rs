@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::collect::{Socket, SourceError};
-use crate::model::{ip_from_bytes, Protocol};
+use crate::model::{ip_from_bytes, ProcessName, Protocol};
 
 /// The socket tables under `<proc_root>/net`, their protocol and whether they are IPv6.
 const TABLES: [(&CStr, Protocol, bool); 4] = [
@@ -489,7 +489,7 @@ const NOBODY: u32 = u32::MAX;
 #[derive(Debug, Default)]
 pub struct Owners {
     wanted: HashMap<u64, u32, FastHash>,
-    names: HashMap<u32, Option<String>, FastHash>,
+    names: HashMap<u32, Option<ProcessName>, FastHash>,
     /// Socket descriptors not wanted when their process was scanned: a namespace found later
     /// in the walk may want them (a process holding a socket of another namespace).
     stray: Option<Vec<(u64, u32)>>,
@@ -532,7 +532,9 @@ impl Owners {
     /// The name of `pid`, read already (a namespace's first process, read with its tables),
     /// so that the walk does not read it again when the process holds a wanted socket.
     pub fn know_name(&mut self, pid: u32, name: Option<String>) {
-        self.names.entry(pid).or_insert(name);
+        self.names
+            .entry(pid)
+            .or_insert_with(|| name.map(ProcessName::from));
     }
 
     /// Unmatched descriptors kept for sockets wanted later in the walk.
@@ -572,7 +574,7 @@ impl Owners {
                     *owner = pid;
                     self.names
                         .entry(pid)
-                        .or_insert_with(|| read_comm(proc_root, pid));
+                        .or_insert_with(|| read_comm(proc_root, pid).map(ProcessName::from));
                 }
             }
         }
@@ -679,7 +681,8 @@ pub fn walk(
         }
         if holds && !owners.names.contains_key(&pid) {
             // Read now, while the process most likely still exists.
-            owners.names.insert(pid, read_comm(proc_root, pid));
+            let name = read_comm(proc_root, pid).map(ProcessName::from);
+            owners.names.insert(pid, name);
         }
     }
     owners.settle(proc_root);
@@ -855,7 +858,7 @@ mod tests {
 
     fn owned(mut s: Socket, pid: u32, name: &str) -> Socket {
         s.connection.pid = Some(pid);
-        s.connection.process_name = Some(name.to_string());
+        s.connection.process_name = Some(name.into());
         s
     }
 

@@ -207,6 +207,9 @@ impl Scalar {
 pub struct Reader<'a> {
     src: Box<dyn BufRead + 'a>,
     depth: usize,
+    /// The bytes of the string being read, kept between strings: a saved snapshot has a
+    /// dozen strings per record, and a buffer each was most of the reader's allocations.
+    scratch: Vec<u8>,
 }
 
 fn is_ws(b: u8) -> bool {
@@ -219,6 +222,7 @@ impl<'a> Reader<'a> {
         Reader {
             src: Box::new(src),
             depth: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -447,6 +451,7 @@ impl<'a> Reader<'a> {
         let mut inner = Reader {
             src: Box::new(&mut tee),
             depth: self.depth,
+            scratch: Vec::new(),
         };
         inner.skip()?;
         drop(inner);
@@ -506,8 +511,19 @@ impl<'a> Reader<'a> {
 
     /// Reads a string after its opening quote. With `into`, the text is appended there while it
     /// stays within its limit; returns false when it did not (the rest is skipped).
-    fn string_body(&mut self, mut into: Option<(&mut String, usize)>) -> Step<bool> {
-        let mut bytes = Vec::new();
+    fn string_body(&mut self, into: Option<(&mut String, usize)>) -> Step<bool> {
+        let mut bytes = std::mem::take(&mut self.scratch);
+        bytes.clear();
+        let result = self.string_bytes(&mut bytes, into);
+        self.scratch = bytes;
+        result
+    }
+
+    fn string_bytes(
+        &mut self,
+        bytes: &mut Vec<u8>,
+        mut into: Option<(&mut String, usize)>,
+    ) -> Step<bool> {
         let keep = into.is_some();
         let max = into.as_ref().map_or(0, |(_, m)| *m);
         let mut fits = true;
@@ -562,8 +578,8 @@ impl<'a> Reader<'a> {
         if !fits {
             return Ok(false);
         }
-        let text = String::from_utf8(bytes).map_err(|_| Fault::Syntax)?;
-        out.push_str(&text);
+        let text = std::str::from_utf8(bytes).map_err(|_| Fault::Syntax)?;
+        out.push_str(text);
         Ok(true)
     }
 

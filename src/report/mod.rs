@@ -85,19 +85,30 @@ pub fn removed(base: &Snapshot, current: &Snapshot) -> Counts {
 
 /// Splits `current` into the records `base` already has (`kept`) and the others (`new`),
 /// moving them rather than copying. Both snapshots must be normalised; so are the results.
+/// `kept` stays in `current`'s own buffer and only the new records move out: a delta run holds
+/// the saved snapshot and the collected one, and a third table of the same size beside them
+/// was the largest part of its peak memory.
 pub fn partition(base: &Snapshot, current: Snapshot) -> (Snapshot, Snapshot) {
-    fn split<T: Ord>(base: &[T], current: Vec<T>) -> (Vec<T>, Vec<T>) {
+    fn split<T: Ord>(base: &[T], mut current: Vec<T>) -> (Vec<T>, Vec<T>) {
         let mut b = base.iter().peekable();
-        let (mut kept, mut new) = (Vec::new(), Vec::with_capacity(current.len()));
-        for item in current {
-            while b.next_if(|x| **x < item).is_some() {}
-            if b.next_if(|x| **x == item).is_some() {
-                kept.push(item);
-            } else {
-                new.push(item);
+        let mut kept = 0;
+        for i in 0..current.len() {
+            let item = &current[i];
+            while b.next_if(|x| *x < item).is_some() {}
+            if b.next_if(|x| *x == item).is_some() {
+                current.swap(kept, i);
+                kept += 1;
             }
         }
-        (kept, new)
+        let mut new = current.split_off(kept);
+        // The swaps keep the base's records in order but rotate the new ones among themselves
+        // (few, in a delta; the sort is the one `normalize` already compiles).
+        new.sort();
+        // When most records are new, the room they left is given back.
+        if current.len() < current.capacity() / 2 {
+            current.shrink_to_fit();
+        }
+        (current, new)
     }
     let (addresses, new_addresses) = split(&base.addresses, current.addresses);
     let (neighbors, new_neighbors) = split(&base.neighbors, current.neighbors);
@@ -164,14 +175,37 @@ pub fn part_budget(max_report_bytes: u32) -> usize {
 /// There is always at least one part, so an empty delta still checks in (the server then knows
 /// the agent is alive).
 pub fn split(header: &Header, delta: &Snapshot, removed: &Counts, budget: usize) -> Vec<Part> {
-    split_from(header, delta, removed, budget, 0)
+    split_from(header, delta, &Lengths::of(delta), removed, budget, 0)
+}
+
+/// The rendered length of every record of a delta, with its comma, in report order. Measured
+/// once per report: a check-in cuts the rest of its parts again each time the server's pace
+/// moves the part size, and measuring a record costs as much as rendering it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lengths(Vec<u32>);
+
+impl Lengths {
+    /// Measures every record of `delta`.
+    pub fn of(delta: &Snapshot) -> Lengths {
+        let mut lengths = Vec::with_capacity(delta.len());
+        for t in 0..4 {
+            for i in 0..table_len(delta, t) {
+                let mut length = Length::default();
+                push_record(&mut length, delta, t, i);
+                lengths.push(u32::try_from(length.0 + 1).unwrap_or(u32::MAX));
+            }
+        }
+        Lengths(lengths)
+    }
 }
 
 /// [`split`] for the records from position `from` of the report order on (the rest of a
-/// report whose parts turned out too large). One pass over the records: each is measured once.
+/// report whose parts turned out too large or too small for the server's pace), with the
+/// records' `lengths` measured once ([`Lengths::of`] the same `delta`).
 pub fn split_from(
     header: &Header,
     delta: &Snapshot,
+    lengths: &Lengths,
     removed: &Counts,
     budget: usize,
     from: usize,
@@ -191,28 +225,16 @@ pub fn split_from(
     );
     let room = budget.saturating_sub(overhead.len()).max(1);
     let mut cuts = vec![from];
-    let (mut used, mut position) = (0, 0);
-    for t in 0..4 {
-        let len = table_len(delta, t);
-        if position + len <= from {
-            position += len;
-            continue;
+    let mut used = 0;
+    let rest = lengths.0.get(from..).unwrap_or_default();
+    for (position, len) in (from..).zip(rest.iter().map(|l| *l as usize)) {
+        if used > 0 && used + len > room {
+            cuts.push(position);
+            used = 0;
         }
-        let skip = from.saturating_sub(position);
-        position += skip;
-        for i in skip..len {
-            let mut length = Length::default();
-            push_record(&mut length, delta, t, i);
-            let len = length.0 + 1; // and its comma
-            if used > 0 && used + len > room {
-                cuts.push(position);
-                used = 0;
-            }
-            used += len;
-            position += 1;
-        }
+        used += len;
     }
-    cuts.push(position.max(from));
+    cuts.push(lengths.0.len().max(from));
     cuts.windows(2)
         .map(|w| Part::of(delta, w[0]..w[1]))
         .collect()
@@ -458,17 +480,63 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn kept_records_stay_in_the_collected_buffer() {
+        let current = snap(1..=1000);
+        let buffer = current.connections.as_ptr();
+        let (kept, new) = partition(&snap((1..=1000).filter(|p| p % 10 != 0)), current);
+        assert_eq!(kept, snap((1..=1000).filter(|p| p % 10 != 0)));
+        assert_eq!(new, snap((10..=1000).step_by(10)));
+        assert_eq!(kept.connections.as_ptr(), buffer);
+    }
+
+    #[test]
+    fn a_delta_of_mostly_new_records_keeps_them_in_order_and_gives_back_the_room() {
+        let (kept, new) = partition(&snap([0, 500, 999, 5000]), snap(1..=1000));
+        assert_eq!(kept, snap([500, 999]));
+        assert_eq!(new, snap((1..=1000).filter(|p| *p != 500 && *p != 999)));
+        assert!(kept.connections.capacity() < 500);
+    }
+
+    #[test]
     fn the_rest_of_a_report_is_split_from_where_it_stopped() {
         let delta = snap(1..=3000);
         let budget = part_budget(262_144);
         let all = split(&header(), &delta, &[0; 4], budget);
         let from = all[1].start();
-        let rest = split_from(&header(), &delta, &[0; 4], budget, from);
+        let lengths = Lengths::of(&delta);
+        let rest = split_from(&header(), &delta, &lengths, &[0; 4], budget, from);
         assert_eq!(rest, all[1..]);
-        let halves = split_from(&header(), &delta, &[0; 4], budget / 2, from);
+        let halves = split_from(&header(), &delta, &lengths, &[0; 4], budget / 2, from);
         assert_eq!(halves.first().map(Part::start), Some(from));
         assert_eq!(halves.last().map(|p| p.ranges[2].end), Some(3000));
         assert!(halves.len() > rest.len());
+    }
+
+    #[test]
+    fn lengths_are_the_records_as_rendered_with_their_commas() {
+        let mut delta = snap([1, 80, 443, 50442]);
+        delta.routes = vec![crate::model::Route {
+            destination: "default".into(),
+            gateway: None,
+            interface: Some("eth0".into()),
+            source_ip: None,
+        }];
+        let mut body = String::new();
+        let all = Part::of(&delta, 0..delta.len());
+        let at = render_into(&mut body, &header(), 1, true, (1, 1), &[0; 4], &delta, &all);
+        let rendered: Vec<usize> = at.iter().map(|r| r.len()).collect();
+        let Lengths(lengths) = Lengths::of(&delta);
+        // Each table's records are `rec,rec,rec`: its lengths less the last comma.
+        assert_eq!(lengths.len(), 5);
+        assert_eq!(
+            rendered,
+            vec![
+                0,
+                0,
+                lengths[..4].iter().sum::<u32>() as usize - 1,
+                lengths[4] as usize - 1
+            ]
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use crate::json::read::{Reader, Scalar, Step};
 use crate::json::{Object, Sink};
 use crate::model::{
-    parse_ip, Address, ConnState, Connection, Mac, Neighbor, Protocol, Route, Snapshot,
+    parse_ip, Address, ConnState, Connection, Mac, Names, Neighbor, Protocol, Route, Snapshot,
 };
 
 /// Appends one address record.
@@ -100,14 +100,36 @@ const FIELDS: [&str; 15] = [
     "source_ip",
 ];
 
+/// Where `key` is in [`FIELDS`]. A `match` on the names, not a search of the array: it runs
+/// for every member of every saved record.
+fn field(key: &str) -> Option<usize> {
+    Some(match key {
+        "interface" => 0,
+        "ip_address" => 1,
+        "mac_address" => 2,
+        "prefix_length" => 3,
+        "state" => 4,
+        "local_ip" => 5,
+        "local_port" => 6,
+        "remote_ip" => 7,
+        "remote_port" => 8,
+        "protocol" => 9,
+        "pid" => 10,
+        "process_name" => 11,
+        "destination" => 12,
+        "gateway" => 13,
+        "source_ip" => 14,
+        _ => return None,
+    })
+}
+
 /// The known members of one cached record object, as read.
 #[derive(Default)]
-struct Fields([Option<Scalar>; 15]);
+struct Fields([Option<Scalar>; FIELDS.len()]);
 
 impl Fields {
     fn get(&self, key: &str) -> Option<&Scalar> {
-        let at = FIELDS.iter().position(|f| *f == key)?;
-        self.0[at].as_ref()
+        self.0[field(key)?].as_ref()
     }
 
     fn str(&self, key: &str) -> Option<&str> {
@@ -169,16 +191,27 @@ impl Fields {
         })
     }
 
-    fn connection(&self) -> Option<Connection> {
+    /// The process name comes from `names`: a saved snapshot repeats a few names over
+    /// thousands of records, and each record holds one shared copy.
+    fn connection(&self, names: &mut Names) -> Option<Connection> {
+        let process_name = match self.get("process_name") {
+            None | Some(Scalar::Null) => None,
+            Some(Scalar::String(s)) => Some(names.get(s)),
+            Some(_) => return None,
+        };
         Some(Connection {
             protocol: Protocol::parse(self.str("protocol")?)?,
             local_ip: parse_ip(self.str("local_ip")?)?,
             local_port: u16::try_from(self.int("local_port")?).ok()?,
             remote_ip: self.opt_ip("remote_ip")?,
             remote_port: self.opt_int("remote_port")?,
-            state: self.opt_string("state")?.map(|s| ConnState::parse(&s)),
+            state: match self.get("state") {
+                None | Some(Scalar::Null) => None,
+                Some(Scalar::String(s)) => Some(ConnState::parse(s)),
+                Some(_) => return None,
+            },
             pid: self.opt_int("pid")?,
-            process_name: self.opt_string("process_name")?,
+            process_name,
         })
     }
 
@@ -200,7 +233,7 @@ fn read_fields(r: &mut Reader<'_>, key: &mut String) -> Step<Fields> {
     r.begin_object()?;
     let mut first = true;
     while r.next_key(&mut first, key, 32)? {
-        match FIELDS.iter().position(|f| *f == key.as_str()) {
+        match field(key) {
             Some(at) => fields.0[at] = Some(r.scalar(MAX_FIELD)?),
             None => r.skip()?,
         }
@@ -225,6 +258,7 @@ pub struct Tally {
 pub fn read_snapshot(r: &mut Reader<'_>, into: &mut Snapshot, tally: &mut Tally) -> Step<()> {
     let mut key = String::new();
     let mut table_key = String::new();
+    let mut names = Names::default();
     r.begin_object()?;
     let mut first = true;
     while r.next_key(&mut first, &mut table_key, 32)? {
@@ -255,7 +289,9 @@ pub fn read_snapshot(r: &mut Reader<'_>, into: &mut Snapshot, tally: &mut Tally)
             let kept = match t {
                 0 => fields.address().map(|a| into.addresses.push(a)),
                 1 => fields.neighbor().map(|n| into.neighbors.push(n)),
-                2 => fields.connection().map(|c| into.connections.push(c)),
+                2 => fields
+                    .connection(&mut names)
+                    .map(|c| into.connections.push(c)),
                 _ => fields.route().map(|x| into.routes.push(x)),
             };
             if kept.is_none() {
@@ -280,6 +316,7 @@ pub fn snapshot_from_text(text: &str) -> Option<(Snapshot, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ProcessName;
 
     fn sample() -> Snapshot {
         let mut s = Snapshot {
@@ -317,6 +354,13 @@ mod tests {
     }
 
     #[test]
+    fn every_field_name_has_its_own_place() {
+        let places: Vec<Option<usize>> = FIELDS.iter().map(|f| field(f)).collect();
+        assert_eq!(places, (0..FIELDS.len()).map(Some).collect::<Vec<_>>());
+        assert_eq!(field("remote_ipx"), None);
+    }
+
+    #[test]
     fn records_encode_with_the_contract_field_names() {
         assert_eq!(
             snapshot_json(&sample()),
@@ -333,6 +377,32 @@ mod tests {
     fn snapshot_round_trips_through_json() {
         let text = snapshot_json(&sample());
         assert_eq!(snapshot_from_text(&text), Some((sample(), 0)));
+    }
+
+    #[test]
+    fn saved_records_of_one_process_share_one_name() {
+        let mut s = sample();
+        let first = s.connections[0].clone();
+        s.connections = (8000..8004)
+            .map(|port| Connection {
+                local_port: port,
+                pid: Some(if port < 8003 { 11918 } else { 4242 }),
+                process_name: Some(if port < 8003 { "nginx" } else { "sshd" }.into()),
+                ..first.clone()
+            })
+            .collect();
+        let (read, dropped) = snapshot_from_text(&snapshot_json(&s)).unwrap();
+        assert_eq!((&read, dropped), (&s, 0));
+        let names: Vec<&ProcessName> = read
+            .connections
+            .iter()
+            .map(|c| c.process_name.as_ref().unwrap())
+            .collect();
+        let shared = |a: usize, b: usize| std::sync::Arc::ptr_eq(names[a], names[b]);
+        assert_eq!(
+            (shared(0, 1), shared(0, 2), shared(0, 3)),
+            (true, true, false)
+        );
     }
 
     #[test]
