@@ -152,7 +152,23 @@ impl SlotFile {
     /// Takes over `file`, whose slots were read as `slots`: their newest record is made
     /// durable first (a killed run may have left it in the page cache only), so it can be the
     /// one kept while the other slot is overwritten.
+    /// A file of another length is made two slots long first: a short one is filled with
+    /// zeros written (not extended into a hole, which would leave later writes to allocate
+    /// blocks and fail on a full disk), a long one cut.
     pub fn open(file: File, slots: &Slots) -> io::Result<SlotFile> {
+        let len = file.metadata()?.len();
+        if len > FILE_LEN {
+            file.set_len(FILE_LEN)?;
+        }
+        let zeros = vec![0u8; SLOT];
+        for start in [0, SLOT as u64] {
+            // Page by page: see the module's comment on large folios.
+            let end = start + SLOT as u64;
+            if len < end {
+                let from = len.max(start);
+                file.write_all_at(&zeros[..(end - from) as usize], from)?;
+            }
+        }
         file.sync_data()?;
         Ok(SlotFile {
             file,
@@ -370,6 +386,30 @@ mod tests {
         let slots = Slots::read(&file).unwrap();
         assert_eq!(slots.older, Some((0, 1, b"good".to_vec())));
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_short_file_is_filled_to_two_allocated_slots_and_a_long_one_cut() {
+        use std::os::unix::fs::MetadataExt;
+        for len in [0, 100, SLOT as u64 + 7, FILE_LEN + 3 * SLOT as u64] {
+            let (path, file) = temp(&format!("len{len}"));
+            let mut w = SlotFile::format(file.try_clone().unwrap()).unwrap();
+            w.write(b"kept", true).unwrap();
+            file.set_len(len).unwrap();
+            let slots = Slots::read(&file).unwrap();
+            let mut w = SlotFile::open(file.try_clone().unwrap(), &slots).unwrap();
+            let meta = file.metadata().unwrap();
+            assert_eq!(
+                (meta.len(), meta.blocks() * 512 >= FILE_LEN),
+                (FILE_LEN, true),
+                "length {len}"
+            );
+            let kept = (len >= (HEADER + 4) as u64).then(|| (0, 1, "kept".to_string()));
+            assert_eq!(newest(&file), kept, "length {len}");
+            w.write(b"next", true).unwrap();
+            assert_eq!(newest(&file).map(|n| n.2), Some("next".into()));
+            std::fs::remove_file(path).unwrap();
+        }
     }
 
     #[test]

@@ -480,6 +480,17 @@ fn parse_record(payload: &[u8]) -> Option<(Option<String>, Option<String>)> {
     parsed.ok().map(|()| members)
 }
 
+/// The members of the newest slot whose payload is the agent's JSON, and whether that is the
+/// older slot (then taken as the newest by `slots`, so the next write goes over the other).
+fn usable(slots: &mut Slots) -> Option<((Option<String>, Option<String>), bool)> {
+    if let Some(members) = slots.newest.as_ref().and_then(|n| parse_record(&n.2)) {
+        return Some((members, false));
+    }
+    let older = slots.older.as_ref().and_then(|o| parse_record(&o.2))?;
+    slots.fall_back();
+    Some((older, true))
+}
+
 /// A JSON object of at most `cap` bytes, as text; `None` otherwise.
 fn json_object(text: &str, cap: usize) -> Option<String> {
     let mut r = Reader::new(text.as_bytes());
@@ -690,9 +701,17 @@ impl StateDir {
             Ok(file) => {
                 mtime = file.metadata().ok().map(|m| (m.mtime(), m.mtime_nsec()));
                 match Slots::read(&file) {
-                    Ok(read) => match read.newest.as_ref().map(|n| parse_record(&n.2)) {
-                        Some(Some((checkin, pacing))) => {
-                            if read.damaged > 0 {
+                    Ok(mut read) => match usable(&mut read) {
+                        Some((members, fell_back)) => {
+                            if fell_back {
+                                warn!(
+                                    "the newest record in {} is whole but not the agent's (the \
+                                     file was changed by something else); using the record \
+                                     before it, so the last check-in's sequence number, time and \
+                                     pace may be one write older",
+                                    path.display()
+                                );
+                            } else if read.damaged > 0 {
                                 debug!(
                                     "{}: one slot holds no whole record (a write was cut short); \
                                      using the other",
@@ -700,16 +719,21 @@ impl StateDir {
                                 );
                             }
                             record.on_disk = read.newest.map(|n| n.2);
-                            record.checkin = checkin;
+                            record.checkin = members.0;
                             record.checkin_from = Some(path.clone());
-                            record.pacing = pacing;
+                            record.pacing = members.1;
                             record.pacing_from = Some(path.clone());
                         }
-                        _ => warn!(
-                            "{} is damaged (neither of its slots holds a whole record); using the \
-                             last check-in's fields from {STATE_FILE} (its sequence number and \
-                             time may be older) and starting again from small check-in parts",
-                            path.display()
+                        None => warn!(
+                            "{} is damaged ({}); using the last check-in's fields from \
+                             {STATE_FILE} (its sequence number and time may be older) and \
+                             starting again from small check-in parts",
+                            path.display(),
+                            if read.damaged == 2 {
+                                "neither of its slots holds a whole record"
+                            } else {
+                                "no slot holds a record the agent can read"
+                            }
                         ),
                     },
                     Err(e) => warn!(
@@ -870,7 +894,9 @@ impl StateDir {
             OpenOptions::new()
                 .read(true)
                 .write(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | noatime)
+                .custom_flags(
+                    libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_NONBLOCK | noatime,
+                )
                 .open(path)
         };
         let opened = match open(libc::O_NOATIME) {
@@ -897,10 +923,9 @@ impl StateDir {
         };
         if let Some(file) = regular {
             let written = (|| {
-                let slots = Slots::read(&file)?;
-                if file.metadata()?.len() != slots::FILE_LEN {
-                    file.set_len(slots::FILE_LEN)?;
-                }
+                let mut slots = Slots::read(&file)?;
+                // The slot kept is the one read_record took the members from.
+                usable(&mut slots);
                 let mut writer = SlotFile::open(file, &slots)?;
                 if slots.newest.as_ref().map(|n| &n.2[..]) != Some(first) {
                     writer.write(first, sync)?;
@@ -2936,6 +2961,34 @@ mod tests {
         assert_eq!(dir.pacing_record(), Ok(None));
         dir.save_state(&s).unwrap();
         assert_eq!(StateDir::existing(dir.path()).load_state(false).unwrap(), s);
+    }
+
+    #[test]
+    fn a_whole_newest_slot_that_is_not_the_agents_json_leaves_the_older_record() {
+        let (_t, dir) = saved("notjson", snap(1..=3));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 21;
+        dir.save_state(&s).unwrap();
+        let path = dir.path().join(RECORD_FILE);
+        let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let slots = Slots::read(&file).unwrap();
+        let kept = slots.newest.clone().unwrap();
+        let mut w = SlotFile::open(file, &slots).unwrap();
+        w.write(b"[\"whole, but not a record\"]", true).unwrap();
+        let reread = StateDir::existing(dir.path());
+        assert_eq!(reread.load_state(false).unwrap().sequence_number, 21);
+        // The next write goes over the unusable slot, never over the record it fell back to.
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 22;
+        dir.save_state(&s).unwrap();
+        assert_eq!(pages(&dir)[kept.0][32..32 + kept.2.len()], kept.2[..]);
+        assert_eq!(
+            StateDir::existing(dir.path())
+                .load_state(false)
+                .unwrap()
+                .sequence_number,
+            22
+        );
     }
 
     #[test]
