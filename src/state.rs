@@ -44,6 +44,12 @@ const CURSOR_FILE: &str = "checkin.json";
 const PACING_FILE: &str = "pacing.json";
 /// A `pacing` member longer than this is not the agent's (its own is under 600 bytes).
 const MAX_PACING_BYTES: usize = 1024;
+/// Room in a slot for the payload's keys and the identities of folded 0.2.0 files (two of
+/// about 60 bytes), besides the `checkin` and `pacing` members.
+const RECORD_OVERHEAD: usize = 256;
+/// Longest enrollment state kept: the server's are words like `active` (and it is read back
+/// with this limit).
+pub const MAX_ENROLLMENT_STATE: usize = 255;
 /// The next `state.json` while a report is sent in parts (followed by random hex).
 const REPORT_PREFIX: &str = "state.json.partial-";
 const MAX_CURSOR_BYTES: u64 = 64 << 10;
@@ -246,7 +252,9 @@ fn read_state(r: &mut Reader<'_>, snapshot: bool) -> Step<(State, Cursor)> {
                 }
             }
             "agent_id" => state.agent_id = number(r.scalar(0)?).and_then(Number::as_i64),
-            "enrollment_state" => state.enrollment_state = text(r.scalar(255)?),
+            "enrollment_state" => {
+                state.enrollment_state = text(r.scalar(MAX_ENROLLMENT_STATE)?)
+            }
             "sequence_number" => {
                 state.sequence_number = number(r.scalar(0)?).and_then(Number::as_u64).unwrap_or(0)
             }
@@ -364,7 +372,7 @@ impl State {
     fn cursor_json(&self, state_file: &str, report: Option<(&str, u64, bool)>) -> String {
         let summary = self.last_checkin_summary.as_deref();
         let out = self.cursor_json_with(summary, state_file, report);
-        if out.len() <= slots::ROOM - MAX_PACING_BYTES - 32 || summary.is_none() {
+        if out.len() <= slots::ROOM - MAX_PACING_BYTES - RECORD_OVERHEAD || summary.is_none() {
             return out;
         }
         self.cursor_json_with(None, state_file, report)
@@ -435,8 +443,9 @@ struct Record {
     writer: Option<SlotFile>,
     /// What is at the path is not a regular file: it is moved aside before the first write.
     planted: bool,
-    /// 0.2.0's files found beside it: removed once the record is durable.
-    legacy: Vec<&'static str>,
+    /// 0.2.0's files found beside it, with their identities ([`FileId::text`]): named in
+    /// the `folded` member of the record's writes until their removal is durable.
+    legacy: Vec<(&'static str, String)>,
 }
 
 impl Record {
@@ -445,22 +454,50 @@ impl Record {
         let mut o = Object::new(&mut out);
         o.raw("checkin", self.checkin.as_deref().unwrap_or("null"))
             .raw("pacing", self.pacing.as_deref().unwrap_or("null"));
+        if !self.legacy.is_empty() {
+            let mut folded = String::new();
+            let mut f = Object::new(&mut folded);
+            for (name, id) in &self.legacy {
+                f.str(name, id);
+            }
+            f.end();
+            o.raw("folded", &folded);
+        }
         o.end();
         out
     }
 }
 
+/// What a slot's payload holds.
+#[derive(Debug, Default)]
+struct Members {
+    checkin: Option<String>,
+    pacing: Option<String>,
+    /// 0.2.0's files this record holds the members of: name and identity.
+    folded: Vec<(String, String)>,
+}
+
 /// The members of a slot's payload; `None` when it is not the agent's JSON.
-fn parse_record(payload: &[u8]) -> Option<(Option<String>, Option<String>)> {
+fn parse_record(payload: &[u8]) -> Option<Members> {
     let mut r = Reader::new(payload);
-    let mut members = (None, None);
+    let mut members = Members::default();
     let parsed = (|| -> Step<()> {
         r.begin_object()?;
         let (mut first, mut key) = (true, String::new());
         while r.next_key(&mut first, &mut key, 64)? {
             let member = match key.as_str() {
-                "checkin" => &mut members.0,
-                "pacing" => &mut members.1,
+                "checkin" => &mut members.checkin,
+                "pacing" => &mut members.pacing,
+                "folded" if r.at_object()? => {
+                    r.begin_object()?;
+                    let (mut first, mut name) = (true, String::new());
+                    while r.next_key(&mut first, &mut name, 64)? {
+                        if let Scalar::String(id) = r.scalar(128)? {
+                            members.folded.push((name.clone(), id));
+                        }
+                    }
+                    continue;
+                }
                 _ => {
                     r.skip()?;
                     continue;
@@ -482,13 +519,24 @@ fn parse_record(payload: &[u8]) -> Option<(Option<String>, Option<String>)> {
 
 /// The members of the newest slot whose payload is the agent's JSON, and whether that is the
 /// older slot (then taken as the newest by `slots`, so the next write goes over the other).
-fn usable(slots: &mut Slots) -> Option<((Option<String>, Option<String>), bool)> {
+fn usable(slots: &mut Slots) -> Option<(Members, bool)> {
     if let Some(members) = slots.newest.as_ref().and_then(|n| parse_record(&n.2)) {
         return Some((members, false));
     }
     let older = slots.older.as_ref().and_then(|o| parse_record(&o.2))?;
     slots.fall_back();
     Some((older, true))
+}
+
+/// 0.2.0's `checkin.json` as the record's `checkin` member (rendered again, bounded, in this
+/// agent's format); `None` when it is not the JSON 0.2.0 wrote.
+fn legacy_checkin(text: &str) -> Option<String> {
+    let (fields, cursor) = read_state(&mut Reader::new(text.as_bytes()), false).ok()?;
+    let report = cursor
+        .report_file
+        .as_deref()
+        .map(|name| (name, cursor.report_length, cursor.report_full));
+    Some(fields.cursor_json(cursor.state_file.as_deref().unwrap_or(""), report))
 }
 
 /// A JSON object of at most `cap` bytes, as text; `None` otherwise.
@@ -696,10 +744,9 @@ impl StateDir {
             read: true,
             ..Record::default()
         };
-        let mut mtime = None;
+        let mut folded = Vec::new();
         match input::open_regular(&path, input::Links::Refuse) {
             Ok(file) => {
-                mtime = file.metadata().ok().map(|m| (m.mtime(), m.mtime_nsec()));
                 match Slots::read(&file) {
                     Ok(mut read) => match usable(&mut read) {
                         Some((members, fell_back)) => {
@@ -719,10 +766,11 @@ impl StateDir {
                                 );
                             }
                             record.on_disk = read.newest.map(|n| n.2);
-                            record.checkin = members.0;
+                            record.checkin = members.checkin;
                             record.checkin_from = Some(path.clone());
-                            record.pacing = members.1;
+                            record.pacing = members.pacing;
                             record.pacing_from = Some(path.clone());
+                            folded = members.folded;
                         }
                         None => warn!(
                             "{} is damaged ({}); using the last check-in's fields from \
@@ -764,11 +812,15 @@ impl StateDir {
             let Ok(meta) = fs::symlink_metadata(&legacy) else {
                 continue;
             };
-            record.legacy.push(name);
-            if mtime.is_some_and(|t| (meta.mtime(), meta.mtime_nsec()) <= t) {
-                // Folded in by an earlier run, which was stopped before it removed the file.
+            let id = FileId::of(&meta).text();
+            let seen = folded.iter().any(|(n, i)| n == name && *i == id);
+            record.legacy.push((name, id));
+            if seen {
+                // Folded in by an earlier run, stopped before the file's removal was durable.
                 continue;
             }
+            // Not folded in yet: from before the upgrade, or 0.2.0 wrote it after a rollback
+            // (0.2.0 replaces its files, so a rewritten one has another identity).
             let text = match read_own(&legacy, MAX_CURSOR_BYTES) {
                 Ok(text) => text,
                 Err(e) => {
@@ -777,14 +829,38 @@ impl StateDir {
                 }
             };
             if name == CURSOR_FILE {
-                // Judged (and rendered again, bounded) by `load_cursor`.
-                record.checkin = Some(text);
-                record.checkin_from = Some(legacy.clone());
+                match legacy_checkin(&text) {
+                    Some(checkin) => {
+                        record.checkin = Some(checkin);
+                        record.checkin_from = Some(legacy);
+                    }
+                    None => warn!(
+                        "{} (written by agent 0.2.0) is damaged; ignoring it and keeping the last \
+                         check-in's fields of {}",
+                        legacy.display(),
+                        if record.checkin.is_some() {
+                            RECORD_FILE
+                        } else {
+                            STATE_FILE
+                        }
+                    ),
+                }
             } else {
-                record.pacing_from = Some(legacy.clone());
-                record.pacing = json_object(&text, MAX_PACING_BYTES);
-                if record.pacing.is_none() {
-                    record.pacing_damaged = Some(legacy);
+                match json_object(&text, MAX_PACING_BYTES) {
+                    Some(pacing) => {
+                        record.pacing = Some(pacing);
+                        record.pacing_from = Some(legacy);
+                        record.pacing_damaged = None;
+                    }
+                    None if record.pacing.is_some() => warn!(
+                        "{} (written by agent 0.2.0) is damaged; ignoring it and keeping the pace \
+                         saved in {RECORD_FILE}",
+                        legacy.display()
+                    ),
+                    None => {
+                        record.pacing_from = Some(legacy.clone());
+                        record.pacing_damaged = Some(legacy);
+                    }
                 }
             }
         }
@@ -832,7 +908,9 @@ impl StateDir {
     }
 
     /// Writes the record's members into the slot that does not hold the newest durable record
-    /// (nothing when they are what the file already holds).
+    /// (nothing when they are what the file already holds). While 0.2.0's files are beside
+    /// it, the write is synced and names them (`folded`), then they are removed and the
+    /// removal made durable: a crash before that leaves files the next run knows as folded.
     fn write_record(&self, when: Durability) -> Result<()> {
         if when == Durability::Deferred {
             return Ok(());
@@ -840,19 +918,32 @@ impl StateDir {
         let path = self.path.join(RECORD_FILE);
         let mut record = self.record();
         let mut payload = record.payload().into_bytes();
-        if payload.len() > slots::ROOM {
-            // Only fields the server sent can be this long (an enrollment state of hundreds of
-            // escaped characters): better the fields of state.json than a run that never ends.
+        if payload.len() > slots::ROOM && record.pacing.is_some() {
+            // The fields are bounded where they are received so that this does not happen;
+            // the pace is the member whose loss costs least (the default pace until the
+            // server answers again), the report's progress is never given up.
             warn!(
-                "the last check-in's fields do not fit {} ({} bytes); the next run takes them \
-                 from {STATE_FILE}",
+                "the last check-in's fields and the server's pace do not fit {} together ({} \
+                 bytes); the pace is left out and the default one used until the server \
+                 sends it again",
                 path.display(),
                 payload.len()
             );
-            record.checkin = None;
+            record.pacing = None;
             payload = record.payload().into_bytes();
         }
-        let sync = when == Durability::Synced;
+        if payload.len() > slots::ROOM {
+            return Err(Error::Transient(format!(
+                "the last check-in's fields do not fit {} ({} bytes, {} at most); nothing was \
+                 recorded and the next run sends this check-in again; report this to the \
+                 agent's maintainers",
+                path.display(),
+                payload.len(),
+                slots::ROOM
+            )));
+        }
+        let folding = !record.legacy.is_empty();
+        let sync = when == Durability::Synced || folding;
         let unchanged = record.on_disk.as_deref() == Some(&payload[..]);
         if unchanged && !sync {
             return Ok(());
@@ -870,10 +961,19 @@ impl StateDir {
             written.map_err(|e| Error::io("cannot write", &path, e))?;
             record.on_disk = Some(payload);
         }
-        if sync {
-            // The record now holds what 0.2.0's files held.
-            for name in std::mem::take(&mut record.legacy) {
+        if folding {
+            // The record now holds what 0.2.0's files held, and names them: until their
+            // removal is durable a crash can bring them back, known by their identity.
+            for (name, _) in &record.legacy {
                 self.remove_quietly(name);
+            }
+            match File::open(&self.path).and_then(|d| d.sync_all()) {
+                Ok(()) => record.legacy.clear(),
+                Err(e) => warn!(
+                    "cannot sync the state directory {} ({e}); the record keeps naming the \
+                     0.2.0 files it folded in",
+                    self.path.display()
+                ),
             }
         }
         Ok(())
@@ -2900,7 +3000,8 @@ mod tests {
         assert_eq!(dir.pacing_record().unwrap().as_deref(), Some(PACING_0_2_0));
         dir.save_state(&s).unwrap();
         assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
-        // Files older than the record (a run stopped before removing them) are not read.
+        // 0.2.0 ran again; the record's modification time, later than its files', is no proof
+        // they were folded in (it reaches the disk apart from the slot's data, and clocks step).
         fs::write(dir.path().join(PACING_FILE), r#"{"failures":7}"#).unwrap();
         let old = fs::metadata(dir.path().join(RECORD_FILE))
             .unwrap()
@@ -2914,9 +3015,92 @@ mod tests {
             .set_modified(old)
             .unwrap();
         let s = dir.load_state(true).unwrap();
-        assert_eq!(dir.pacing_record().unwrap().as_deref(), Some(PACING_0_2_0));
+        assert_eq!(
+            dir.pacing_record().unwrap().as_deref(),
+            Some(r#"{"failures":7}"#)
+        );
         dir.save_state(&s).unwrap();
         assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+    }
+
+    #[test]
+    fn damaged_0_2_0_files_never_replace_the_records_members() {
+        let (_t, dir) = saved("damaged-legacy", snap(1..=10));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 40;
+        dir.save_pacing(r#"{"failures":1}"#.into(), Durability::Deferred)
+            .unwrap();
+        dir.save_state(&s).unwrap();
+        // Written later than the record, as 0.2.0 after a rollback would.
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(dir.path().join(CURSOR_FILE), "{\"sequence_number\":41,").unwrap();
+        fs::write(dir.path().join(PACING_FILE), "not json").unwrap();
+        let reread = StateDir::existing(dir.path());
+        let loaded = reread.load_state(true).unwrap();
+        assert_eq!(loaded, s);
+        assert_eq!(
+            reread.pacing_record().unwrap().as_deref(),
+            Some(r#"{"failures":1}"#)
+        );
+        reread.save_state(&loaded).unwrap();
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+        // Without a record to keep, a damaged pacing.json is named to the operator.
+        fs::remove_file(dir.path().join(RECORD_FILE)).unwrap();
+        fs::write(dir.path().join(PACING_FILE), "not json").unwrap();
+        let fresh = StateDir::existing(dir.path());
+        assert_eq!(fresh.pacing_record(), Err(dir.path().join(PACING_FILE)));
+    }
+
+    #[test]
+    fn a_0_2_0_file_left_by_a_crash_after_it_was_folded_in_is_known_and_only_removed() {
+        let (_t, dir) = saved("leftover", snap(1..=10));
+        fs::write(dir.path().join(PACING_FILE), PACING_0_2_0).unwrap();
+        let keep = std::env::temp_dir().join(format!("ga-state-keep-{}", std::process::id()));
+        let _ = fs::remove_file(&keep);
+        fs::hard_link(dir.path().join(PACING_FILE), &keep).unwrap();
+        let id = FileId::of(&fs::symlink_metadata(&keep).unwrap()).text();
+        let s = dir.load_state(true).unwrap();
+        dir.save_state(&s).unwrap();
+        // The folding write was synced and names the file it folded in.
+        let newest = |dir: &StateDir| {
+            let file = File::open(dir.path().join(RECORD_FILE)).unwrap();
+            let slots = Slots::read(&file).unwrap();
+            String::from_utf8(slots.newest.unwrap().2).unwrap()
+        };
+        let folded = newest(&dir);
+        assert!(
+            folded.ends_with(&format!(r#","folded":{{"pacing.json":"{id}"}}}}"#)),
+            "{folded}"
+        );
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+        // A host crash before the directory was synced: the file is back, the same file. The
+        // pace recorded since (here put in place by hand) is kept.
+        fs::hard_link(&keep, dir.path().join(PACING_FILE)).unwrap();
+        fs::remove_file(&keep).unwrap();
+        let since = folded.replace(PACING_0_2_0, r#"{"failures":2}"#);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path().join(RECORD_FILE))
+            .unwrap();
+        let slots = Slots::read(&file).unwrap();
+        SlotFile::open(file, &slots)
+            .unwrap()
+            .write(since.as_bytes(), true)
+            .unwrap();
+        let reread = StateDir::existing(dir.path());
+        let s = reread.load_state(true).unwrap();
+        assert_eq!(
+            reread.pacing_record().unwrap().as_deref(),
+            Some(r#"{"failures":2}"#)
+        );
+        reread.save_state(&s).unwrap();
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+        // Once the removal is durable the next write names nothing.
+        reread
+            .save_pacing(r#"{"failures":3}"#.into(), Durability::Synced)
+            .unwrap();
+        assert!(!newest(&reread).contains("folded"), "{}", newest(&reread));
     }
 
     #[test]
