@@ -529,14 +529,20 @@ fn usable(slots: &mut Slots) -> Option<(Members, bool)> {
 }
 
 /// 0.2.0's `checkin.json` as the record's `checkin` member (rendered again, bounded, in this
-/// agent's format); `None` when it is not the JSON 0.2.0 wrote.
+/// agent's format); `None` when it is not the JSON 0.2.0 wrote (whose `state_file` is a
+/// [`FileId`] text).
 fn legacy_checkin(text: &str) -> Option<String> {
     let (fields, cursor) = read_state(&mut Reader::new(text.as_bytes()), false).ok()?;
+    let state_file = cursor
+        .state_file
+        .as_deref()
+        .filter(|f| f.bytes().all(|b| b.is_ascii_digit() || b == b':' || b == b'.'))?;
     let report = cursor
         .report_file
         .as_deref()
+        .filter(|name| is_report_file(name))
         .map(|name| (name, cursor.report_length, cursor.report_full));
-    Some(fields.cursor_json(cursor.state_file.as_deref().unwrap_or(""), report))
+    Some(fields.cursor_json(state_file, report))
 }
 
 /// A JSON object of at most `cap` bytes, as text; `None` otherwise.
@@ -3021,6 +3027,82 @@ mod tests {
         );
         dir.save_state(&s).unwrap();
         assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+    }
+
+    /// The newest payload of `dir`'s record.
+    fn newest_payload(dir: &StateDir) -> String {
+        let file = File::open(dir.path().join(RECORD_FILE)).unwrap();
+        String::from_utf8(Slots::read(&file).unwrap().newest.unwrap().2).unwrap()
+    }
+
+    #[test]
+    fn the_longest_fields_fit_one_slot_with_the_report_progress_and_the_longest_pace() {
+        let (_t, dir) = saved("longest", snap(1..=3));
+        let summary = format!(r#"{{"note":"{}"}}"#, "\\u0001".repeat(168));
+        let state = State {
+            // The largest values a policy keeps.
+            policy: Some(Policy {
+                checkin_interval_seconds: 86_400,
+                jitter_seconds: 3_600,
+                command_timeout_seconds: 300,
+                max_report_bytes: 10 << 20,
+                ..Policy::default()
+            }),
+            agent_id: Some(i64::MIN),
+            enrollment_state: Some("\u{1}".repeat(MAX_ENROLLMENT_STATE)),
+            sequence_number: u64::MAX,
+            last_successful_checkin_at: Some(253_402_300_799),
+            last_checkin_summary: Some(summary),
+            last_jitter_seconds: Some(u32::MAX),
+            last_full_snapshot_at: Some(253_402_300_799),
+            full_snapshot_in_progress: true,
+            report_incomplete: true,
+            ..State::default()
+        };
+        let id = format!("{0}:{0}:{0}:-9223372036854775808.999999999", u64::MAX);
+        let report = format!("{REPORT_PREFIX}{}", "f".repeat(255 - REPORT_PREFIX.len()));
+        dir.record().legacy = vec![(CURSOR_FILE, id.clone()), (PACING_FILE, id.clone())];
+        dir.set_checkin(Some(
+            state.cursor_json(&id, Some((&report, u64::MAX, true))),
+        ));
+        let pace = format!(r#"{{"p":"{}"}}"#, "x".repeat(MAX_PACING_BYTES - 8));
+        assert_eq!(pace.len(), MAX_PACING_BYTES);
+        dir.save_pacing(pace.clone(), Durability::Synced).unwrap();
+        let members = parse_record(newest_payload(&dir).as_bytes()).unwrap();
+        assert_eq!(members.pacing, Some(pace));
+        let (fields, cursor) =
+            read_state(&mut Reader::new(members.checkin.unwrap().as_bytes()), false).unwrap();
+        // Everything but the summary, which is left out to make room.
+        assert_eq!(
+            fields,
+            State {
+                last_checkin_summary: None,
+                ..state
+            }
+        );
+        assert_eq!(
+            (cursor.state_file, cursor.report_file, cursor.report_length),
+            (Some(id), Some(report), u64::MAX)
+        );
+    }
+
+    #[test]
+    fn a_pace_too_long_for_the_slot_is_left_out_and_the_report_progress_kept() {
+        let (_t, dir) = saved("longpace", snap(1..=3));
+        let state = dir.load_state(true).unwrap();
+        let base = state_file_text(&dir);
+        let report = format!("{REPORT_PREFIX}00ff");
+        dir.set_checkin(Some(state.cursor_json(&base, Some((&report, 4242, false)))));
+        let pace = format!(r#"{{"p":"{}"}}"#, "x".repeat(slots::ROOM));
+        dir.save_pacing(pace, Durability::Synced).unwrap();
+        let members = parse_record(newest_payload(&dir).as_bytes()).unwrap();
+        assert_eq!(members.pacing, None);
+        let (_, cursor) =
+            read_state(&mut Reader::new(members.checkin.unwrap().as_bytes()), false).unwrap();
+        assert_eq!(
+            (cursor.state_file, cursor.report_file, cursor.report_length),
+            (Some(base), Some(report), 4242)
+        );
     }
 
     #[test]
