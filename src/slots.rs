@@ -66,7 +66,11 @@ fn parse(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
     let generation = word(8);
     let len = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
-    if generation >= GENERATION_LIMIT || len > ROOM || HEADER + len > bytes.len() || bytes[20..24] != [0; 4] {
+    if generation >= GENERATION_LIMIT
+        || len > ROOM
+        || HEADER + len > bytes.len()
+        || bytes[20..24] != [0; 4]
+    {
         return None;
     }
     let payload = &bytes[HEADER..HEADER + len];

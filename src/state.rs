@@ -59,7 +59,8 @@ const FLUSH_AT: usize = 256 << 10;
 /// would take the memory of a small host.
 const MAX_STATE_BYTES: u64 = 256 << 20;
 
-/// What the agent remembers between runs (`state.json`, with `checkin.json` beside it).
+/// What the agent remembers between runs (`state.json`, with the `checkin` member of
+/// `checkin.rec` beside it).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
     pub policy: Option<Policy>,
@@ -136,7 +137,7 @@ impl FileId {
     }
 }
 
-/// What `checkin.json` adds to the small fields: which `state.json` they go with, and the
+/// What the record's `checkin` member adds to the small fields: which `state.json` they go with, and the
 /// progress of a report being sent in parts.
 #[derive(Clone, Debug, Default)]
 struct Cursor {
@@ -224,8 +225,9 @@ fn read_summary(r: &mut Reader<'_>) -> Step<Option<String>> {
     Ok(Some(out))
 }
 
-/// Reads the members of `state.json` or `checkin.json` (the same keys) without a JSON tree.
-/// The snapshot is read only when `snapshot` is set (`checkin.json` has none).
+/// Reads the members of `state.json` or of the record's `checkin` member (the same keys, as
+/// 0.2.0's `checkin.json` had) without a JSON tree. The snapshot is read only when `snapshot`
+/// is set (the `checkin` member has none).
 fn read_state(r: &mut Reader<'_>, snapshot: bool) -> Step<(State, Cursor)> {
     let mut state = State::default();
     let mut cursor = Cursor::default();
@@ -252,9 +254,7 @@ fn read_state(r: &mut Reader<'_>, snapshot: bool) -> Step<(State, Cursor)> {
                 }
             }
             "agent_id" => state.agent_id = number(r.scalar(0)?).and_then(Number::as_i64),
-            "enrollment_state" => {
-                state.enrollment_state = text(r.scalar(MAX_ENROLLMENT_STATE)?)
-            }
+            "enrollment_state" => state.enrollment_state = text(r.scalar(MAX_ENROLLMENT_STATE)?),
             "sequence_number" => {
                 state.sequence_number = number(r.scalar(0)?).and_then(Number::as_u64).unwrap_or(0)
             }
@@ -426,7 +426,9 @@ pub enum Durability {
 /// The payload of a slot is `{"checkin":…,"pacing":…}`: `checkin` is what 0.2.0 kept in
 /// `checkin.json` (the small fields, the `state.json` they go with, the progress of a report),
 /// `pacing` what it kept in `pacing.json` (owned by [`crate::pacing`], opaque here). Both go
-/// into one slot so that a check-in that changes nothing ends with one synced page.
+/// into one slot so that a check-in that changes nothing ends with one synced page. While
+/// 0.2.0's files are beside the record, a third member, `folded`, names them with their
+/// identities.
 #[derive(Debug, Default)]
 struct Record {
     read: bool,
@@ -533,10 +535,10 @@ fn usable(slots: &mut Slots) -> Option<(Members, bool)> {
 /// [`FileId`] text).
 fn legacy_checkin(text: &str) -> Option<String> {
     let (fields, cursor) = read_state(&mut Reader::new(text.as_bytes()), false).ok()?;
-    let state_file = cursor
-        .state_file
-        .as_deref()
-        .filter(|f| f.bytes().all(|b| b.is_ascii_digit() || b == b':' || b == b'.'))?;
+    let state_file = cursor.state_file.as_deref().filter(|f| {
+        f.bytes()
+            .all(|b| b.is_ascii_digit() || b == b':' || b == b'.')
+    })?;
     let report = cursor
         .report_file
         .as_deref()
@@ -740,8 +742,9 @@ impl StateDir {
         record
     }
 
-    /// Reads `checkin.rec` and, where 0.2.0's `checkin.json` or `pacing.json` is newer than
-    /// it (none was folded in yet, or 0.2.0 ran since, after a rollback), takes their members.
+    /// Reads `checkin.rec` and, where 0.2.0's `checkin.json` or `pacing.json` is beside it and
+    /// not the file the record names as folded in (none was folded in yet, or 0.2.0 ran since,
+    /// after a rollback), takes their members when they parse.
     /// Nothing here fails a run: what cannot be read is warned about and left out, and the
     /// members of `state.json` and the default pace are used instead.
     fn read_record(&self) -> Record {
@@ -752,50 +755,48 @@ impl StateDir {
         };
         let mut folded = Vec::new();
         match input::open_regular(&path, input::Links::Refuse) {
-            Ok(file) => {
-                match Slots::read(&file) {
-                    Ok(mut read) => match usable(&mut read) {
-                        Some((members, fell_back)) => {
-                            if fell_back {
-                                warn!(
-                                    "the newest record in {} is whole but not the agent's (the \
+            Ok(file) => match Slots::read(&file) {
+                Ok(mut read) => match usable(&mut read) {
+                    Some((members, fell_back)) => {
+                        if fell_back {
+                            warn!(
+                                "the newest record in {} is whole but not the agent's (the \
                                      file was changed by something else); using the record \
                                      before it, so the last check-in's sequence number, time and \
                                      pace may be one write older",
-                                    path.display()
-                                );
-                            } else if read.damaged > 0 {
-                                debug!(
-                                    "{}: one slot holds no whole record (a write was cut short); \
+                                path.display()
+                            );
+                        } else if read.damaged > 0 {
+                            debug!(
+                                "{}: one slot holds no whole record (a write was cut short); \
                                      using the other",
-                                    path.display()
-                                );
-                            }
-                            record.on_disk = read.newest.map(|n| n.2);
-                            record.checkin = members.checkin;
-                            record.checkin_from = Some(path.clone());
-                            record.pacing = members.pacing;
-                            record.pacing_from = Some(path.clone());
-                            folded = members.folded;
+                                path.display()
+                            );
                         }
-                        None => warn!(
-                            "{} is damaged ({}); using the last check-in's fields from \
+                        record.on_disk = read.newest.map(|n| n.2);
+                        record.checkin = members.checkin;
+                        record.checkin_from = Some(path.clone());
+                        record.pacing = members.pacing;
+                        record.pacing_from = Some(path.clone());
+                        folded = members.folded;
+                    }
+                    None => warn!(
+                        "{} is damaged ({}); using the last check-in's fields from \
                              {STATE_FILE} (its sequence number and time may be older) and \
                              starting again from small check-in parts",
-                            path.display(),
-                            if read.damaged == 2 {
-                                "neither of its slots holds a whole record"
-                            } else {
-                                "no slot holds a record the agent can read"
-                            }
-                        ),
-                    },
-                    Err(e) => warn!(
-                        "cannot read {} ({e}); using the last check-in's fields from {STATE_FILE}",
-                        path.display()
+                        path.display(),
+                        if read.damaged == 2 {
+                            "neither of its slots holds a whole record"
+                        } else {
+                            "no slot holds a record the agent can read"
+                        }
                     ),
-                }
-            }
+                },
+                Err(e) => warn!(
+                    "cannot read {} ({e}); using the last check-in's fields from {STATE_FILE}",
+                    path.display()
+                ),
+            },
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => {
                 if let Some(kind) = input::not_a_file(&e) {
@@ -1001,7 +1002,11 @@ impl StateDir {
                 .read(true)
                 .write(true)
                 .custom_flags(
-                    libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_NONBLOCK | noatime,
+                    libc::O_CLOEXEC
+                        | libc::O_NOCTTY
+                        | libc::O_NOFOLLOW
+                        | libc::O_NONBLOCK
+                        | noatime,
                 )
                 .open(path)
         };
@@ -1343,10 +1348,10 @@ impl StateDir {
             })
     }
 
-    /// Loads the state: `state.json`, the small fields of `checkin.json` laid over it when
-    /// they belong to this very `state.json`, and the accepted parts of a report cut short. A
-    /// missing file is a fresh state; a corrupt one is moved aside with a warning (when
-    /// `repair`) and the run continues from a fresh state. With `repair` (the caller holds the
+    /// Loads the state: `state.json`, the small fields of the record's `checkin` member laid
+    /// over it when they belong to this very `state.json`, and the accepted parts of a report
+    /// cut short. A missing file is a fresh state; a corrupt one is moved aside with a warning
+    /// (when `repair`) and the run continues from a fresh state. With `repair` (the caller holds the
     /// lock), report files nothing refers to any more are removed.
     pub fn load_state(&self, repair: bool) -> Result<State> {
         self.load(repair, true)
@@ -1550,7 +1555,7 @@ impl StateDir {
         length: u64,
     ) -> std::result::Result<(Snapshot, [bool; 4]), String> {
         if !is_report_file(name) {
-            return Err(format!("{CURSOR_FILE} names {name:?}, not a report file"));
+            return Err(format!("{RECORD_FILE} names {name:?}, not a report file"));
         }
         let path = self.path.join(name);
         let file = input::open_regular(&path, input::Links::Refuse)
@@ -1580,9 +1585,9 @@ impl StateDir {
         }
     }
 
-    /// Removes report files that neither the loaded state nor `checkin.json` refers to (what a
-    /// run killed before its first accepted part, or a finished resume, left behind), and the
-    /// temporary files of writes a killed run did not finish.
+    /// Removes report files that neither the loaded state nor the record's `checkin` member
+    /// refers to (what a run killed before its first accepted part, or a finished resume, left
+    /// behind), and the temporary files of writes a killed run did not finish.
     fn remove_stale_reports(&self, state: &State) {
         let keep = state.origin.report_file.borrow().clone();
         let Ok(names) = list_names(&self.path) else {
@@ -1792,10 +1797,11 @@ struct Pen {
 /// The file is `{"last_snapshot":{` followed, table by table, by the records of the old
 /// snapshot still present (`kept`) and then the records of each accepted part, in report order.
 /// A part's records are appended before it is sent ([`Report::stage`]); once the server accepts
-/// it, [`Report::commit`] makes them durable and records the accepted length in `checkin.json`.
+/// it, [`Report::commit`] makes them durable and records the accepted length in the `checkin`
+/// member of `checkin.rec`.
 /// After the last part, [`Report::finish`] appends the other members and renames the file over
 /// `state.json`: the snapshot is written once per run, however many parts it takes. A run that
-/// stops between parts leaves `state.json` as it was plus `checkin.json` naming the accepted
+/// stops between parts leaves `state.json` as it was plus `checkin.rec` naming the accepted
 /// prefix of this file, from which the next run resumes (see `docs/state.md`).
 pub struct Report<'d> {
     dir: &'d StateDir,
@@ -3236,7 +3242,11 @@ mod tests {
         s.sequence_number = 21;
         dir.save_state(&s).unwrap();
         let path = dir.path().join(RECORD_FILE);
-        let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let slots = Slots::read(&file).unwrap();
         let kept = slots.newest.clone().unwrap();
         let mut w = SlotFile::open(file, &slots).unwrap();
