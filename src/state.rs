@@ -137,8 +137,8 @@ impl FileId {
     }
 }
 
-/// What the record's `checkin` member adds to the small fields: which `state.json` they go with, and the
-/// progress of a report being sent in parts.
+/// What the record's `checkin` member adds to the small fields: which `state.json` they go
+/// with, and the progress of a report being sent in parts.
 #[derive(Clone, Debug, Default)]
 struct Cursor {
     state_file: Option<String>,
@@ -761,15 +761,15 @@ impl StateDir {
                         if fell_back {
                             warn!(
                                 "the newest record in {} is whole but not the agent's (the \
-                                     file was changed by something else); using the record \
-                                     before it, so the last check-in's sequence number, time and \
-                                     pace may be one write older",
+                                 file was changed by something else); using the record before \
+                                 it, so the last check-in's sequence number, time and pace may \
+                                 be one write older",
                                 path.display()
                             );
                         } else if read.damaged > 0 {
                             debug!(
                                 "{}: one slot holds no whole record (a write was cut short); \
-                                     using the other",
+                                 using the other",
                                 path.display()
                             );
                         }
@@ -782,8 +782,8 @@ impl StateDir {
                     }
                     None => warn!(
                         "{} is damaged ({}); using the last check-in's fields from \
-                             {STATE_FILE} (its sequence number and time may be older) and \
-                             starting again from small check-in parts",
+                         {STATE_FILE} (its sequence number and time may be older) and starting \
+                         again from small check-in parts",
                         path.display(),
                         if read.damaged == 2 {
                             "neither of its slots holds a whole record"
@@ -1351,8 +1351,8 @@ impl StateDir {
     /// Loads the state: `state.json`, the small fields of the record's `checkin` member laid
     /// over it when they belong to this very `state.json`, and the accepted parts of a report
     /// cut short. A missing file is a fresh state; a corrupt one is moved aside with a warning
-    /// (when `repair`) and the run continues from a fresh state. With `repair` (the caller holds the
-    /// lock), report files nothing refers to any more are removed.
+    /// (when `repair`) and the run continues from a fresh state. With `repair` (the caller
+    /// holds the lock), report files nothing refers to any more are removed.
     pub fn load_state(&self, repair: bool) -> Result<State> {
         self.load(repair, true)
     }
