@@ -178,7 +178,8 @@ pub fn summary_scalars(summary: &Value) -> Option<String> {
             Value::String(s) if s.len() <= MAX_SUMMARY_STRING => o.str(key, s),
             _ => continue,
         };
-        if o.out().len() > MAX_SUMMARY_BYTES {
+        // `>=`: the closing brace comes after.
+        if o.out().len() >= MAX_SUMMARY_BYTES {
             o.out().truncate(mark);
             break;
         }
@@ -213,7 +214,8 @@ fn read_summary(r: &mut Reader<'_>) -> Step<Option<String>> {
             Scalar::String(s) => o.str(&key, &s),
             Scalar::LongString | Scalar::Compound => continue,
         };
-        if o.out().len() > MAX_SUMMARY_BYTES {
+        // `>=`: the closing brace comes after.
+        if o.out().len() >= MAX_SUMMARY_BYTES {
             // The rest of the object is still read (and skipped): it is part of the document.
             o.out().truncate(mark);
             full = true;
@@ -3468,6 +3470,25 @@ mod tests {
         fs::write(dir.path().join(STATE_FILE), long).unwrap();
         let s = dir.load_state(true).unwrap();
         assert_eq!((s.sequence_number, s.last_snapshot), (3, Some(snap([1]))));
+    }
+
+    #[test]
+    fn a_summary_with_its_closing_brace_is_at_most_1_kib() {
+        for n in 1010..1024 {
+            let text = format!(r#"{{"k":"{}"}}"#, "v".repeat(n));
+            let cut = summary_scalars(&miniserde::json::from_str(&text).unwrap()).unwrap();
+            let read = format!(r#"{{"last_checkin_summary":{text}}}"#);
+            let (s, _) = read_state(&mut Reader::new(read.as_bytes()), false).unwrap();
+            let expect = if text.len() <= MAX_SUMMARY_BYTES {
+                &text
+            } else {
+                "{}"
+            };
+            assert_eq!(
+                (cut.as_str(), s.last_checkin_summary.as_deref()),
+                (expect, Some(expect))
+            );
+        }
     }
 
     #[test]
