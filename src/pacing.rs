@@ -325,10 +325,11 @@ impl Pacing {
         let mut warnings = Vec::new();
         let mut drop = |what: &str, until: i64| {
             warnings.push(format!(
-                "{FILE} says {what} until {} (now {}): the clock was wrong when it was saved or has \
-                 been set back; ignoring it (if this repeats, delete {FILE}: what was learned \
-                 about the server's pace is lost, and the last check-in's time and sequence \
-                 number are taken from state.json)",
+                "the saved pace says {what} until {} (now {}): the clock was wrong when it was \
+                 saved or has been set back; ignoring it (if this repeats, check the host's \
+                 clock; do not delete {FILE}: it also holds the last check-in's sequence number \
+                 and the progress of a report sent in parts, whose accepted parts would be sent \
+                 again)",
                 timefmt::format_utc(until),
                 timefmt::format_utc(now)
             ));
@@ -736,16 +737,16 @@ mod tests {
         assert_eq!(
             warnings,
             [
-                "checkin.rec says scheduled runs back off until 2099-01-01T00:00:00Z (now \
+                "the saved pace says scheduled runs back off until 2099-01-01T00:00:00Z (now \
                  2026-11-27T01:57:27Z): the clock was wrong when it was saved or has been set \
-                 back; ignoring it (if this repeats, delete checkin.rec: what was learned about \
-                 the server's pace is lost, and the last check-in's time and sequence number \
-                 are taken from state.json)",
-                "checkin.rec says nothing is sent until 2099-01-01T00:00:00Z (now \
+                 back; ignoring it (if this repeats, check the host's clock; do not delete \
+                 checkin.rec: it also holds the last check-in's sequence number and the \
+                 progress of a report sent in parts, whose accepted parts would be sent again)",
+                "the saved pace says nothing is sent until 2099-01-01T00:00:00Z (now \
                  2026-11-27T01:57:27Z): the clock was wrong when it was saved or has been set \
-                 back; ignoring it (if this repeats, delete checkin.rec: what was learned about \
-                 the server's pace is lost, and the last check-in's time and sequence number \
-                 are taken from state.json)",
+                 back; ignoring it (if this repeats, check the host's clock; do not delete \
+                 checkin.rec: it also holds the last check-in's sequence number and the \
+                 progress of a report sent in parts, whose accepted parts would be sent again)",
             ]
         );
         assert_eq!(p.backoff(NOW), None);

@@ -486,7 +486,13 @@ fn remember_agent(state: &mut State, v: &Value) {
             state.agent_id = Some(id);
         }
         if let Some(s) = json::get_str(agent, "enrollment_state") {
-            state.enrollment_state = Some(s.to_string());
+            // Bounded here, where the server's text comes in: it is kept in one page of
+            // checkin.rec beside the report's progress.
+            let mut end = s.len().min(state::MAX_ENROLLMENT_STATE);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            state.enrollment_state = Some(s[..end].to_string());
         }
     }
     if let Some(policy) = json::get(v, "policy").and_then(Policy::from_value) {
@@ -1064,6 +1070,23 @@ fn set_api_key(cfg: &Config) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_enrollment_state_is_kept_to_255_bytes_at_a_character_boundary() {
+        let mut state = State::default();
+        let long = format!("{}é{}", "a".repeat(254), "b".repeat(5000));
+        let reply = format!(r#"{{"agent":{{"id":3,"enrollment_state":"{long}"}}}}"#);
+        remember_agent(&mut state, &miniserde::json::from_str(&reply).unwrap());
+        assert_eq!(
+            (state.agent_id, state.enrollment_state.take()),
+            (Some(3), Some("a".repeat(254)))
+        );
+        remember_agent(
+            &mut state,
+            &miniserde::json::from_str(r#"{"agent":{"enrollment_state":"active"}}"#).unwrap(),
+        );
+        assert_eq!(state.enrollment_state.as_deref(), Some("active"));
+    }
     use crate::model::{Address, ConnState, Connection, Protocol, Route};
 
     fn cfg() -> Config {

@@ -26,6 +26,9 @@ const MAGIC: &[u8; 8] = b"GAREC\x001\n";
 const HEADER: usize = 32;
 /// The longest payload a slot holds.
 pub const ROOM: usize = SLOT - HEADER;
+/// Generations from here on are damage: one write a second would take 2.9e11 years to reach it,
+/// so only a damaged or crafted slot holds one, and below it `generation + 1` cannot wrap.
+const GENERATION_LIMIT: u64 = 1 << 63;
 
 /// FNV-1a, 64 bits: enough to tell a torn or damaged slot from a whole one (not an adversary:
 /// the state directory is the agent's own).
@@ -63,7 +66,11 @@ fn parse(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
     let generation = word(8);
     let len = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
-    if len > ROOM || HEADER + len > bytes.len() || bytes[20..24] != [0; 4] {
+    if generation >= GENERATION_LIMIT
+        || len > ROOM
+        || HEADER + len > bytes.len()
+        || bytes[20..24] != [0; 4]
+    {
         return None;
     }
     let payload = &bytes[HEADER..HEADER + len];
@@ -76,6 +83,8 @@ fn parse(bytes: &[u8]) -> Option<(u64, &[u8])> {
 pub struct Slots {
     /// The newest whole slot: its index, generation and payload.
     pub newest: Option<(usize, u64, Vec<u8>)>,
+    /// The other slot, when it is whole too (the record before the newest).
+    pub older: Option<(usize, u64, Vec<u8>)>,
     /// The highest generation of a whole slot.
     pub generation: u64,
     /// Slots whose bytes are not a whole record (torn, damaged, or never written).
@@ -91,8 +100,11 @@ impl Slots {
             let got = read_at_most(file, &mut buf, (index * SLOT) as u64)?;
             match parse(&buf[..got]) {
                 Some((generation, payload)) => {
+                    let slot = Some((index, generation, payload.to_vec()));
                     if slots.newest.as_ref().is_none_or(|n| generation > n.1) {
-                        slots.newest = Some((index, generation, payload.to_vec()));
+                        slots.older = std::mem::replace(&mut slots.newest, slot);
+                    } else {
+                        slots.older = slot;
                     }
                     slots.generation = slots.generation.max(generation);
                 }
@@ -100,6 +112,19 @@ impl Slots {
             }
         }
         Ok(slots)
+    }
+
+    /// Takes the older whole slot as the newest (whose payload the caller could not use): it
+    /// is the one kept while the next write overwrites the other. The highest generation stays,
+    /// so that write is the newest. False when there is no older whole slot.
+    pub fn fall_back(&mut self) -> bool {
+        match self.older.take() {
+            Some(older) => {
+                self.newest = Some(older);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -131,7 +156,23 @@ impl SlotFile {
     /// Takes over `file`, whose slots were read as `slots`: their newest record is made
     /// durable first (a killed run may have left it in the page cache only), so it can be the
     /// one kept while the other slot is overwritten.
+    /// A file of another length is made two slots long first: a short one is filled with
+    /// zeros written (not extended into a hole, which would leave later writes to allocate
+    /// blocks and fail on a full disk), a long one cut.
     pub fn open(file: File, slots: &Slots) -> io::Result<SlotFile> {
+        let len = file.metadata()?.len();
+        if len > FILE_LEN {
+            file.set_len(FILE_LEN)?;
+        }
+        let zeros = vec![0u8; SLOT];
+        for start in [0, SLOT as u64] {
+            // Page by page: see the module's comment on large folios.
+            let end = start + SLOT as u64;
+            if len < end {
+                let from = len.max(start);
+                file.write_all_at(&zeros[..(end - from) as usize], from)?;
+            }
+        }
         file.sync_data()?;
         Ok(SlotFile {
             file,
@@ -167,13 +208,36 @@ impl SlotFile {
             ));
         }
         let slot = self.durable.map_or(0, |d| 1 - d);
-        self.generation += 1;
+        let Some(generation) = self
+            .generation
+            .checked_add(1)
+            .filter(|g| *g < GENERATION_LIMIT)
+        else {
+            return self.renumber(payload);
+        };
+        self.generation = generation;
         self.file
             .write_all_at(&page(self.generation, payload), (slot * SLOT) as u64)?;
         self.unsynced = true;
         if sync {
             self.sync()?;
         }
+        Ok(())
+    }
+
+    /// Writes `payload` as generation 1 into the free slot and then as generation 2 over the
+    /// other, both synced: the way back from the highest generation. Until the second write is
+    /// whole the old slot stays the newest, after it the new record is in both.
+    fn renumber(&mut self, payload: &[u8]) -> io::Result<()> {
+        let free = self.durable.map_or(0, |d| 1 - d);
+        for (generation, slot) in [(1, free), (2, 1 - free)] {
+            self.file
+                .write_all_at(&page(generation, payload), (slot * SLOT) as u64)?;
+            self.file.sync_data()?;
+        }
+        self.generation = 2;
+        self.durable = Some(1 - free);
+        self.unsynced = false;
         Ok(())
     }
 
@@ -271,6 +335,85 @@ mod tests {
         let slots = Slots::read(&file).unwrap();
         assert_eq!((slots.newest, slots.damaged), (None, 2));
         std::fs::remove_file(path).unwrap();
+    }
+
+    /// Slot `index` of `file` rewritten with `generation` and `payload`, checksum and all.
+    fn plant(file: &File, index: usize, generation: u64, payload: &[u8]) {
+        file.write_all_at(&page(generation, payload), (index * SLOT) as u64)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_generation_of_2_63_or_more_is_damage_and_the_highest_valid_one_is_renumbered() {
+        let (path, file) = temp("generation");
+        let mut w = SlotFile::format(file.try_clone().unwrap()).unwrap();
+        w.write(b"real", true).unwrap();
+        // A whole slot claiming the highest generation would stay the newest for ever.
+        plant(&file, 1, u64::MAX, b"crafted");
+        let slots = Slots::read(&file).unwrap();
+        assert_eq!(
+            (slots.newest.clone(), slots.older.clone(), slots.damaged),
+            (Some((0, 1, b"real".to_vec())), None, 1)
+        );
+        // The highest generation below the limit: the next write cannot add one.
+        plant(&file, 1, GENERATION_LIMIT - 1, b"last");
+        let slots = Slots::read(&file).unwrap();
+        assert_eq!(slots.generation, GENERATION_LIMIT - 1);
+        let mut w2 = SlotFile::open(file.try_clone().unwrap(), &slots).unwrap();
+        w2.write(b"after", true).unwrap();
+        assert_eq!(newest(&file), Some((1, 2, "after".into())));
+        let slots = Slots::read(&file).unwrap();
+        assert_eq!(slots.older, Some((0, 1, b"after".to_vec())));
+        w2.write(b"next", false).unwrap();
+        assert_eq!(newest(&file), Some((0, 3, "next".into())));
+        drop(w);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn the_older_whole_slot_can_be_taken_and_the_next_write_goes_over_the_newest() {
+        let (path, file) = temp("fallback");
+        let mut w = SlotFile::format(file.try_clone().unwrap()).unwrap();
+        w.write(b"good", true).unwrap();
+        w.write(b"unusable", true).unwrap();
+        let mut slots = Slots::read(&file).unwrap();
+        assert_eq!(slots.older, Some((0, 1, b"good".to_vec())));
+        assert!(slots.fall_back());
+        assert_eq!(
+            (slots.newest.clone(), slots.older.clone(), slots.generation),
+            (Some((0, 1, b"good".to_vec())), None, 2)
+        );
+        assert!(!slots.fall_back());
+        let mut w = SlotFile::open(file.try_clone().unwrap(), &slots).unwrap();
+        w.write(b"fixed", true).unwrap();
+        assert_eq!(newest(&file), Some((1, 3, "fixed".into())));
+        let slots = Slots::read(&file).unwrap();
+        assert_eq!(slots.older, Some((0, 1, b"good".to_vec())));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_short_file_is_filled_to_two_allocated_slots_and_a_long_one_cut() {
+        use std::os::unix::fs::MetadataExt;
+        for len in [0, 100, SLOT as u64 + 7, FILE_LEN + 3 * SLOT as u64] {
+            let (path, file) = temp(&format!("len{len}"));
+            let mut w = SlotFile::format(file.try_clone().unwrap()).unwrap();
+            w.write(b"kept", true).unwrap();
+            file.set_len(len).unwrap();
+            let slots = Slots::read(&file).unwrap();
+            let mut w = SlotFile::open(file.try_clone().unwrap(), &slots).unwrap();
+            let meta = file.metadata().unwrap();
+            assert_eq!(
+                (meta.len(), meta.blocks() * 512 >= FILE_LEN),
+                (FILE_LEN, true),
+                "length {len}"
+            );
+            let kept = (len >= (HEADER + 4) as u64).then(|| (0, 1, "kept".to_string()));
+            assert_eq!(newest(&file), kept, "length {len}");
+            w.write(b"next", true).unwrap();
+            assert_eq!(newest(&file).map(|n| n.2), Some("next".into()));
+            std::fs::remove_file(path).unwrap();
+        }
     }
 
     #[test]

@@ -44,6 +44,12 @@ const CURSOR_FILE: &str = "checkin.json";
 const PACING_FILE: &str = "pacing.json";
 /// A `pacing` member longer than this is not the agent's (its own is under 600 bytes).
 const MAX_PACING_BYTES: usize = 1024;
+/// Room in a slot for the payload's keys and the identities of folded 0.2.0 files (two of
+/// about 60 bytes), besides the `checkin` and `pacing` members.
+const RECORD_OVERHEAD: usize = 256;
+/// Longest enrollment state kept: the server's are words like `active` (and it is read back
+/// with this limit).
+pub const MAX_ENROLLMENT_STATE: usize = 255;
 /// The next `state.json` while a report is sent in parts (followed by random hex).
 const REPORT_PREFIX: &str = "state.json.partial-";
 const MAX_CURSOR_BYTES: u64 = 64 << 10;
@@ -53,7 +59,8 @@ const FLUSH_AT: usize = 256 << 10;
 /// would take the memory of a small host.
 const MAX_STATE_BYTES: u64 = 256 << 20;
 
-/// What the agent remembers between runs (`state.json`, with `checkin.json` beside it).
+/// What the agent remembers between runs (`state.json`, with the `checkin` member of
+/// `checkin.rec` beside it).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
     pub policy: Option<Policy>,
@@ -130,8 +137,8 @@ impl FileId {
     }
 }
 
-/// What `checkin.json` adds to the small fields: which `state.json` they go with, and the
-/// progress of a report being sent in parts.
+/// What the record's `checkin` member adds to the small fields: which `state.json` they go
+/// with, and the progress of a report being sent in parts.
 #[derive(Clone, Debug, Default)]
 struct Cursor {
     state_file: Option<String>,
@@ -171,7 +178,8 @@ pub fn summary_scalars(summary: &Value) -> Option<String> {
             Value::String(s) if s.len() <= MAX_SUMMARY_STRING => o.str(key, s),
             _ => continue,
         };
-        if o.out().len() > MAX_SUMMARY_BYTES {
+        // `>=`: the closing brace comes after.
+        if o.out().len() >= MAX_SUMMARY_BYTES {
             o.out().truncate(mark);
             break;
         }
@@ -206,7 +214,8 @@ fn read_summary(r: &mut Reader<'_>) -> Step<Option<String>> {
             Scalar::String(s) => o.str(&key, &s),
             Scalar::LongString | Scalar::Compound => continue,
         };
-        if o.out().len() > MAX_SUMMARY_BYTES {
+        // `>=`: the closing brace comes after.
+        if o.out().len() >= MAX_SUMMARY_BYTES {
             // The rest of the object is still read (and skipped): it is part of the document.
             o.out().truncate(mark);
             full = true;
@@ -218,8 +227,9 @@ fn read_summary(r: &mut Reader<'_>) -> Step<Option<String>> {
     Ok(Some(out))
 }
 
-/// Reads the members of `state.json` or `checkin.json` (the same keys) without a JSON tree.
-/// The snapshot is read only when `snapshot` is set (`checkin.json` has none).
+/// Reads the members of `state.json` or of the record's `checkin` member (the same keys, as
+/// 0.2.0's `checkin.json` had) without a JSON tree. The snapshot is read only when `snapshot`
+/// is set (the `checkin` member has none).
 fn read_state(r: &mut Reader<'_>, snapshot: bool) -> Step<(State, Cursor)> {
     let mut state = State::default();
     let mut cursor = Cursor::default();
@@ -246,7 +256,7 @@ fn read_state(r: &mut Reader<'_>, snapshot: bool) -> Step<(State, Cursor)> {
                 }
             }
             "agent_id" => state.agent_id = number(r.scalar(0)?).and_then(Number::as_i64),
-            "enrollment_state" => state.enrollment_state = text(r.scalar(255)?),
+            "enrollment_state" => state.enrollment_state = text(r.scalar(MAX_ENROLLMENT_STATE)?),
             "sequence_number" => {
                 state.sequence_number = number(r.scalar(0)?).and_then(Number::as_u64).unwrap_or(0)
             }
@@ -364,7 +374,7 @@ impl State {
     fn cursor_json(&self, state_file: &str, report: Option<(&str, u64, bool)>) -> String {
         let summary = self.last_checkin_summary.as_deref();
         let out = self.cursor_json_with(summary, state_file, report);
-        if out.len() <= slots::ROOM - MAX_PACING_BYTES - 32 || summary.is_none() {
+        if out.len() <= slots::ROOM - MAX_PACING_BYTES - RECORD_OVERHEAD || summary.is_none() {
             return out;
         }
         self.cursor_json_with(None, state_file, report)
@@ -418,7 +428,9 @@ pub enum Durability {
 /// The payload of a slot is `{"checkin":…,"pacing":…}`: `checkin` is what 0.2.0 kept in
 /// `checkin.json` (the small fields, the `state.json` they go with, the progress of a report),
 /// `pacing` what it kept in `pacing.json` (owned by [`crate::pacing`], opaque here). Both go
-/// into one slot so that a check-in that changes nothing ends with one synced page.
+/// into one slot so that a check-in that changes nothing ends with one synced page. While
+/// 0.2.0's files are beside the record, a third member, `folded`, names them with their
+/// identities.
 #[derive(Debug, Default)]
 struct Record {
     read: bool,
@@ -435,8 +447,9 @@ struct Record {
     writer: Option<SlotFile>,
     /// What is at the path is not a regular file: it is moved aside before the first write.
     planted: bool,
-    /// 0.2.0's files found beside it: removed once the record is durable.
-    legacy: Vec<&'static str>,
+    /// 0.2.0's files found beside it, with their identities ([`FileId::text`]): named in
+    /// the `folded` member of the record's writes until their removal is durable.
+    legacy: Vec<(&'static str, String)>,
 }
 
 impl Record {
@@ -445,22 +458,50 @@ impl Record {
         let mut o = Object::new(&mut out);
         o.raw("checkin", self.checkin.as_deref().unwrap_or("null"))
             .raw("pacing", self.pacing.as_deref().unwrap_or("null"));
+        if !self.legacy.is_empty() {
+            let mut folded = String::new();
+            let mut f = Object::new(&mut folded);
+            for (name, id) in &self.legacy {
+                f.str(name, id);
+            }
+            f.end();
+            o.raw("folded", &folded);
+        }
         o.end();
         out
     }
 }
 
+/// What a slot's payload holds.
+#[derive(Debug, Default)]
+struct Members {
+    checkin: Option<String>,
+    pacing: Option<String>,
+    /// 0.2.0's files this record holds the members of: name and identity.
+    folded: Vec<(String, String)>,
+}
+
 /// The members of a slot's payload; `None` when it is not the agent's JSON.
-fn parse_record(payload: &[u8]) -> Option<(Option<String>, Option<String>)> {
+fn parse_record(payload: &[u8]) -> Option<Members> {
     let mut r = Reader::new(payload);
-    let mut members = (None, None);
+    let mut members = Members::default();
     let parsed = (|| -> Step<()> {
         r.begin_object()?;
         let (mut first, mut key) = (true, String::new());
         while r.next_key(&mut first, &mut key, 64)? {
             let member = match key.as_str() {
-                "checkin" => &mut members.0,
-                "pacing" => &mut members.1,
+                "checkin" => &mut members.checkin,
+                "pacing" => &mut members.pacing,
+                "folded" if r.at_object()? => {
+                    r.begin_object()?;
+                    let (mut first, mut name) = (true, String::new());
+                    while r.next_key(&mut first, &mut name, 64)? {
+                        if let Scalar::String(id) = r.scalar(128)? {
+                            members.folded.push((name.clone(), id));
+                        }
+                    }
+                    continue;
+                }
                 _ => {
                     r.skip()?;
                     continue;
@@ -478,6 +519,34 @@ fn parse_record(payload: &[u8]) -> Option<(Option<String>, Option<String>)> {
         r.end()
     })();
     parsed.ok().map(|()| members)
+}
+
+/// The members of the newest slot whose payload is the agent's JSON, and whether that is the
+/// older slot (then taken as the newest by `slots`, so the next write goes over the other).
+fn usable(slots: &mut Slots) -> Option<(Members, bool)> {
+    if let Some(members) = slots.newest.as_ref().and_then(|n| parse_record(&n.2)) {
+        return Some((members, false));
+    }
+    let older = slots.older.as_ref().and_then(|o| parse_record(&o.2))?;
+    slots.fall_back();
+    Some((older, true))
+}
+
+/// 0.2.0's `checkin.json` as the record's `checkin` member (rendered again, bounded, in this
+/// agent's format); `None` when it is not the JSON 0.2.0 wrote (whose `state_file` is a
+/// [`FileId`] text).
+fn legacy_checkin(text: &str) -> Option<String> {
+    let (fields, cursor) = read_state(&mut Reader::new(text.as_bytes()), false).ok()?;
+    let state_file = cursor.state_file.as_deref().filter(|f| {
+        f.bytes()
+            .all(|b| b.is_ascii_digit() || b == b':' || b == b'.')
+    })?;
+    let report = cursor
+        .report_file
+        .as_deref()
+        .filter(|name| is_report_file(name))
+        .map(|name| (name, cursor.report_length, cursor.report_full));
+    Some(fields.cursor_json(state_file, report))
 }
 
 /// A JSON object of at most `cap` bytes, as text; `None` otherwise.
@@ -675,8 +744,9 @@ impl StateDir {
         record
     }
 
-    /// Reads `checkin.rec` and, where 0.2.0's `checkin.json` or `pacing.json` is newer than
-    /// it (none was folded in yet, or 0.2.0 ran since, after a rollback), takes their members.
+    /// Reads `checkin.rec` and, where 0.2.0's `checkin.json` or `pacing.json` is beside it and
+    /// not the file the record names as folded in (none was folded in yet, or 0.2.0 ran since,
+    /// after a rollback), takes their members when they parse.
     /// Nothing here fails a run: what cannot be read is warned about and left out, and the
     /// members of `state.json` and the default pace are used instead.
     fn read_record(&self) -> Record {
@@ -685,39 +755,50 @@ impl StateDir {
             read: true,
             ..Record::default()
         };
-        let mut mtime = None;
+        let mut folded = Vec::new();
         match input::open_regular(&path, input::Links::Refuse) {
-            Ok(file) => {
-                mtime = file.metadata().ok().map(|m| (m.mtime(), m.mtime_nsec()));
-                match Slots::read(&file) {
-                    Ok(read) => match read.newest.as_ref().map(|n| parse_record(&n.2)) {
-                        Some(Some((checkin, pacing))) => {
-                            if read.damaged > 0 {
-                                debug!(
-                                    "{}: one slot holds no whole record (a write was cut short); \
-                                     using the other",
-                                    path.display()
-                                );
-                            }
-                            record.on_disk = read.newest.map(|n| n.2);
-                            record.checkin = checkin;
-                            record.checkin_from = Some(path.clone());
-                            record.pacing = pacing;
-                            record.pacing_from = Some(path.clone());
+            Ok(file) => match Slots::read(&file) {
+                Ok(mut read) => match usable(&mut read) {
+                    Some((members, fell_back)) => {
+                        if fell_back {
+                            warn!(
+                                "the newest record in {} is whole but not the agent's (the \
+                                 file was changed by something else); using the record before \
+                                 it, so the last check-in's sequence number, time and pace may \
+                                 be one write older",
+                                path.display()
+                            );
+                        } else if read.damaged > 0 {
+                            debug!(
+                                "{}: one slot holds no whole record (a write was cut short); \
+                                 using the other",
+                                path.display()
+                            );
                         }
-                        _ => warn!(
-                            "{} is damaged (neither of its slots holds a whole record); using the \
-                             last check-in's fields from {STATE_FILE} (its sequence number and \
-                             time may be older) and starting again from small check-in parts",
-                            path.display()
-                        ),
-                    },
-                    Err(e) => warn!(
-                        "cannot read {} ({e}); using the last check-in's fields from {STATE_FILE}",
-                        path.display()
+                        record.on_disk = read.newest.map(|n| n.2);
+                        record.checkin = members.checkin;
+                        record.checkin_from = Some(path.clone());
+                        record.pacing = members.pacing;
+                        record.pacing_from = Some(path.clone());
+                        folded = members.folded;
+                    }
+                    None => warn!(
+                        "{} is damaged ({}); using the last check-in's fields from \
+                         {STATE_FILE} (its sequence number and time may be older) and starting \
+                         again from small check-in parts",
+                        path.display(),
+                        if read.damaged == 2 {
+                            "neither of its slots holds a whole record"
+                        } else {
+                            "no slot holds a record the agent can read"
+                        }
                     ),
-                }
-            }
+                },
+                Err(e) => warn!(
+                    "cannot read {} ({e}); using the last check-in's fields from {STATE_FILE}",
+                    path.display()
+                ),
+            },
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => {
                 if let Some(kind) = input::not_a_file(&e) {
@@ -740,11 +821,15 @@ impl StateDir {
             let Ok(meta) = fs::symlink_metadata(&legacy) else {
                 continue;
             };
-            record.legacy.push(name);
-            if mtime.is_some_and(|t| (meta.mtime(), meta.mtime_nsec()) <= t) {
-                // Folded in by an earlier run, which was stopped before it removed the file.
+            let id = FileId::of(&meta).text();
+            let seen = folded.iter().any(|(n, i)| n == name && *i == id);
+            record.legacy.push((name, id));
+            if seen {
+                // Folded in by an earlier run, stopped before the file's removal was durable.
                 continue;
             }
+            // Not folded in yet: from before the upgrade, or 0.2.0 wrote it after a rollback
+            // (0.2.0 replaces its files, so a rewritten one has another identity).
             let text = match read_own(&legacy, MAX_CURSOR_BYTES) {
                 Ok(text) => text,
                 Err(e) => {
@@ -753,14 +838,38 @@ impl StateDir {
                 }
             };
             if name == CURSOR_FILE {
-                // Judged (and rendered again, bounded) by `load_cursor`.
-                record.checkin = Some(text);
-                record.checkin_from = Some(legacy.clone());
+                match legacy_checkin(&text) {
+                    Some(checkin) => {
+                        record.checkin = Some(checkin);
+                        record.checkin_from = Some(legacy);
+                    }
+                    None => warn!(
+                        "{} (written by agent 0.2.0) is damaged; ignoring it and keeping the last \
+                         check-in's fields of {}",
+                        legacy.display(),
+                        if record.checkin.is_some() {
+                            RECORD_FILE
+                        } else {
+                            STATE_FILE
+                        }
+                    ),
+                }
             } else {
-                record.pacing_from = Some(legacy.clone());
-                record.pacing = json_object(&text, MAX_PACING_BYTES);
-                if record.pacing.is_none() {
-                    record.pacing_damaged = Some(legacy);
+                match json_object(&text, MAX_PACING_BYTES) {
+                    Some(pacing) => {
+                        record.pacing = Some(pacing);
+                        record.pacing_from = Some(legacy);
+                        record.pacing_damaged = None;
+                    }
+                    None if record.pacing.is_some() => warn!(
+                        "{} (written by agent 0.2.0) is damaged; ignoring it and keeping the pace \
+                         saved in {RECORD_FILE}",
+                        legacy.display()
+                    ),
+                    None => {
+                        record.pacing_from = Some(legacy.clone());
+                        record.pacing_damaged = Some(legacy);
+                    }
                 }
             }
         }
@@ -808,7 +917,9 @@ impl StateDir {
     }
 
     /// Writes the record's members into the slot that does not hold the newest durable record
-    /// (nothing when they are what the file already holds).
+    /// (nothing when they are what the file already holds). While 0.2.0's files are beside
+    /// it, the write is synced and names them (`folded`), then they are removed and the
+    /// removal made durable: a crash before that leaves files the next run knows as folded.
     fn write_record(&self, when: Durability) -> Result<()> {
         if when == Durability::Deferred {
             return Ok(());
@@ -816,19 +927,32 @@ impl StateDir {
         let path = self.path.join(RECORD_FILE);
         let mut record = self.record();
         let mut payload = record.payload().into_bytes();
-        if payload.len() > slots::ROOM {
-            // Only fields the server sent can be this long (an enrollment state of hundreds of
-            // escaped characters): better the fields of state.json than a run that never ends.
+        if payload.len() > slots::ROOM && record.pacing.is_some() {
+            // The fields are bounded where they are received so that this does not happen;
+            // the pace is the member whose loss costs least (the default pace until the
+            // server answers again), the report's progress is never given up.
             warn!(
-                "the last check-in's fields do not fit {} ({} bytes); the next run takes them \
-                 from {STATE_FILE}",
+                "the last check-in's fields and the server's pace do not fit {} together ({} \
+                 bytes); the pace is left out and the default one used until the server \
+                 sends it again",
                 path.display(),
                 payload.len()
             );
-            record.checkin = None;
+            record.pacing = None;
             payload = record.payload().into_bytes();
         }
-        let sync = when == Durability::Synced;
+        if payload.len() > slots::ROOM {
+            return Err(Error::Transient(format!(
+                "the last check-in's fields do not fit {} ({} bytes, {} at most); nothing was \
+                 recorded and the next run sends this check-in again; report this to the \
+                 agent's maintainers",
+                path.display(),
+                payload.len(),
+                slots::ROOM
+            )));
+        }
+        let folding = !record.legacy.is_empty();
+        let sync = when == Durability::Synced || folding;
         let unchanged = record.on_disk.as_deref() == Some(&payload[..]);
         if unchanged && !sync {
             return Ok(());
@@ -846,10 +970,19 @@ impl StateDir {
             written.map_err(|e| Error::io("cannot write", &path, e))?;
             record.on_disk = Some(payload);
         }
-        if sync {
-            // The record now holds what 0.2.0's files held.
-            for name in std::mem::take(&mut record.legacy) {
+        if folding {
+            // The record now holds what 0.2.0's files held, and names them: until their
+            // removal is durable a crash can bring them back, known by their identity.
+            for (name, _) in &record.legacy {
                 self.remove_quietly(name);
+            }
+            match File::open(&self.path).and_then(|d| d.sync_all()) {
+                Ok(()) => record.legacy.clear(),
+                Err(e) => warn!(
+                    "cannot sync the state directory {} ({e}); the record keeps naming the \
+                     0.2.0 files it folded in",
+                    self.path.display()
+                ),
             }
         }
         Ok(())
@@ -870,7 +1003,13 @@ impl StateDir {
             OpenOptions::new()
                 .read(true)
                 .write(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | noatime)
+                .custom_flags(
+                    libc::O_CLOEXEC
+                        | libc::O_NOCTTY
+                        | libc::O_NOFOLLOW
+                        | libc::O_NONBLOCK
+                        | noatime,
+                )
                 .open(path)
         };
         let opened = match open(libc::O_NOATIME) {
@@ -897,10 +1036,9 @@ impl StateDir {
         };
         if let Some(file) = regular {
             let written = (|| {
-                let slots = Slots::read(&file)?;
-                if file.metadata()?.len() != slots::FILE_LEN {
-                    file.set_len(slots::FILE_LEN)?;
-                }
+                let mut slots = Slots::read(&file)?;
+                // The slot kept is the one read_record took the members from.
+                usable(&mut slots);
                 let mut writer = SlotFile::open(file, &slots)?;
                 if slots.newest.as_ref().map(|n| &n.2[..]) != Some(first) {
                     writer.write(first, sync)?;
@@ -1212,11 +1350,11 @@ impl StateDir {
             })
     }
 
-    /// Loads the state: `state.json`, the small fields of `checkin.json` laid over it when
-    /// they belong to this very `state.json`, and the accepted parts of a report cut short. A
-    /// missing file is a fresh state; a corrupt one is moved aside with a warning (when
-    /// `repair`) and the run continues from a fresh state. With `repair` (the caller holds the
-    /// lock), report files nothing refers to any more are removed.
+    /// Loads the state: `state.json`, the small fields of the record's `checkin` member laid
+    /// over it when they belong to this very `state.json`, and the accepted parts of a report
+    /// cut short. A missing file is a fresh state; a corrupt one is moved aside with a warning
+    /// (when `repair`) and the run continues from a fresh state. With `repair` (the caller
+    /// holds the lock), report files nothing refers to any more are removed.
     pub fn load_state(&self, repair: bool) -> Result<State> {
         self.load(repair, true)
     }
@@ -1419,7 +1557,7 @@ impl StateDir {
         length: u64,
     ) -> std::result::Result<(Snapshot, [bool; 4]), String> {
         if !is_report_file(name) {
-            return Err(format!("{CURSOR_FILE} names {name:?}, not a report file"));
+            return Err(format!("{RECORD_FILE} names {name:?}, not a report file"));
         }
         let path = self.path.join(name);
         let file = input::open_regular(&path, input::Links::Refuse)
@@ -1449,9 +1587,9 @@ impl StateDir {
         }
     }
 
-    /// Removes report files that neither the loaded state nor `checkin.json` refers to (what a
-    /// run killed before its first accepted part, or a finished resume, left behind), and the
-    /// temporary files of writes a killed run did not finish.
+    /// Removes report files that neither the loaded state nor the record's `checkin` member
+    /// refers to (what a run killed before its first accepted part, or a finished resume, left
+    /// behind), and the temporary files of writes a killed run did not finish.
     fn remove_stale_reports(&self, state: &State) {
         let keep = state.origin.report_file.borrow().clone();
         let Ok(names) = list_names(&self.path) else {
@@ -1661,10 +1799,11 @@ struct Pen {
 /// The file is `{"last_snapshot":{` followed, table by table, by the records of the old
 /// snapshot still present (`kept`) and then the records of each accepted part, in report order.
 /// A part's records are appended before it is sent ([`Report::stage`]); once the server accepts
-/// it, [`Report::commit`] makes them durable and records the accepted length in `checkin.json`.
+/// it, [`Report::commit`] makes them durable and records the accepted length in the `checkin`
+/// member of `checkin.rec`.
 /// After the last part, [`Report::finish`] appends the other members and renames the file over
 /// `state.json`: the snapshot is written once per run, however many parts it takes. A run that
-/// stops between parts leaves `state.json` as it was plus `checkin.json` naming the accepted
+/// stops between parts leaves `state.json` as it was plus `checkin.rec` naming the accepted
 /// prefix of this file, from which the next run resumes (see `docs/state.md`).
 pub struct Report<'d> {
     dir: &'d StateDir,
@@ -2875,7 +3014,8 @@ mod tests {
         assert_eq!(dir.pacing_record().unwrap().as_deref(), Some(PACING_0_2_0));
         dir.save_state(&s).unwrap();
         assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
-        // Files older than the record (a run stopped before removing them) are not read.
+        // 0.2.0 ran again; the record's modification time, later than its files', is no proof
+        // they were folded in (it reaches the disk apart from the slot's data, and clocks step).
         fs::write(dir.path().join(PACING_FILE), r#"{"failures":7}"#).unwrap();
         let old = fs::metadata(dir.path().join(RECORD_FILE))
             .unwrap()
@@ -2889,9 +3029,168 @@ mod tests {
             .set_modified(old)
             .unwrap();
         let s = dir.load_state(true).unwrap();
-        assert_eq!(dir.pacing_record().unwrap().as_deref(), Some(PACING_0_2_0));
+        assert_eq!(
+            dir.pacing_record().unwrap().as_deref(),
+            Some(r#"{"failures":7}"#)
+        );
         dir.save_state(&s).unwrap();
         assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+    }
+
+    /// The newest payload of `dir`'s record.
+    fn newest_payload(dir: &StateDir) -> String {
+        let file = File::open(dir.path().join(RECORD_FILE)).unwrap();
+        String::from_utf8(Slots::read(&file).unwrap().newest.unwrap().2).unwrap()
+    }
+
+    #[test]
+    fn the_longest_fields_fit_one_slot_with_the_report_progress_and_the_longest_pace() {
+        let (_t, dir) = saved("longest", snap(1..=3));
+        let summary = format!(r#"{{"note":"{}"}}"#, "\\u0001".repeat(168));
+        let state = State {
+            // The largest values a policy keeps.
+            policy: Some(Policy {
+                checkin_interval_seconds: 86_400,
+                jitter_seconds: 3_600,
+                command_timeout_seconds: 300,
+                max_report_bytes: 10 << 20,
+                ..Policy::default()
+            }),
+            agent_id: Some(i64::MIN),
+            enrollment_state: Some("\u{1}".repeat(MAX_ENROLLMENT_STATE)),
+            sequence_number: u64::MAX,
+            last_successful_checkin_at: Some(253_402_300_799),
+            last_checkin_summary: Some(summary),
+            last_jitter_seconds: Some(u32::MAX),
+            last_full_snapshot_at: Some(253_402_300_799),
+            full_snapshot_in_progress: true,
+            report_incomplete: true,
+            ..State::default()
+        };
+        let id = format!("{0}:{0}:{0}:-9223372036854775808.999999999", u64::MAX);
+        let report = format!("{REPORT_PREFIX}{}", "f".repeat(255 - REPORT_PREFIX.len()));
+        dir.record().legacy = vec![(CURSOR_FILE, id.clone()), (PACING_FILE, id.clone())];
+        dir.set_checkin(Some(
+            state.cursor_json(&id, Some((&report, u64::MAX, true))),
+        ));
+        let pace = format!(r#"{{"p":"{}"}}"#, "x".repeat(MAX_PACING_BYTES - 8));
+        assert_eq!(pace.len(), MAX_PACING_BYTES);
+        dir.save_pacing(pace.clone(), Durability::Synced).unwrap();
+        let members = parse_record(newest_payload(&dir).as_bytes()).unwrap();
+        assert_eq!(members.pacing, Some(pace));
+        let (fields, cursor) =
+            read_state(&mut Reader::new(members.checkin.unwrap().as_bytes()), false).unwrap();
+        // Everything but the summary, which is left out to make room.
+        assert_eq!(
+            fields,
+            State {
+                last_checkin_summary: None,
+                ..state
+            }
+        );
+        assert_eq!(
+            (cursor.state_file, cursor.report_file, cursor.report_length),
+            (Some(id), Some(report), u64::MAX)
+        );
+    }
+
+    #[test]
+    fn a_pace_too_long_for_the_slot_is_left_out_and_the_report_progress_kept() {
+        let (_t, dir) = saved("longpace", snap(1..=3));
+        let state = dir.load_state(true).unwrap();
+        let base = state_file_text(&dir);
+        let report = format!("{REPORT_PREFIX}00ff");
+        dir.set_checkin(Some(state.cursor_json(&base, Some((&report, 4242, false)))));
+        let pace = format!(r#"{{"p":"{}"}}"#, "x".repeat(slots::ROOM));
+        dir.save_pacing(pace, Durability::Synced).unwrap();
+        let members = parse_record(newest_payload(&dir).as_bytes()).unwrap();
+        assert_eq!(members.pacing, None);
+        let (_, cursor) =
+            read_state(&mut Reader::new(members.checkin.unwrap().as_bytes()), false).unwrap();
+        assert_eq!(
+            (cursor.state_file, cursor.report_file, cursor.report_length),
+            (Some(base), Some(report), 4242)
+        );
+    }
+
+    #[test]
+    fn damaged_0_2_0_files_never_replace_the_records_members() {
+        let (_t, dir) = saved("damaged-legacy", snap(1..=10));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 40;
+        dir.save_pacing(r#"{"failures":1}"#.into(), Durability::Deferred)
+            .unwrap();
+        dir.save_state(&s).unwrap();
+        // Written later than the record, as 0.2.0 after a rollback would.
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(dir.path().join(CURSOR_FILE), "{\"sequence_number\":41,").unwrap();
+        fs::write(dir.path().join(PACING_FILE), "not json").unwrap();
+        let reread = StateDir::existing(dir.path());
+        let loaded = reread.load_state(true).unwrap();
+        assert_eq!(loaded, s);
+        assert_eq!(
+            reread.pacing_record().unwrap().as_deref(),
+            Some(r#"{"failures":1}"#)
+        );
+        reread.save_state(&loaded).unwrap();
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+        // Without a record to keep, a damaged pacing.json is named to the operator.
+        fs::remove_file(dir.path().join(RECORD_FILE)).unwrap();
+        fs::write(dir.path().join(PACING_FILE), "not json").unwrap();
+        let fresh = StateDir::existing(dir.path());
+        assert_eq!(fresh.pacing_record(), Err(dir.path().join(PACING_FILE)));
+    }
+
+    #[test]
+    fn a_0_2_0_file_left_by_a_crash_after_it_was_folded_in_is_known_and_only_removed() {
+        let (_t, dir) = saved("leftover", snap(1..=10));
+        fs::write(dir.path().join(PACING_FILE), PACING_0_2_0).unwrap();
+        let keep = std::env::temp_dir().join(format!("ga-state-keep-{}", std::process::id()));
+        let _ = fs::remove_file(&keep);
+        fs::hard_link(dir.path().join(PACING_FILE), &keep).unwrap();
+        let id = FileId::of(&fs::symlink_metadata(&keep).unwrap()).text();
+        let s = dir.load_state(true).unwrap();
+        dir.save_state(&s).unwrap();
+        // The folding write was synced and names the file it folded in.
+        let newest = |dir: &StateDir| {
+            let file = File::open(dir.path().join(RECORD_FILE)).unwrap();
+            let slots = Slots::read(&file).unwrap();
+            String::from_utf8(slots.newest.unwrap().2).unwrap()
+        };
+        let folded = newest(&dir);
+        assert!(
+            folded.ends_with(&format!(r#","folded":{{"pacing.json":"{id}"}}}}"#)),
+            "{folded}"
+        );
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+        // A host crash before the directory was synced: the file is back, the same file. The
+        // pace recorded since (here put in place by hand) is kept.
+        fs::hard_link(&keep, dir.path().join(PACING_FILE)).unwrap();
+        fs::remove_file(&keep).unwrap();
+        let since = folded.replace(PACING_0_2_0, r#"{"failures":2}"#);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path().join(RECORD_FILE))
+            .unwrap();
+        let slots = Slots::read(&file).unwrap();
+        SlotFile::open(file, &slots)
+            .unwrap()
+            .write(since.as_bytes(), true)
+            .unwrap();
+        let reread = StateDir::existing(dir.path());
+        let s = reread.load_state(true).unwrap();
+        assert_eq!(
+            reread.pacing_record().unwrap().as_deref(),
+            Some(r#"{"failures":2}"#)
+        );
+        reread.save_state(&s).unwrap();
+        assert_eq!(names(&dir), [RECORD_FILE, STATE_FILE]);
+        // Once the removal is durable the next write names nothing.
+        reread
+            .save_pacing(r#"{"failures":3}"#.into(), Durability::Synced)
+            .unwrap();
+        assert!(!newest(&reread).contains("folded"), "{}", newest(&reread));
     }
 
     #[test]
@@ -2936,6 +3235,38 @@ mod tests {
         assert_eq!(dir.pacing_record(), Ok(None));
         dir.save_state(&s).unwrap();
         assert_eq!(StateDir::existing(dir.path()).load_state(false).unwrap(), s);
+    }
+
+    #[test]
+    fn a_whole_newest_slot_that_is_not_the_agents_json_leaves_the_older_record() {
+        let (_t, dir) = saved("notjson", snap(1..=3));
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 21;
+        dir.save_state(&s).unwrap();
+        let path = dir.path().join(RECORD_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let slots = Slots::read(&file).unwrap();
+        let kept = slots.newest.clone().unwrap();
+        let mut w = SlotFile::open(file, &slots).unwrap();
+        w.write(b"[\"whole, but not a record\"]", true).unwrap();
+        let reread = StateDir::existing(dir.path());
+        assert_eq!(reread.load_state(false).unwrap().sequence_number, 21);
+        // The next write goes over the unusable slot, never over the record it fell back to.
+        let mut s = dir.load_state(true).unwrap();
+        s.sequence_number = 22;
+        dir.save_state(&s).unwrap();
+        assert_eq!(pages(&dir)[kept.0][32..32 + kept.2.len()], kept.2[..]);
+        assert_eq!(
+            StateDir::existing(dir.path())
+                .load_state(false)
+                .unwrap()
+                .sequence_number,
+            22
+        );
     }
 
     #[test]
@@ -3139,6 +3470,25 @@ mod tests {
         fs::write(dir.path().join(STATE_FILE), long).unwrap();
         let s = dir.load_state(true).unwrap();
         assert_eq!((s.sequence_number, s.last_snapshot), (3, Some(snap([1]))));
+    }
+
+    #[test]
+    fn a_summary_with_its_closing_brace_is_at_most_1_kib() {
+        for n in 1010..1024 {
+            let text = format!(r#"{{"k":"{}"}}"#, "v".repeat(n));
+            let cut = summary_scalars(&miniserde::json::from_str(&text).unwrap()).unwrap();
+            let read = format!(r#"{{"last_checkin_summary":{text}}}"#);
+            let (s, _) = read_state(&mut Reader::new(read.as_bytes()), false).unwrap();
+            let expect = if text.len() <= MAX_SUMMARY_BYTES {
+                &text
+            } else {
+                "{}"
+            };
+            assert_eq!(
+                (cut.as_str(), s.last_checkin_summary.as_deref()),
+                (expect, Some(expect))
+            );
+        }
     }
 
     #[test]

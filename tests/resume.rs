@@ -206,7 +206,13 @@ fn settle(host: &Host) {
 #[test]
 fn a_check_in_that_changes_nothing_dirties_one_page_and_the_inode_at_most() {
     let host = Host::new("quiet", 200, 262_144);
-    let agent = Agent::new("quiet", &host.srv.url());
+    // Under the target dir, on the disk the build is on: a tmpfs (often /tmp) counts no
+    // writes, and the test below would pass whatever the agent wrote.
+    let agent = Agent::new_in(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "quiet",
+        &host.srv.url(),
+    );
     assert_code(&host.run(&agent, &["--register-only"]), 0);
     settle(&host);
     assert_code(&host.run(&agent, &["--force", "--collector", "native"]), 0);
@@ -226,7 +232,11 @@ fn a_check_in_that_changes_nothing_dirties_one_page_and_the_inode_at_most() {
         // One page of checkin.rec; on a filesystem without a journal also the block of its
         // inode, whose modification time the write sets. 0.2.0 wrote 12 KiB with a journal,
         // 36 to 44 KiB without.
-        assert!(written <= 8192, "round {round}: {written} bytes written");
+        // At least the page: the outcome of the check-in is recorded, and measured.
+        assert!(
+            (4096..=8192).contains(&written),
+            "round {round}: {written} bytes written"
+        );
     }
     assert_eq!(leftovers(&agent.state_dir), Vec::<String>::new());
 }

@@ -27,8 +27,13 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     /// A new, empty, unique directory under the system temp dir.
     pub fn new(tag: &str) -> TempDir {
+        TempDir::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// A new, empty, unique directory under `base`.
+    pub fn new_in(base: &Path, tag: &str) -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
+        let path = base.join(format!(
             "grapheon-it-{tag}-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
@@ -84,7 +89,13 @@ impl Agent {
     /// An agent with an empty state directory, configured through the environment only (the
     /// host's /etc/grapheon-agent.env is never read: GRAPHEON_AGENT_CONFIG points to /dev/null).
     pub fn new(tag: &str, server_url: &str) -> Agent {
-        let root = TempDir::new(tag);
+        Agent::new_in(&std::env::temp_dir(), tag, server_url)
+    }
+
+    /// [`Agent::new`] with the state directory under `base` (a filesystem of the test's choice:
+    /// the system temp dir may be a tmpfs, which counts no writes).
+    pub fn new_in(base: &Path, tag: &str, server_url: &str) -> Agent {
+        let root = TempDir::new_in(base, tag);
         let state_dir = root.0.join("state");
         let env = vec![
             ("GRAPHEON_AGENT_CONFIG".to_string(), "/dev/null".to_string()),
