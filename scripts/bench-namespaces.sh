@@ -163,6 +163,16 @@ per_ns() {
     'BEGIN { printf "%.3f", (a - o) * 1000 / n }'
 }
 fastest() { awk -v i="$2" '{ print $i }' "$work/$1" | sort -g | head -1; }
+# What $per sockets cost in the agent's own namespace, in ms: the same scene's own run
+# against the run of the first scene that reported no socket (medians).
+sockets_own() {
+  awk -v a="$(col same-own 2)" -v o="$(col shared-own 2)" -v n="$count" \
+    'BEGIN { printf "%.3f", (a - o) * 1000 / n }'
+}
+# The CPU per extra namespace of scene $1 beyond what its sockets cost in the agent's own.
+beyond() {
+  awk -v p="$(per_ns "$1" 2)" -v s="$(sockets_own)" 'BEGIN { printf "%.3f", p - s }'
+}
 # TCP sockets of the whole machine (every namespace): what a shared hash holds.
 machine_tcp() { sed -n 's/^TCP: .* alloc \([0-9]*\).*/\1/p' /proc/net/sockstat; }
 # The kernel's floor: `ns-holder floor` (what the agent reads per namespace, read once and
@@ -231,6 +241,16 @@ EOF
 done
 start_scene "$holder" "$work/ready" "$per" "${names[@]}"
 run_scene shared
+stop_scene
+
+# The same sockets held by as many processes in the agent's own namespace (on an address of
+# its loopback interface): what reporting them costs without any other namespace. The
+# difference to the scene above is what the namespaces themselves cost.
+echo "== $count processes of $per sockets in the agent's own namespace" >&2
+new_host same
+ip -n "$host" addr add 10.205.0.1/32 dev lo
+start_scene "$holder" "$work/ready" "$per" --same "$host" "$count"
+run_scene same
 stop_scene
 
 # The same namespaces made inside a parent that gives its children hashes of their own.
@@ -311,6 +331,8 @@ CPU per extra namespace of $per sockets (target: at most 0.5 ms), from the media
   default kernel:      $(per_ns shared 2) ms ($(per_ns shared 4) ms agent user, $(per_ns shared 5) ms kernel) ($(per_ns shared 2 fastest) ms); TCP sockets on the machine: $(cat "$work/shared-tcp")
   hashes of their own: $(per_ns own 2) ms ($(per_ns own 4) ms agent user, $(per_ns own 5) ms kernel) ($(per_ns own 2 fastest) ms); TCP sockets on the machine: $(cat "$work/own-tcp")
   the kernel's floor (ns-holder floor: the same reads, once, unparsed): default kernel $(per_ns shared-floor 2) ms ($(per_ns shared-floor 2 fastest) ms), hashes of their own $(per_ns own-floor 2) ms ($(per_ns own-floor 2 fastest) ms)
+  the same $per sockets per process in the agent's own namespace ($(read -r n _ <"$work/same-records"; echo "$n") records): $(sockets_own) ms each $per
+  so a namespace, beyond what its sockets cost anywhere: default kernel $(beyond shared) ms, hashes of their own $(beyond own) ms
 EOF
 if [ -n "$baseline" ]; then
   cat <<EOF

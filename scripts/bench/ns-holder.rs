@@ -22,6 +22,10 @@
 //!       The same in <count> namespaces each process makes itself as a child of the named
 //!       one (unshare after setns), so that they take the parent's sysctls such as
 //!       net.ipv4.tcp_child_ehash_entries; each gets a veth `d0` with 10.204.<i/200>.<i%200+1>.
+//!   ns-holder <ready-file> <sockets> --same <netns-name> <count>
+//!       The same sockets held by <count> processes all in the one named namespace, process i
+//!       on ports 7000+2i and 7001+2i: what those sockets cost when no other namespace is
+//!       involved.
 //!   ns-holder <ready-file> <sockets> <netns-name>...
 //!       Forks one process per named network namespace (/run/netns/<name>); each enters its
 //!       namespace (setns) and holds <sockets> sockets there: a TCP listener on the first
@@ -97,6 +101,9 @@ fn main() {
         [flag, parent, count] if flag == "--fresh" => (0..count.parse().expect("a count"))
             .map(|i| Place::Fresh(parent.clone(), i))
             .collect(),
+        [flag, name, count] if flag == "--same" => (0..count.parse().expect("a count"))
+            .map(|i| Place::Same(name.clone(), i))
+            .collect(),
         _ => names.iter().cloned().map(Place::Named).collect(),
     };
     let names = &places;
@@ -130,11 +137,13 @@ enum Place {
     Named(String),
     /// A new namespace, child of the named one, with this index.
     Fresh(String, usize),
+    /// The named namespace, shared with the other holders: this index picks the ports.
+    Same(String, usize),
 }
 
 fn child(place: &Place, sockets: usize, mark: &std::path::Path) -> ! {
     let name = match place {
-        Place::Named(name) | Place::Fresh(name, _) => name,
+        Place::Named(name) | Place::Fresh(name, _) | Place::Same(name, _) => name,
     };
     let ns = File::open(format!("/run/netns/{name}")).expect("open the namespace");
     // SAFETY: setns on a descriptor we own; single-threaded, so the whole process moves.
@@ -168,8 +177,12 @@ fn child(place: &Place, sockets: usize, mark: &std::path::Path) -> ! {
         );
     }
     let ip = first_address();
-    let listener = TcpListener::bind(SocketAddr::new(ip, 7000)).expect("listen");
-    let udp = UdpSocket::bind(SocketAddr::new(ip, 7001)).expect("udp");
+    let port = match place {
+        Place::Same(_, i) => 7000 + 2 * u16::try_from(*i).expect("a port index"),
+        _ => 7000,
+    };
+    let listener = TcpListener::bind(SocketAddr::new(ip, port)).expect("listen");
+    let udp = UdpSocket::bind(SocketAddr::new(ip, port + 1)).expect("udp");
     let mut held = Vec::new();
     // listener + udp + pairs of (client, accepted)
     for _ in 0..sockets.saturating_sub(2) / 2 {
