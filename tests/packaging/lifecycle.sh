@@ -68,7 +68,7 @@ make_release() {
 
 make_release 99.0.0 "$scratch/rel-99.0.0" "release 99.0.0 unit"
 make_release "$VERSION" "$scratch/rel-$VERSION-rebuilt" "rebuilt with another unit"
-make_release 0.3.0 "$scratch/rel-0.3.0-stale" "" stale
+make_release 98.0.0 "$scratch/rel-98.0.0-stale" "" stale
 # What a download directory holds: only SHA256SUMS and the tarballs.
 mkdir -p "$scratch/www"
 cp "$scratch/rel-99.0.0"/* "$scratch/www/"
@@ -196,9 +196,9 @@ is-active --quiet grapheon-agent.timer" "$(systemctl_calls)"
 
 test_tarball_whose_binary_is_another_version_is_refused() {
 	new_root
-	tarball="$scratch/rel-0.3.0-stale/grapheon-agent-0.3.0-$X86.tar.gz"
+	tarball="$scratch/rel-98.0.0-stale/grapheon-agent-98.0.0-$X86.tar.gz"
 	expect_failure installer "$SCRIPTS/install.sh" --tarball "$tarball" --server-url https://grapheon.test
-	assert_contains_line output "grapheon-agent install: error: $(basename "$tarball") holds a binary that says it is version '$VERSION', not 0.3.0: refusing to install it" "$out"
+	assert_contains_line output "grapheon-agent install: error: $(basename "$tarball") holds a binary that says it is version '$VERSION', not 98.0.0: refusing to install it" "$out"
 	assert_eq "files written" "$(printf '%s\n' '. -> ' './run -> ' './run/systemd -> ' './run/systemd/system -> ' | sort)" \
 		"$(cd "$R" && find . -printf '%p -> %l\n' | sort)"
 	assert_eq "systemctl calls" "" "$(systemctl_calls)"
@@ -215,10 +215,10 @@ test_version_is_checked_after_installing_where_tmp_is_noexec() {
 		echo "$out"
 		assert_contains_line output "cannot run programs in $noexec (noexec?): checking the version once installed" "$out"
 		assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
-		tarball="$scratch/rel-0.3.0-stale/grapheon-agent-0.3.0-$X86.tar.gz"
+		tarball="$scratch/rel-98.0.0-stale/grapheon-agent-98.0.0-$X86.tar.gz"
 		TMPDIR=$noexec expect_failure installer "$SCRIPTS/install.sh" --tarball "$tarball"
-		assert_contains_line output "grapheon-agent install: error: $(basename "$tarball") holds a binary that says it is version '$VERSION', not 0.3.0: refusing to install it" "$out"
-		assert_absent "$R/$OPT/releases/0.3.0"
+		assert_contains_line output "grapheon-agent install: error: $(basename "$tarball") holds a binary that says it is version '$VERSION', not 98.0.0: refusing to install it" "$out"
+		assert_absent "$R/$OPT/releases/98.0.0"
 		assert_eq "current" "releases/$VERSION" "$(readlink "$R/$OPT/current")"
 	) || status=$?
 	umount "$noexec"
