@@ -56,4 +56,8 @@ unreachable_accessors! {
     _Unwind_GetRegionStart() -> usize;
     _Unwind_GetTextRelBase() -> usize;
     _Unwind_GetDataRelBase() -> usize;
+    // std's backtrace callback asks these of a frame too; with the callback dropped nothing
+    // refers to them, and defined here they keep the archive's unwinder out if it ever is not.
+    _Unwind_GetCFA() -> usize;
+    _Unwind_FindEnclosingFunction() -> *mut c_void;
 }
