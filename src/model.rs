@@ -277,21 +277,19 @@ pub type ProcessName = Arc<str>;
 /// Hands out one shared [`ProcessName`] per distinct name, for a reader that sees the same
 /// names over and over (a saved snapshot: thousands of records, a few names).
 #[derive(Debug, Default)]
-pub struct Names(Vec<ProcessName>);
+pub struct Names(std::collections::BTreeSet<ProcessName>);
 
 impl Names {
     /// The shared name equal to `name`, made on first sight.
     pub fn get(&mut self, name: &str) -> ProcessName {
-        // Sorted, searched by halves: a host has a few hundred distinct names at most, and a
-        // vector costs less code than a tree or a hash set (the binary's size is watched).
-        match self.0.binary_search_by(|known| (**known).cmp(name)) {
-            Ok(at) => self.0[at].clone(),
-            Err(at) => {
-                let new = ProcessName::from(name);
-                self.0.insert(at, new.clone());
-                new
-            }
+        // A tree, not a sorted vector: a state file is untrusted, and one of 100,000 distinct
+        // names would make a vector's inserts move gigabytes.
+        if let Some(known) = self.0.get(name) {
+            return known.clone();
         }
+        let new = ProcessName::from(name);
+        self.0.insert(new.clone());
+        new
     }
 
     /// How many distinct names were handed out.
