@@ -220,6 +220,15 @@ impl Scene {
             "addr add 10.201.2.2/24 dev eth0\naddr add 10.201.12.2/24 dev x21\n\
              addr add fd00:201:12::2/64 dev x21 nodad\nlink set eth0 up\nlink set x21 up\n",
         );
+        // Many routes, and many of one prefix (metrics), sorting before the addresses: the
+        // kernel gives each fib_trie leaf, all its routes, as one record and answers a read
+        // short before one that does not fit, so the addresses' LOCAL entries after it are only
+        // read by reading to the end. No traffic takes these routes.
+        let mut routes: String = (0..50)
+            .map(|i| format!("route add 10.199.{i}.0/24 dev eth0\n"))
+            .collect();
+        routes.extend((1..=200).map(|m| format!("route add 10.200.0.0/16 dev eth0 metric {m}\n")));
+        c2.ip_batch(&routes);
 
         let found = Hierarchies::detect();
         let mut cgroups = Cgroups(Vec::new());

@@ -177,7 +177,8 @@ impl Discovery {
     /// Called by the walk for each process before its descriptors are scanned: a namespace
     /// seen for the first time is read now, while its process surely exists, and its sockets
     /// become wanted owners.
-    pub fn visit(&mut self, proc_root: &Path, root_fd: libc::c_int, pid: u32, owners: &mut Owners) {
+    pub fn visit(&mut self, proc_root: &Path, root: BorrowedFd<'_>, pid: u32, owners: &mut Owners) {
+        let root_fd = root.as_raw_fd();
         let Some(inode) = read_namespace(root_fd, pid) else {
             self.unreadable += 1;
             return;
@@ -193,7 +194,7 @@ impl Discovery {
                 if pid < ns.pid {
                     ns.pid = pid;
                     ns.process_name = procfs::read_comm(proc_root, pid);
-                    let lower = read_attribution(proc_root, root_fd, pid, &mut self.reader);
+                    let lower = read_attribution(proc_root, root, pid, &mut self.reader);
                     if lower.runtime.is_some() || lower.pod_uid.is_some() {
                         ns.attribution = lower;
                     }
@@ -201,7 +202,7 @@ impl Discovery {
                 // The first process had no telling cgroup (a helper joined first): ask a few more.
                 if ns.attribution.runtime.is_none() && ns.tries < ATTRIBUTION_TRIES {
                     ns.tries += 1;
-                    let other = read_attribution(proc_root, root_fd, pid, &mut self.reader);
+                    let other = read_attribution(proc_root, root, pid, &mut self.reader);
                     if other.runtime.is_some() || other.pod_uid.is_some() {
                         ns.attribution = other;
                     }
@@ -279,7 +280,10 @@ fn namespace_at(dir_fd: libc::c_int, path: &str) -> Option<u64> {
 /// pid would read whichever process has the pid by then: when the first one exits and the
 /// pid is reused by a host process, the host's sockets would be reported as the namespace's.
 /// An open `/proc/<pid>` keeps showing the process it was opened for (and nothing once that
-/// one is gone), and its open `net` the namespace, so everything is read relative to them.
+/// one is gone), so everything is read relative to it. Its `net` shows the namespace the
+/// process is in at each open, not the one it was in when `net` was opened: a process that
+/// moves (`setns`, `unshare`) while being read would show another namespace's files, so the
+/// namespace is checked again after the reads.
 struct ProcessDir {
     dir: OwnedFd,
     net: OwnedFd,
@@ -295,7 +299,7 @@ impl ProcessDir {
             .map_err(|e| format!("cannot open its /proc directory: {e}"))?;
         let net = procfs::open_dir_at(dir.as_raw_fd(), c"net")
             .map_err(|e| format!("cannot open its /proc net directory: {e}"))?;
-        // Checked after both opens: `net` is then the namespace the process was seen in.
+        // Checked here and again after the reads ([`ProcessDir::read`]).
         match namespace_at(dir.as_raw_fd(), "ns/net\0") {
             Some(now) if now == inode => Ok(ProcessDir { dir, net }),
             _ => Err("the process exited or left the namespace while being read".into()),
@@ -331,6 +335,11 @@ impl ProcessDir {
         let attribution = attribution_at(self.dir.as_fd(), c"cgroup", reader)
             .map_err(|e| debug!("cannot read {}/cgroup: {e}", shown().display()))
             .unwrap_or_default();
+        // Still in the namespace after the reads: what they showed was its own (a process
+        // that left and came back in between is not told apart, and reads the same tables).
+        if namespace_at(self.dir.as_raw_fd(), "ns/net\0") != Some(inode) {
+            return Err("the process exited or left the namespace while being read".into());
+        }
         Ok(Namespace {
             inode,
             pid,
@@ -346,7 +355,7 @@ impl ProcessDir {
 /// The attribution of process `pid` from `<root>/<pid>/cgroup`; none when unreadable.
 fn read_attribution(
     proc_root: &Path,
-    root_fd: libc::c_int,
+    root: BorrowedFd<'_>,
     pid: u32,
     reader: &mut ProcReader,
 ) -> Attribution {
@@ -354,8 +363,6 @@ fn read_attribution(
     let Ok(name) = CStr::from_bytes_with_nul(name.as_bytes()) else {
         return Attribution::default();
     };
-    // SAFETY: the walk keeps the proc root open while it calls visit.
-    let root = unsafe { BorrowedFd::borrow_raw(root_fd) };
     attribution_at(root, name, reader)
         .map_err(|e| debug!("cannot read {}/{pid}/cgroup: {e}", proc_root.display()))
         .unwrap_or_default()
@@ -474,7 +481,9 @@ pub fn parse_fib_trie(text: &[u8]) -> Vec<IpAddr> {
 fn read_fib_trie(net: BorrowedFd<'_>, reader: &mut ProcReader) -> std::io::Result<Vec<IpAddr>> {
     let file = crate::input::open_regular_at(net, c"fib_trie")?;
     let mut entries = LocalEntries::default();
-    reader.lines(file, u64::MAX - 1, |line| entries.line(line))?;
+    reader.lines_to(procfs::End::Empty, file, u64::MAX - 1, |line| {
+        entries.line(line)
+    })?;
     Ok(entries.addresses())
 }
 

@@ -148,10 +148,9 @@ const READ_BUFFER: usize = 64 * 1024;
 /// than the file did: under musl each 64 KiB one was mapped, zeroed page by page and
 /// unmapped again, about 40 page faults and two system calls per namespace.
 ///
-/// A `/proc` file is read without the last, empty `read`: the kernel fills at most one page
-/// per call and stops early only at the end, so a short answer is the end. Each `read` of a
-/// socket table restarts the kernel's walk of its socket hash (UDP from its first bucket),
-/// and the empty one that would only confirm the end costs as much as the table itself.
+/// A socket table is read without the last, empty `read` ([`End::Short`]): each `read` of
+/// one restarts the kernel's walk of its socket hash (UDP from its first bucket), and the
+/// empty one that would only confirm the end costs as much as the table itself.
 #[derive(Debug, Default)]
 pub struct ProcReader {
     buf: Vec<u8>,
@@ -160,8 +159,22 @@ pub struct ProcReader {
 }
 
 /// An answer this much shorter than a page (4 KiB or more) cannot have been cut by a full
-/// page: every line of the files read this way is under 200 bytes.
+/// page when every record of the file is under 512 bytes.
 const SHORT_READ: usize = 4096 - 512;
+
+/// How a reader knows that a `/proc` file has ended. The kernel fills at most a page per
+/// `read`, and stops before a record (what the file's `show` prints in one go) that does not
+/// fit the rest of the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// A short answer is the end: every record is one line under 512 bytes (the socket
+    /// tables, `if_inet6`), or the file is one record (`sockstat`, `cgroup`, `comm`).
+    Short,
+    /// Only an empty answer is the end: a record can be many lines and longer than what is
+    /// left of a page, so an answer can be short with more to come (`fib_trie` prints a
+    /// whole leaf, every route of a prefix, as one record).
+    Empty,
+}
 
 impl ProcReader {
     fn buffer(&mut self) -> &mut Vec<u8> {
@@ -172,12 +185,14 @@ impl ProcReader {
     }
 
     /// One `read` of `file` into `buf[from..to]`: the bytes read and whether that was the
-    /// end. Only a request of at least a page tells by a short answer.
+    /// end. Only a request of at least a page tells by a short answer, and only when `ends`
+    /// says a short answer can tell.
     fn read_into(
         &mut self,
         file: &mut impl Read,
         from: usize,
         to: usize,
+        ends: End,
     ) -> io::Result<(usize, bool)> {
         self.reads += 1;
         let buf = self.buffer();
@@ -187,7 +202,8 @@ impl ProcReader {
                 read => break read?,
             }
         };
-        Ok((n, n == 0 || (n < SHORT_READ && to - from >= 4096)))
+        let short = ends == End::Short && n < SHORT_READ && to - from >= 4096;
+        Ok((n, n == 0 || short))
     }
 
     /// The first `limit` bytes of `file` (all of it when shorter); `limit` is at most the
@@ -197,7 +213,7 @@ impl ProcReader {
         let mut filled = 0;
         while filled < limit {
             // Ask for the whole buffer: a request under a page could not tell the end.
-            let (n, end) = self.read_into(&mut file, filled, READ_BUFFER)?;
+            let (n, end) = self.read_into(&mut file, filled, READ_BUFFER, End::Short)?;
             filled += n;
             if end {
                 break;
@@ -209,9 +225,20 @@ impl ProcReader {
     /// Streams `file` to `each` line by line, without the newline: `None` for a line longer
     /// than [`MAX_LINE`] (skipped whole, never held). More than `cap` bytes is an error
     /// (`InvalidData`); one byte past the cap tells a file of exactly `cap` bytes from a
-    /// larger one.
+    /// larger one. A file of one-line records: see [`End::Short`].
     pub fn lines(
         &mut self,
+        file: impl Read,
+        cap: u64,
+        each: impl FnMut(Option<&[u8]>),
+    ) -> io::Result<()> {
+        self.lines_to(End::Short, file, cap, each)
+    }
+
+    /// [`ProcReader::lines`] of a file that has ended only when `ends` says so.
+    pub fn lines_to(
+        &mut self,
+        ends: End,
         mut file: impl Read,
         cap: u64,
         mut each: impl FnMut(Option<&[u8]>),
@@ -247,8 +274,8 @@ impl ProcReader {
             buf.copy_within(start..end, 0);
             (start, end) = (0, end - start);
             let room = u64::try_from(READ_BUFFER - end).unwrap_or(u64::MAX);
-            let want = usize::try_from(room.min(cap + 1 - total)).unwrap_or(0);
-            let (n, last) = self.read_into(&mut file, end, end + want)?;
+            let want = usize::try_from(room.min(cap.saturating_add(1) - total)).unwrap_or(0);
+            let (n, last) = self.read_into(&mut file, end, end + want, ends)?;
             total += n as u64;
             if total > cap {
                 return Err(io::Error::new(
@@ -599,7 +626,7 @@ pub fn attach_owners(proc_root: &Path, mut sockets: Vec<Socket>) -> Vec<Socket> 
 pub fn walk(
     proc_root: &Path,
     owners: &mut Owners,
-    mut visit: impl FnMut(libc::c_int, u32, &mut Owners),
+    mut visit: impl FnMut(BorrowedFd<'_>, u32, &mut Owners),
 ) {
     if owners.is_idle() {
         return;
@@ -631,7 +658,7 @@ pub fn walk(
             path.extend_from_slice(b"/fd\0");
             pid
         };
-        visit(root_fd, pid, owners);
+        visit(root.fd.as_fd(), pid, owners);
         let Ok(fd_path) = CStr::from_bytes_with_nul(&path) else {
             continue;
         };
@@ -1213,6 +1240,61 @@ mod tests {
             pages("TCP: inuse 49 orphan 0 tw 0 alloc 99 mem 37\nUDP: inuse 1 mem 0\n");
         let head = reader.head(&mut sockstat, 4097).unwrap().to_vec();
         assert_eq!((sockstat.calls, head), (1, sockstat.text.clone()));
+    }
+
+    /// Answers `read` with the given sizes in turn (the kernel stopping before records that do
+    /// not fit a page), then with the rest.
+    struct Chunks {
+        text: Vec<u8>,
+        sizes: Vec<usize>,
+        at: usize,
+    }
+
+    impl Read for Chunks {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let size = if self.sizes.is_empty() {
+                usize::MAX
+            } else {
+                self.sizes.remove(0)
+            };
+            let n = size.min(buf.len()).min(self.text.len() - self.at);
+            buf[..n].copy_from_slice(&self.text[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_file_of_records_of_many_lines_is_read_to_its_empty_read() {
+        // fib_trie as the kernel gave it with 20 routes of one prefix: answers of 3,526,
+        // 4,071 and 1,426 bytes, then the empty one (the first answer is short because the
+        // next leaf, one record of many lines, did not fit the rest of the page).
+        let text: String = (0..600)
+            .map(|i| format!("   |-- 10.{}.{}.0\n", i / 200, i % 200))
+            .collect();
+        let sizes = vec![3526, 4071, 1426, text.len() - 3526 - 4071 - 1426, 0];
+        let read = |ends: End| {
+            let mut source = Chunks {
+                text: text.clone().into_bytes(),
+                sizes: sizes.clone(),
+                at: 0,
+            };
+            let mut got = String::new();
+            ProcReader::default()
+                .lines_to(ends, &mut source, u64::MAX, |l| {
+                    got.push_str(std::str::from_utf8(l.unwrap()).unwrap());
+                    got.push('\n');
+                })
+                .unwrap();
+            got
+        };
+        assert_eq!(read(End::Empty), text);
+        // Read as a socket table, the first short answer would have been the end.
+        let cut = read(End::Short);
+        assert!(
+            cut.len() <= 3527 && text.starts_with(&cut[..cut.len() - 20]),
+            "{cut}"
+        );
     }
 
     #[test]
