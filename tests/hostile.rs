@@ -14,21 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::agent::{Agent, Run, TempDir, ENROLLMENT_KEY};
+use support::agent::{server, Agent, Run, TempDir, ENROLLMENT_KEY};
 use support::json::{get, len_at, str_at, u64_at};
-use support::{ContractServer, Endpoint, EnrollmentKey, Fault};
-
-fn server(auto_approve: bool) -> ContractServer {
-    let srv = ContractServer::start();
-    srv.add_enrollment_key(
-        ENROLLMENT_KEY,
-        EnrollmentKey {
-            auto_approve,
-            ..EnrollmentKey::default()
-        },
-    );
-    srv
-}
+use support::{ContractServer, Endpoint, Fault};
 
 /// Waits for `child` at most `limit`; kills it when it is still running (a blocked read).
 fn wait_bounded(mut child: Child, limit: Duration) -> Run {

@@ -8,21 +8,9 @@ use support::agent::assert_code;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use support::agent::{Agent, TempDir, ENROLLMENT_KEY};
+use support::agent::{server, Agent, TempDir, ENROLLMENT_KEY};
 use support::json::{bool_at, get, len_at, str_at, u64_at};
-use support::{ContractServer, Endpoint, EnrollmentKey, Fault, API_KEY_HEADER};
-
-fn server(auto_approve: bool) -> ContractServer {
-    let srv = ContractServer::start();
-    srv.add_enrollment_key(
-        ENROLLMENT_KEY,
-        EnrollmentKey {
-            auto_approve,
-            ..EnrollmentKey::default()
-        },
-    );
-    srv
-}
+use support::{Endpoint, Fault, API_KEY_HEADER};
 
 /// Total records in a check-in body.
 fn records(body: &miniserde::json::Value) -> u64 {

@@ -12,6 +12,19 @@ use miniserde::json::Value;
 /// The enrollment key the tests register with.
 pub const ENROLLMENT_KEY: &str = "gaek_integrationTestEnrollmentKey0001";
 
+/// A contract server that knows [`ENROLLMENT_KEY`] and approves its agents at once or leaves
+/// them waiting for an administrator.
+pub fn server(auto_approve: bool) -> super::ContractServer {
+    let srv = super::ContractServer::start();
+    let key = if auto_approve {
+        super::EnrollmentKey::auto_approve()
+    } else {
+        super::EnrollmentKey::default()
+    };
+    srv.add_enrollment_key(ENROLLMENT_KEY, key);
+    srv
+}
+
 /// The agent binary cargo built for the integration tests (`option_env!`: the benchmark's
 /// server, an example, compiles this module without one).
 fn agent_binary() -> &'static str {
