@@ -739,6 +739,12 @@ mod tests {
 
     #[test]
     fn jitter_stays_within_half_either_side() {
+        // The ends and the middle of the draw, then real draws.
+        let base = Duration::from_secs(2);
+        assert_eq!(
+            [0.0, 0.5, 1.0, -1.0, 2.0].map(|r| jittered_by(base, r)),
+            [1, 2, 3, 1, 3].map(Duration::from_secs)
+        );
         for _ in 0..100 {
             let d = jittered_by(Duration::from_secs(2), unit_random());
             assert!(
