@@ -692,7 +692,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
         if gz.len() > report::RAW_LIMIT {
             // Never sent: cut again to what this host's reports compress to.
             let smaller = pace.budget(&limits).min(budget / 2);
-            if smaller < budget && budget > 4_096 {
+            if smaller < budget && budget as u64 > pacing::MIN_PART_BYTES {
                 debug!(
                     "part {} is {} bytes compressed, over the server's raw limit; cutting parts of {smaller} bytes",
                     done + 1,
@@ -771,7 +771,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
                 status: 413,
                 detail,
                 ..
-            }) if budget > 4_096 => {
+            }) if budget as u64 > pacing::MIN_PART_BYTES => {
                 pace.settled();
                 budget /= 2;
                 pace.too_large(&limits, budget);
