@@ -615,6 +615,14 @@ fn header(
     }
 }
 
+/// Whether a part may start at `now`: the first always does (or nothing would ever go out),
+/// a later one only if its request, which can take twice the request timeout, ends by the
+/// run's deadline. A request cut off by the unit's start timeout would leave its part in
+/// doubt for the next runs.
+fn part_fits(now: Instant, deadline: Instant, request_timeout: Duration, done: usize) -> bool {
+    now < deadline && (done == 0 || now + request_timeout * 2 <= deadline)
+}
+
 fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) -> Result<()> {
     let Session {
         cfg,
@@ -671,7 +679,7 @@ fn check_in(run: &Session<'_>, state: &mut State, key: &str, pace: &mut Pacing) 
         let part = &parts[next];
         let total = done + parts.len() - next;
         let last = next + 1 == parts.len();
-        if Instant::now() >= deadline {
+        if !part_fits(Instant::now(), deadline, cfg.request_timeout, done) {
             return Err(Error::Transient(format!(
                 "the run's time is up after {done} of {total} parts; the next run sends the rest"
             )));
@@ -1070,6 +1078,24 @@ fn set_api_key(cfg: &Config) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_later_part_starts_only_when_its_request_can_end_by_the_deadline() {
+        let now = Instant::now();
+        let timeout = Duration::from_secs(30);
+        let fits = |left: u64, done| part_fits(now, now + Duration::from_secs(left), timeout, done);
+        // The first part goes whenever time is left; a later one needs two timeouts of it.
+        assert_eq!(
+            [
+                fits(10, 0),
+                fits(0, 0),
+                fits(60, 1),
+                fits(59, 1),
+                fits(0, 3)
+            ],
+            [true, false, true, false, false]
+        );
+    }
 
     #[test]
     fn an_enrollment_state_is_kept_to_255_bytes_at_a_character_boundary() {
