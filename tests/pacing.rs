@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use grapheon_agent::timefmt;
 use miniserde::json::Value;
-use support::agent::{Agent, Run, ENROLLMENT_KEY};
+use support::agent::{server, Agent, Run, ENROLLMENT_KEY};
 use support::json::{get, is_null, str_at, u64_at};
 use support::netns::Netns;
 use support::{record_count, ContractServer, Endpoint, EnrollmentKey, Fault, RecordedRequest};
@@ -212,8 +212,7 @@ fn a_part_without_an_answer_is_not_sent_again_in_the_run_and_the_next_run_sends_
 
 #[test]
 fn resets_and_closes_after_the_body_are_not_sent_again_in_the_run() {
-    let srv = ContractServer::start();
-    srv.add_enrollment_key(ENROLLMENT_KEY, EnrollmentKey::auto_approve());
+    let srv = server(true);
     let mut agent = Agent::new("inflight", &srv.url());
     agent.set_env("GRAPHEON_AGENT_REQUEST_TIMEOUT_SECONDS", "1");
     assert_code(&agent.run(&["--register-only"]), 0);
@@ -329,8 +328,7 @@ fn a_fast_server_with_a_large_policy_gets_few_large_parts() {
 
 #[test]
 fn statuses_that_store_nothing_are_retried_in_the_run_after_their_retry_after() {
-    let srv = ContractServer::start();
-    srv.add_enrollment_key(ENROLLMENT_KEY, EnrollmentKey::auto_approve());
+    let srv = server(true);
     let agent = Agent::new("retryafter", &srv.url());
     assert_code(&agent.run(&["--register-only"]), 0);
 
@@ -449,8 +447,7 @@ fn backoff_grows_across_failed_runs_is_skipped_by_force_and_resets_after_success
 
 #[test]
 fn a_damaged_saved_pace_means_defaults_and_a_warning() {
-    let srv = ContractServer::start();
-    srv.add_enrollment_key(ENROLLMENT_KEY, EnrollmentKey::auto_approve());
+    let srv = server(true);
     let agent = Agent::new("badpace", &srv.url());
     assert_code(&agent.run(&["--register-only"]), 0);
     // 0.2.0's pacing.json, damaged, is read once (no record holds a pace yet).
@@ -470,10 +467,22 @@ fn a_damaged_saved_pace_means_defaults_and_a_warning() {
     );
     assert_eq!(agent.file("pacing.json"), None, "folded into checkin.rec");
 
-    // Both slots of the record damaged: the same defaults, and the fields of state.json.
+    // Both slots of the record damaged: the same defaults, and the fields of state.json. A
+    // check-in that changed nothing first leaves the record's sequence ahead of state.json's.
+    assert_code(&agent.run(&["--force"]), 0);
+    let state_json: miniserde::json::Value =
+        miniserde::json::from_str(&agent.file("state.json").unwrap()).unwrap();
+    let saved_sequence = u64_at(&state_json, "sequence_number").unwrap();
     std::fs::write(agent.state_dir.join("checkin.rec"), vec![0x5a; 8192]).unwrap();
     let run = agent.run(&["--force"]);
     assert_code(&run, 0);
+    let last: miniserde::json::Value =
+        miniserde::json::from_str(&srv.checkins().last().unwrap().body).unwrap();
+    assert_eq!(
+        u64_at(&last, "sequence_number"),
+        Some(saved_sequence + 1),
+        "the sequence number came from state.json"
+    );
     assert!(
         run.stderr.contains(&format!(
             "{} is damaged (neither of its slots holds a whole record)",
@@ -487,8 +496,7 @@ fn a_damaged_saved_pace_means_defaults_and_a_warning() {
 
 #[test]
 fn a_run_killed_while_waiting_for_an_answer_leaves_the_part_in_doubt_for_the_next_run() {
-    let srv = ContractServer::start();
-    srv.add_enrollment_key(ENROLLMENT_KEY, EnrollmentKey::auto_approve());
+    let srv = server(true);
     let mut agent = Agent::new("killed", &srv.url());
     assert_code(&agent.run(&["--register-only"]), 0);
     srv.inject(
